@@ -1,0 +1,173 @@
+/*
+ * The fault hot path: read fault messages, fill pages from a file descriptor.
+ *
+ * Kernel facts this relies on:
+ * - read() on a uffd returns pending page faults before events; while an
+ *   event is unread every UFFDIO_* ioctl fails with EAGAIN. So the first
+ *   event read ends a batch: the caller applies it before more faults.
+ * - UFFDIO_COPY/ZEROPAGE wake every thread waiting on the range, so a second
+ *   message for a page already filled needs only a wake (or nothing); EEXIST
+ *   means someone else filled it.
+ * - ESRCH: the process is gone; ENOENT: the mapping changed under the copy.
+ */
+#include "uffd_native.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define BATCH 64
+
+static inline uint64_t page_index(const struct up_fill *f, uint64_t addr)
+{
+    return (addr - f->base) / UP_PAGE_SIZE;
+}
+
+static inline int bit_test(const uint8_t *bm, uint64_t i)
+{
+    return (bm[i >> 3] >> (i & 7)) & 1;
+}
+
+static inline void bit_set(uint8_t *bm, uint64_t i)
+{
+    bm[i >> 3] |= (uint8_t)(1u << (i & 7));
+}
+
+static int all_zero(const uint8_t *p, size_t n)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    for (size_t i = 0; i < n / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+int up_fill_page(int uffd, struct up_fill *f, uint64_t addr)
+{
+    static __thread uint8_t buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
+    addr &= ~(uint64_t)(UP_PAGE_SIZE - 1);
+    if (addr < f->base || addr >= f->base + f->len)
+        return -EFAULT;
+    uint64_t idx = page_index(f, addr);
+    if (bit_test(f->resident, idx)) {
+        f->duplicates++;
+        if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
+            return -errno;
+        return 0;
+    }
+    if (f->src_fd < 0)
+        return -EOPNOTSUPP;
+
+    ssize_t n = pread(f->src_fd, buf, UP_PAGE_SIZE, (off_t)(f->src_offset + idx * UP_PAGE_SIZE));
+    if (n < 0)
+        return -errno;
+    int64_t done;
+    int rc;
+    /* Past EOF and holes read as zero: map the shared zero page, which costs
+     * the client no memory until it writes. */
+    if (n == 0 || all_zero(buf, (size_t)n)) {
+        rc = up_uffd_zeropage(uffd, addr, UP_PAGE_SIZE, 0, &done);
+        if (rc == 0)
+            f->zero_fills++;
+    } else {
+        if (n < UP_PAGE_SIZE)
+            memset(buf + n, 0, UP_PAGE_SIZE - (size_t)n);
+        rc = up_uffd_copy(uffd, addr, buf, UP_PAGE_SIZE, f->copy_mode, &done);
+        if (rc == 0)
+            f->copies++;
+    }
+    if (rc < 0 && errno != EEXIST)
+        return -errno;
+    if (rc < 0 && up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
+        return -errno;
+    bit_set(f->resident, idx);
+    f->resident_pages++;
+    return 0;
+}
+
+void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
+{
+    if (start < f->base)
+        start = f->base;
+    if (end > f->base + f->len)
+        end = f->base + f->len;
+    for (uint64_t a = start; a < end; a += UP_PAGE_SIZE) {
+        uint64_t idx = page_index(f, a);
+        if (bit_test(f->resident, idx)) {
+            f->resident[idx >> 3] &= (uint8_t)~(1u << (idx & 7));
+            f->resident_pages--;
+        }
+    }
+}
+
+int up_fill_is_resident(struct up_fill *f, uint64_t addr)
+{
+    if (addr < f->base || addr >= f->base + f->len)
+        return 0;
+    return bit_test(f->resident, page_index(f, addr));
+}
+
+static void defer(struct up_msg *deferred, int *n, const struct uffd_msg *m, int status)
+{
+    up_msg_flatten(m, &deferred[*n]);
+    deferred[*n].status = status;
+    (*n)++;
+}
+
+int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_deferred, int *n_deferred)
+{
+    struct uffd_msg msgs[BATCH];
+    int served = 0;
+    *n_deferred = 0;
+    for (;;) {
+        /* Never read more than can be handed back: a message read is gone. */
+        int room = max_deferred - *n_deferred;
+        if (room <= 0)
+            return served;
+        int n = up_uffd_read_raw(uffd, msgs, room < BATCH ? room : BATCH);
+        if (n < 0)
+            return served ? served : -1;
+        if (n == 0)
+            return served;
+        int event_seen = 0;
+        for (int i = 0; i < n; i++) {
+            const struct uffd_msg *m = &msgs[i];
+            if (m->event != UFFD_EVENT_PAGEFAULT) {
+                defer(deferred, n_deferred, m, 0);
+                event_seen = 1;
+                continue;
+            }
+            f->faults++;
+            if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE)
+                f->write_faults++;
+            /* Write-protect faults and anything after an event go to Python. */
+            if (event_seen || (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+                defer(deferred, n_deferred, m, 0);
+                continue;
+            }
+            int rc = up_fill_page(uffd, f, m->arg.pagefault.address);
+            if (rc == 0)
+                served++;
+            else if (rc != -ESRCH)
+                defer(deferred, n_deferred, m, rc);
+        }
+        if (event_seen)
+            return served;
+    }
+}
+
+uint8_t *up_bitmap_alloc(uint64_t npages)
+{
+    size_t bytes = (size_t)((npages + 7) / 8);
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : (uint8_t *)p;
+}
+
+void up_bitmap_free(uint8_t *bitmap, uint64_t npages)
+{
+    size_t bytes = (size_t)((npages + 7) / 8);
+    if (bitmap)
+        munmap(bitmap, bytes ? bytes : 1);
+}

@@ -1,0 +1,28 @@
+/* System calls the Python standard library does not wrap (3.11). */
+#include "uffd_native.h"
+
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+int up_mprotect(uint64_t addr, uint64_t len, int prot)
+{
+    return mprotect((void *)(uintptr_t)addr, (size_t)len, prot);
+}
+
+int up_pidfd_open(int pid)
+{
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int up_pidfd_getfd(int pidfd, int targetfd)
+{
+    return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
+}

@@ -1,0 +1,101 @@
+#ifndef UFFD_PAGER_H
+#define UFFD_PAGER_H
+/*
+ * The C interface of uffd_pager: included by the .c files and read by cffi
+ * (build_native.py) as its cdef, so it holds plain C declarations only: no
+ * macros, no includes. The constants cffi exposes are in constants.cdef.
+ *
+ * Conventions: a function returns >= 0 on success and -1 with errno set on
+ * failure, so that the Python wrapper can read ffi.errno on the next line.
+ */
+
+/* --- userfaultfd ioctls (uffd_ops.c) ----------------------------------- */
+
+/* userfaultfd(2), falling back to /dev/userfaultfd; always O_CLOEXEC|O_NONBLOCK. */
+int up_uffd_create(int user_mode_only);
+/* UFFDIO_API. *features_out: what the kernel enabled/offers, *ioctls_out: the ioctl mask. */
+int up_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int up_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int up_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int up_uffd_wake(int fd, uint64_t start, uint64_t len);
+int up_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+/* The next four report progress in *done (bytes) even when they fail part way. */
+int up_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, int64_t *done);
+int up_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+int up_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+int up_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
+int up_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+
+/* A uffd_msg flattened so that cffi needs no packed unions.
+ *   PAGEFAULT: a = flags, b = address, c = thread id
+ *   FORK:      a = the child's new uffd (already in the reader's fd table)
+ *   REMAP:     a = from, b = to, c = len
+ *   REMOVE/UNMAP: a = start, b = end                                      */
+struct up_msg {
+    uint32_t event;
+    int32_t status;      /* up_serve: why a fault was not served (-errno), else 0 */
+    uint64_t a;
+    uint64_t b;
+    uint64_t c;
+};
+/* read(2) up to max messages; returns the count, 0 when none is pending. */
+int up_uffd_read(int fd, struct up_msg *out, int max);
+
+/* --- the fault hot path (fill.c) --------------------------------------- */
+
+/* One registered range of one uffd, filled by C straight from a file
+ * descriptor (src_fd >= 0) or left to Python (src_fd < 0). */
+struct up_fill {
+    uint64_t base;
+    uint64_t len;
+    int src_fd;
+    uint64_t src_offset;
+    uint64_t copy_mode;
+    uint8_t *resident;          /* one bit per page; see up_bitmap_alloc */
+    uint64_t faults;            /* fault messages read */
+    uint64_t copies;            /* pages filled with UFFDIO_COPY */
+    uint64_t zero_fills;        /* pages filled with UFFDIO_ZEROPAGE */
+    uint64_t duplicates;        /* faults on a page already filled: woken only */
+    uint64_t write_faults;
+    uint64_t resident_pages;
+};
+
+/* Reads every pending message of uffd and serves the page faults it can.
+ * Events, and faults it could not serve (status = -errno, e.g. -EAGAIN while
+ * an event is unread), are stored in deferred[]. Stops after the first event
+ * so that the caller applies it before any later fault is served.
+ * Returns faults served, or -1 with errno set if read(2) failed. */
+int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_deferred,
+             int *n_deferred);
+/* Fills the page at addr from fill's source (or wakes it if already filled).
+ * Returns 0, or -errno. */
+int up_fill_page(int uffd, struct up_fill *fill, uint64_t addr);
+/* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
+void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
+int up_fill_is_resident(struct up_fill *fill, uint64_t addr);
+
+/* A bitmap of npages bits in MAP_NORESERVE memory: it costs RAM only for the
+ * parts that are written, so a 1 TiB region's bitmap is free until touched. */
+uint8_t *up_bitmap_alloc(uint64_t npages);
+void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
+
+/* --- small system calls Python lacks (sys.c) --------------------------- */
+int up_mprotect(uint64_t addr, uint64_t len, int prot);
+int up_pidfd_open(int pid);
+int up_pidfd_getfd(int pidfd, int targetfd);
+
+/* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
+
+/* Reads one byte of each page base + offsets[i] and stores each access's
+ * latency in ns; the timing loop that every benchmark row shares. */
+void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int64_t *latency_ns);
+
+/* The C reference handler: poll + read one message + pread + UFFDIO_COPY,
+ * in a thread of this process or in a forked process. */
+struct up_ref;
+struct up_ref *up_ref_start_thread(int uffd, int file_fd, uint64_t base, uint64_t file_offset);
+struct up_ref *up_ref_start_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset);
+/* Stops the handler; returns the faults it served, or -1. */
+int64_t up_ref_stop(struct up_ref *ref);
+
+#endif

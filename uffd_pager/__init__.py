@@ -1,0 +1,1 @@
+"""uffd_pager: file-backed, fork-safe memory regions served by userfaultfd."""
