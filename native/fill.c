@@ -139,6 +139,7 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
                 continue;
             }
             f->faults++;
+            f->last_thread_id = m->arg.pagefault.feat.ptid;
             if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE)
                 f->write_faults++;
             /* Write-protect faults and anything after an event go to Python. */

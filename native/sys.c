@@ -5,9 +5,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
-#endif
 #ifndef SYS_pidfd_getfd
 #define SYS_pidfd_getfd 438
 #endif
@@ -15,11 +12,6 @@
 int up_mprotect(uint64_t addr, uint64_t len, int prot)
 {
     return mprotect((void *)(uintptr_t)addr, (size_t)len, prot);
-}
-
-int up_pidfd_open(int pid)
-{
-    return (int)syscall(SYS_pidfd_open, pid, 0);
 }
 
 int up_pidfd_getfd(int pidfd, int targetfd)

@@ -58,6 +58,7 @@ struct up_fill {
     uint64_t duplicates;        /* faults on a page already filled: woken only */
     uint64_t write_faults;
     uint64_t resident_pages;
+    uint32_t last_thread_id;    /* of the latest fault read */
 };
 
 /* Reads every pending message of uffd and serves the page faults it can.
@@ -81,7 +82,6 @@ void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
 
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
-int up_pidfd_open(int pid);
 int up_pidfd_getfd(int pidfd, int targetfd);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */

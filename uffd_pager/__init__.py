@@ -1,1 +1,13 @@
-"""uffd_pager: file-backed, fork-safe memory regions served by userfaultfd."""
+"""uffd_pager: memory regions whose pages live in a backing store, filled on
+first touch through userfaultfd by a pager in another process.
+
+    import uffd_pager
+    with uffd_pager.Pager() as pager, pager.map("file:///data.bin", 1 << 30) as region:
+        data = region.view()
+"""
+from uffd_pager.client import Pager, connect
+from uffd_pager.protocol import PagerGone, ProtocolError
+from uffd_pager.region import Region
+from uffd_pager.uffd import PAGE_SIZE
+
+__all__ = ["Pager", "connect", "Region", "PagerGone", "ProtocolError", "PAGE_SIZE"]

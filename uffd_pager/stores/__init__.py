@@ -1,0 +1,29 @@
+"""Backing stores, opened from a URL.
+
+A store is where the pages of a region live. Every store is opened by the
+pager, never by the client, and `open_store` reports a bad URL, a missing
+file or a permission problem before anything is registered.
+"""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from uffd_pager.stores.base import Store
+from uffd_pager.stores.file import FileStore
+
+SCHEMES: dict[str, type[Store]] = {"file": FileStore}
+
+
+def open_store(url: str) -> Store:
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"a store is a URL such as file:///path/to/file, not {url!r}")
+    scheme = urlsplit(url).scheme
+    try:
+        store_type = SCHEMES[scheme]
+    except KeyError:
+        supported = ", ".join(f"{s}://" for s in SCHEMES)
+        raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; supported: {supported}") from None
+    return store_type.open(url)
+
+
+__all__ = ["Store", "FileStore", "open_store", "SCHEMES"]

@@ -1,0 +1,250 @@
+"""The client library: `Pager` (an embedded pager process, or a daemon reached
+with `connect`) and its `map()` call.
+
+The faulting process never serves its own faults: a thread blocked in a
+fault keeps the GIL, so the pager always runs in another process. The client
+creates the mapping and the userfaultfd (a uffd acts on the address space of
+the process that created it), registers the range, and passes the uffd to
+the pager. The client keeps its own copy of the uffd open, so that if the
+pager dies, a thread touching a missing page waits instead of reading zeros.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from typing import Any
+
+from uffd_pager import protocol
+from uffd_pager.layout import check_geometry
+from uffd_pager.region import Region
+from uffd_pager.uffd import Feature, RegisterMode, Uffd, buffer_address
+
+# What every region's uffd asks of the kernel: follow fork/mremap/madvise/
+# munmap of the region, and report the faulting thread.
+REGION_FEATURES = (
+    Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+    | Feature.THREAD_ID | Feature.PAGEFAULT_FLAG_WP
+)
+REGION_REGISTER_MODE = RegisterMode.MISSING | RegisterMode.WP
+
+_EMBEDDED_START_TIMEOUT = 30.0
+
+
+class Connection:
+    """A control connection. Thread-safe: one request at a time. After fork()
+    the child gets its own connection on its first request."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.address = address
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._pid = -1
+        self.pager_pid = 0
+        self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.address)
+        except FileNotFoundError:
+            sock.close()
+            raise FileNotFoundError(
+                f"no pager socket at {_printable(self.address)}: start one with "
+                f"`uffd-pager serve --socket {_printable(self.address)}`, or use uffd_pager.Pager() "
+                "for a private pager"
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise protocol.PagerGone(f"nothing is listening on {_printable(self.address)}: the pager is not running") from None
+        self._sock, self._pid = sock, os.getpid()
+        return sock
+
+    def request(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            sock = self._sock if self._pid == os.getpid() else None
+            if sock is None:
+                sock = self._connect()
+                if op != "hello":
+                    self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}, ())
+            reply = self._exchange(sock, {"op": op, **fields}, fds)
+            if op == "hello":
+                self.pager_pid = reply.get("pid", 0)
+            return reply
+
+    def _exchange(self, sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
+        try:
+            protocol.send(sock, message, fds)
+            received = protocol.recv(sock)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise protocol.PagerGone(f"the pager closed the connection: {exc}") from None
+        if received is None:
+            raise protocol.PagerGone("the pager closed the connection (it exited or was killed)")
+        reply, stray = received
+        for fd in stray:
+            os.close(fd)
+        return protocol.raise_for_error(reply)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's socket without a word on it."""
+        self._lock = threading.Lock()
+        if self._sock is not None:
+            self._sock.close()  # the child's descriptor only: no shutdown reaches the pager
+        self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None and self._pid == os.getpid():
+                self._sock.close()
+            self._sock = None
+
+
+class Pager:
+    """A pager serving this process's regions.
+
+    ``Pager()`` starts a private pager process (stopped by `close()`);
+    ``connect(path)`` attaches to a daemon started with ``uffd-pager serve``.
+    Both are context managers.
+    """
+
+    def __init__(self) -> None:
+        address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(address)
+            listener.listen(128)
+            # The listening socket exists before the pager does, so connecting
+            # never races its start-up.
+            self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
+                 "--exit-when-idle"],
+                pass_fds=[listener.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            listener.close()
+        self._owner_pid = os.getpid()
+        self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
+        try:
+            self._conn = Connection(address)
+        except BaseException:
+            self._stop_process()
+            raise
+        _live_pagers.add(self)
+
+    @classmethod
+    def _attach(cls, address: str) -> "Pager":
+        pager = cls.__new__(cls)
+        pager._process = None
+        pager._owner_pid = os.getpid()
+        pager._regions = weakref.WeakSet()
+        pager._conn = Connection(address)
+        _live_pagers.add(pager)
+        return pager
+
+    @property
+    def pid(self) -> int:
+        """The pager process's pid."""
+        return self._conn.pager_pid
+
+    def map(self, store: str, size: int, offset: int = 0, **options: Any) -> Region:
+        """Maps `size` bytes whose pages live in `store` (a URL such as
+        ``file:///abs/path``) from byte `offset` on. Pages are filled on first
+        touch; holes and bytes past the end of a file read as zero."""
+        check_geometry(size, offset)
+        if not isinstance(store, str):
+            raise TypeError(f"store must be a URL string, not {type(store).__name__}")
+        if options:
+            raise TypeError(f"unknown map() options: {', '.join(sorted(options))}")
+        uffd = Uffd.create(REGION_FEATURES)
+        try:
+            memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            uffd.close()
+            raise
+        address = buffer_address(memory)
+        try:
+            uffd.register(address, size, REGION_REGISTER_MODE)
+            reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address)
+        except BaseException:
+            _unregister_quietly(uffd, address, size)
+            uffd.close()
+            memory.close()
+            raise
+        region = Region(self, reply["region"], memory, address, size, store, offset, uffd)
+        self._regions.add(region)
+        return region
+
+    def status(self) -> dict[str, Any]:
+        """The pager's own view: connections, regions, open fds, tasks, RSS."""
+        return self._conn.request("status")
+
+    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+        return self._conn.request(op, **fields)
+
+    def close(self) -> None:
+        """Closes every region of this process, then the connection; stops a
+        private pager. In a forked child it ends the child's use only."""
+        for region in list(self._regions):
+            region.close()
+        self._conn.close()
+        if os.getpid() == self._owner_pid:
+            self._stop_process()
+        _live_pagers.discard(self)
+
+    def _stop_process(self) -> None:
+        if self._process is None:
+            return
+        try:
+            self._process.wait(timeout=5)  # it exits once its last client is gone
+        except subprocess.TimeoutExpired:
+            self._process.send_signal(signal.SIGTERM)
+            self._process.wait(timeout=5)
+        self._process = None
+
+    def __enter__(self) -> "Pager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(path: str) -> Pager:
+    """Attaches to a pager daemon listening on the Unix socket at `path`."""
+    return Pager._attach(path)
+
+
+_MAP_NORESERVE = 0x4000  # reserve no swap: a 1 TiB region costs only what is touched
+_live_pagers: "weakref.WeakSet[Pager]" = weakref.WeakSet()
+
+
+def _unregister_quietly(uffd: Uffd, address: int, size: int) -> None:
+    try:
+        uffd.unregister(address, size)
+    except OSError:
+        pass
+
+
+def _printable(address: str | bytes) -> str:
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode(errors="replace")
+    return address
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's control socket and uffd descriptions; a
+    # word on either would reach the parent's pager state, so drop them here.
+    for pager in list(_live_pagers):
+        pager._conn.forget_after_fork()
+        for region in list(pager._regions):
+            region._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

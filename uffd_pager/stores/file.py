@@ -1,0 +1,74 @@
+"""A store that is one local file: ``file:///absolute/path``.
+
+Holes and bytes past the end of the file read as zero, so a sparse file of
+any size (or an empty one) can back a region.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from urllib.parse import unquote, urlsplit
+
+from uffd_pager.stores.base import Store
+
+
+def file_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{url!r}: a file URL names a local path (file:///path), not host {parts.netloc!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a file URL takes no query or fragment")
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise ValueError(f"{url!r}: the path must be absolute, e.g. file:///tmp/data.bin")
+    return path
+
+
+class FileStore(Store):
+    def __init__(self, url: str, fd: int, writable: bool) -> None:
+        self.url = url
+        self._fd = fd
+        self.writable = writable
+
+    @classmethod
+    def open(cls, url: str) -> "FileStore":
+        path = file_path(url)
+        writable = True
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise _explain(exc, path) from None
+            # Readable but not writable: serve reads; write-back reports it.
+            writable = False
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc2:
+                raise _explain(exc2, path) from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"store {path} is not a regular file")
+        return cls(url, fd, writable)
+
+    @property
+    def fill_fd(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _explain(exc: OSError, path: str) -> OSError:
+    reasons = {
+        errno.ENOENT: "no such file (create it first, e.g. truncate -s SIZE FILE)",
+        errno.EISDIR: "is a directory, not a file",
+        errno.EACCES: "permission denied: the pager's user cannot read it",
+        errno.EPERM: "permission denied: the pager's user cannot read it",
+        errno.ENOTDIR: "a component of the path is not a directory",
+    }
+    reason = reasons.get(exc.errno or 0, os.strerror(exc.errno or 0))
+    return OSError(exc.errno, f"store {path}: {reason}")

@@ -1,0 +1,334 @@
+"""A typed wrapper over a userfaultfd: the `Uffd` object, its events, and the
+C fill path (`FillRange`).
+
+Every failure is an ``OSError`` subclass carrying the kernel's errno and a
+message that names the fix where there is one (permissions above all).
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+from uffd_pager.native import ffi, lib
+
+PAGE_SIZE: int = lib.UP_PAGE_SIZE
+
+
+class Feature(enum.IntFlag):
+    PAGEFAULT_FLAG_WP = lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    EVENT_FORK = lib.UFFD_FEATURE_EVENT_FORK
+    EVENT_REMAP = lib.UFFD_FEATURE_EVENT_REMAP
+    EVENT_REMOVE = lib.UFFD_FEATURE_EVENT_REMOVE
+    EVENT_UNMAP = lib.UFFD_FEATURE_EVENT_UNMAP
+    MISSING_HUGETLBFS = lib.UFFD_FEATURE_MISSING_HUGETLBFS
+    MISSING_SHMEM = lib.UFFD_FEATURE_MISSING_SHMEM
+    SIGBUS = lib.UFFD_FEATURE_SIGBUS
+    THREAD_ID = lib.UFFD_FEATURE_THREAD_ID
+    MINOR_HUGETLBFS = lib.UFFD_FEATURE_MINOR_HUGETLBFS
+    MINOR_SHMEM = lib.UFFD_FEATURE_MINOR_SHMEM
+    EXACT_ADDRESS = lib.UFFD_FEATURE_EXACT_ADDRESS
+    WP_HUGETLBFS_SHMEM = lib.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    WP_UNPOPULATED = lib.UFFD_FEATURE_WP_UNPOPULATED
+    POISON = lib.UFFD_FEATURE_POISON
+    WP_ASYNC = lib.UFFD_FEATURE_WP_ASYNC
+    MOVE = lib.UFFD_FEATURE_MOVE
+
+
+class RegisterMode(enum.IntFlag):
+    MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
+    WP = lib.UFFDIO_REGISTER_MODE_WP
+    MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
+
+
+COPY_MODE_DONTWAKE: int = lib.UFFDIO_COPY_MODE_DONTWAKE
+COPY_MODE_WP: int = lib.UFFDIO_COPY_MODE_WP
+WRITEPROTECT_MODE_WP: int = lib.UFFDIO_WRITEPROTECT_MODE_WP
+WRITEPROTECT_MODE_DONTWAKE: int = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+MOVE_MODE_ALLOW_SRC_HOLES: int = lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+
+_PERMISSION_FIX = (
+    "creating a userfaultfd that follows fork() needs CAP_SYS_PTRACE (run as root, or grant "
+    "the capability: setcap cap_sys_ptrace+ep, or docker --cap-add SYS_PTRACE); without it the "
+    "syscall also needs sysctl vm.unprivileged_userfaultfd=1 or read-write access to "
+    "/dev/userfaultfd"
+)
+
+
+def _error(err: int, what: str) -> OSError:
+    message = f"{what}: {os.strerror(err)}"
+    if err in (errno.EPERM, errno.EACCES):
+        message += f" ({_PERMISSION_FIX})"
+    return OSError(err, message)
+
+
+@dataclass(frozen=True, slots=True)
+class PageFault:
+    address: int
+    write: bool
+    wp: bool
+    minor: bool
+    thread_id: int
+
+    @property
+    def page(self) -> int:
+        return self.address & ~(PAGE_SIZE - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ForkEvent:
+    uffd: int  # the child's new uffd, already open in the reader's fd table
+
+
+@dataclass(frozen=True, slots=True)
+class RemapEvent:
+    old: int
+    new: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveEvent:
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnmapEvent:
+    start: int
+    end: int
+
+
+Event = Union[PageFault, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent]
+
+
+def _decode(msg) -> Event:
+    kind = msg.event
+    if kind == lib.UFFD_EVENT_PAGEFAULT:
+        flags = msg.a
+        return PageFault(
+            address=msg.b,
+            write=bool(flags & lib.UFFD_PAGEFAULT_FLAG_WRITE),
+            wp=bool(flags & lib.UFFD_PAGEFAULT_FLAG_WP),
+            minor=bool(flags & lib.UFFD_PAGEFAULT_FLAG_MINOR),
+            thread_id=msg.c,
+        )
+    if kind == lib.UFFD_EVENT_FORK:
+        return ForkEvent(uffd=msg.a)
+    if kind == lib.UFFD_EVENT_REMAP:
+        return RemapEvent(old=msg.a, new=msg.b, length=msg.c)
+    if kind == lib.UFFD_EVENT_REMOVE:
+        return RemoveEvent(start=msg.a, end=msg.b)
+    if kind == lib.UFFD_EVENT_UNMAP:
+        return UnmapEvent(start=msg.a, end=msg.b)
+    raise ValueError(f"unknown userfaultfd event {kind:#x}")
+
+
+class Uffd:
+    """One userfaultfd. Owns its descriptor; `close()` releases it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def create(cls, features: Feature, *, user_mode_only: bool = False) -> "Uffd":
+        """Creates a userfaultfd and negotiates `features` (all or nothing)."""
+        missing = features & ~available_features()
+        if missing:
+            raise OSError(errno.EOPNOTSUPP, f"this kernel lacks userfaultfd features {missing!r}")
+        fd = lib.up_uffd_create(int(user_mode_only))
+        if fd < 0:
+            raise _error(ffi.errno, "userfaultfd()")
+        uffd = cls(fd)
+        try:
+            uffd._api(features)
+        except BaseException:
+            uffd.close()
+            raise
+        return uffd
+
+    def _api(self, features: int) -> tuple[int, int]:
+        out_features = ffi.new("uint64_t *")
+        out_ioctls = ffi.new("uint64_t *")
+        if lib.up_uffd_api(self.fd, features, out_features, out_ioctls) < 0:
+            raise _error(ffi.errno, f"UFFDIO_API with features {Feature(features)!r}")
+        return out_features[0], out_ioctls[0]
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def register(self, start: int, length: int, mode: RegisterMode) -> int:
+        """Registers [start, start+length); returns the mask of ioctls allowed on it."""
+        ioctls = ffi.new("uint64_t *")
+        if lib.up_uffd_register(self.fd, start, length, mode, ioctls) < 0:
+            raise _error(ffi.errno, f"UFFDIO_REGISTER {start:#x}+{length:#x}")
+        return ioctls[0]
+
+    def unregister(self, start: int, length: int) -> None:
+        if lib.up_uffd_unregister(self.fd, start, length) < 0:
+            raise _error(ffi.errno, f"UFFDIO_UNREGISTER {start:#x}+{length:#x}")
+
+    def wake(self, start: int, length: int) -> None:
+        if lib.up_uffd_wake(self.fd, start, length) < 0:
+            raise _error(ffi.errno, f"UFFDIO_WAKE {start:#x}+{length:#x}")
+
+    def writeprotect(self, start: int, length: int, protect: bool, *, wake: bool = True) -> None:
+        mode = (WRITEPROTECT_MODE_WP if protect else 0) | (0 if wake else WRITEPROTECT_MODE_DONTWAKE)
+        if lib.up_uffd_writeprotect(self.fd, start, length, mode) < 0:
+            raise _error(ffi.errno, f"UFFDIO_WRITEPROTECT {start:#x}+{length:#x}")
+
+    def copy(self, dst: int, data: bytes | bytearray | memoryview, mode: int = 0) -> int:
+        """Copies `data` (a multiple of the page size) to dst; returns bytes copied."""
+        done = ffi.new("int64_t *")
+        src = ffi.from_buffer(data)
+        if lib.up_uffd_copy(self.fd, dst, src, len(data), mode, done) < 0:
+            raise _error(ffi.errno, f"UFFDIO_COPY to {dst:#x}+{len(data):#x}")
+        return done[0]
+
+    def zeropage(self, start: int, length: int) -> int:
+        done = ffi.new("int64_t *")
+        if lib.up_uffd_zeropage(self.fd, start, length, 0, done) < 0:
+            raise _error(ffi.errno, f"UFFDIO_ZEROPAGE {start:#x}+{length:#x}")
+        return done[0]
+
+    def continue_(self, start: int, length: int, mode: int = 0) -> int:
+        done = ffi.new("int64_t *")
+        if lib.up_uffd_continue(self.fd, start, length, mode, done) < 0:
+            raise _error(ffi.errno, f"UFFDIO_CONTINUE {start:#x}+{length:#x}")
+        return done[0]
+
+    def poison(self, start: int, length: int) -> int:
+        done = ffi.new("int64_t *")
+        if lib.up_uffd_poison(self.fd, start, length, 0, done) < 0:
+            raise _error(ffi.errno, f"UFFDIO_POISON {start:#x}+{length:#x}")
+        return done[0]
+
+    def move(self, dst: int, src: int, length: int, mode: int = 0) -> int:
+        done = ffi.new("int64_t *")
+        if lib.up_uffd_move(self.fd, dst, src, length, mode, done) < 0:
+            raise _error(ffi.errno, f"UFFDIO_MOVE {src:#x} to {dst:#x}+{length:#x}")
+        return done[0]
+
+    def read_events(self, max_events: int = 64) -> list[Event]:
+        """Reads what is pending without blocking: faults first, then events."""
+        msgs = ffi.new("struct up_msg[]", max_events)
+        n = lib.up_uffd_read(self.fd, msgs, max_events)
+        if n < 0:
+            raise _error(ffi.errno, "read(userfaultfd)")
+        return [_decode(msgs[i]) for i in range(n)]
+
+
+def buffer_address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (an mmap, a bytearray)."""
+    pointer = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", pointer))
+    finally:
+        ffi.release(pointer)
+
+
+def protect(address: int, length: int, prot: int) -> None:
+    """mprotect(2), which the standard library does not wrap."""
+    if lib.up_mprotect(address, length, prot) < 0:
+        raise _error(ffi.errno, f"mprotect {address:#x}+{length:#x}")
+
+
+@functools.cache
+def available_features() -> Feature:
+    """The features this kernel offers, probed once on a throwaway uffd
+    (UFFDIO_API may be called only once per uffd, so probe and use differ)."""
+    fd = lib.up_uffd_create(0)
+    if fd < 0:
+        raise _error(ffi.errno, "userfaultfd()")
+    try:
+        features, _ = Uffd(fd)._api(0)
+    finally:
+        os.close(fd)
+    return Feature(features)
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A message the C fill path handed back: an event, or a fault it could
+    not serve (`status` is -errno: EAGAIN while an event is unread, ENOENT
+    after the layout changed, EOPNOTSUPP when the range has no C source)."""
+
+    event: Event
+    status: int
+
+
+class FillRange:
+    """The C fill state of one registered range: where its pages come from
+    and which pages are already resident in the client."""
+
+    _COUNTERS = ("faults", "copies", "zero_fills", "duplicates", "write_faults", "resident_pages")
+
+    def __init__(self, base: int, length: int, src_fd: int, src_offset: int, copy_mode: int = 0) -> None:
+        self._npages = length // PAGE_SIZE
+        bitmap = lib.up_bitmap_alloc(self._npages)
+        if bitmap == ffi.NULL:
+            raise _error(ffi.errno, f"resident bitmap for {length} bytes")
+        self._c = ffi.new("struct up_fill *")
+        self._c.base = base
+        self._c.len = length
+        self._c.src_fd = src_fd
+        self._c.src_offset = src_offset
+        self._c.copy_mode = copy_mode
+        self._c.resident = bitmap
+        self._deferred = ffi.new("struct up_msg[]", 256)
+        self._n_deferred = ffi.new("int *")
+
+    @property
+    def base(self) -> int:
+        return self._c.base
+
+    @property
+    def length(self) -> int:
+        return self._c.len
+
+    @property
+    def src_offset(self) -> int:
+        return self._c.src_offset
+
+    @property
+    def last_thread_id(self) -> int:
+        return self._c.last_thread_id
+
+    def move(self, new_base: int) -> None:
+        """Follows an mremap of the whole range (REMAP event)."""
+        self._c.base = new_base
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self._c, name) for name in self._COUNTERS}
+
+    def serve(self, uffd: Uffd) -> tuple[int, list[Deferred]]:
+        """Serves every pending fault it can; returns (served, what is left)."""
+        served = lib.up_serve(uffd.fd, self._c, self._deferred, 256, self._n_deferred)
+        if served < 0:
+            raise _error(ffi.errno, "read(userfaultfd)")
+        return served, [
+            Deferred(_decode(self._deferred[i]), self._deferred[i].status) for i in range(self._n_deferred[0])
+        ]
+
+    def fill_page(self, uffd: Uffd, address: int) -> int:
+        """Fills (or wakes) one page; returns 0 or -errno."""
+        return lib.up_fill_page(uffd.fd, self._c, address)
+
+    def forget(self, start: int, end: int) -> None:
+        lib.up_fill_forget(self._c, start, end)
+
+    def is_resident(self, address: int) -> bool:
+        return bool(lib.up_fill_is_resident(self._c, address))
+
+    def close(self) -> None:
+        if self._c.resident != ffi.NULL:
+            lib.up_bitmap_free(self._c.resident, self._npages)
+            self._c.resident = ffi.NULL
