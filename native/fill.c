@@ -9,6 +9,8 @@
  *   message for a page already filled needs only a wake (or nothing); EEXIST
  *   means someone else filled it.
  * - ESRCH: the process is gone; ENOENT: the mapping changed under the copy.
+ * - A fault message with FLAG_WP is a write to a page mapped write-protected
+ *   (synchronous dirty tracking): clearing the protection wakes the writer.
  */
 #include "uffd_native.h"
 
@@ -43,47 +45,92 @@ static int all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
-int up_fill_page(int uffd, struct up_fill *f, uint64_t addr)
+static inline void bit_clear(uint8_t *bm, uint64_t i)
+{
+    bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
+}
+
+static void mark_dirty(struct up_fill *f, uint64_t idx)
+{
+    if (f->dirty && !bit_test(f->dirty, idx)) {
+        bit_set(f->dirty, idx);
+        f->dirty_pages++;
+    }
+}
+
+/* Fills one missing page. A read fills it write-protected when writes are
+ * tracked, so that the first write is seen; a write fills it writable and
+ * dirty at once (else it would cost a second round trip, MISSING then WP). */
+static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
 {
     static __thread uint8_t buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
-    addr &= ~(uint64_t)(UP_PAGE_SIZE - 1);
+    ssize_t n = 0;
+    if (f->src_fd < 0)
+        return -EOPNOTSUPP;
+    n = pread(f->src_fd, buf, UP_PAGE_SIZE, (off_t)(f->src_offset + idx * UP_PAGE_SIZE));
+    if (n < 0)
+        return -errno;
+    int zero = n == 0 || all_zero(buf, (size_t)n);
+    int64_t done;
+    int rc;
+    /* The shared zero page costs the client no memory until it writes. It
+     * cannot be mapped write-protected, so it serves holes only where a write
+     * to it needs no fault to be seen: no tracking, or WP_ASYNC (whose scan
+     * sees the copy-on-write page as written). */
+    if (zero && !write && f->tracking != UP_TRACK_SYNC_WP) {
+        rc = up_uffd_zeropage(uffd, addr, UP_PAGE_SIZE, 0, &done);
+        if (rc == 0)
+            f->zero_fills++;
+    } else {
+        if (zero)
+            memset(buf, 0, UP_PAGE_SIZE);
+        else if (n < UP_PAGE_SIZE)
+            memset(buf + n, 0, UP_PAGE_SIZE - (size_t)n);
+        uint64_t mode = (!write && f->tracking != UP_TRACK_NONE) ? UFFDIO_COPY_MODE_WP : 0;
+        rc = up_uffd_copy(uffd, addr, buf, UP_PAGE_SIZE, mode, &done);
+        if (rc == 0 && zero)
+            f->zero_fills++;
+        else if (rc == 0)
+            f->copies++;
+    }
+    if (rc < 0) {
+        if (errno != EEXIST)
+            return -errno;
+        /* Someone else filled it: make sure the faulting thread is awake. */
+        if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
+            return -errno;
+    }
+    bit_set(f->resident, idx);
+    f->resident_pages++;
+    if (write)
+        mark_dirty(f, idx);
+    return 0;
+}
+
+/* The first write to a page filled write-protected (synchronous tracking). */
+static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx)
+{
+    mark_dirty(f, idx);
+    if (up_uffd_writeprotect(uffd, addr, UP_PAGE_SIZE, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
+{
+    uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
     if (addr < f->base || addr >= f->base + f->len)
         return -EFAULT;
     uint64_t idx = page_index(f, addr);
+    if (flags & UFFD_PAGEFAULT_FLAG_WP)
+        return unprotect_written(uffd, f, addr, idx);
     if (bit_test(f->resident, idx)) {
         f->duplicates++;
         if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
             return -errno;
         return 0;
     }
-    if (f->src_fd < 0)
-        return -EOPNOTSUPP;
-
-    ssize_t n = pread(f->src_fd, buf, UP_PAGE_SIZE, (off_t)(f->src_offset + idx * UP_PAGE_SIZE));
-    if (n < 0)
-        return -errno;
-    int64_t done;
-    int rc;
-    /* Past EOF and holes read as zero: map the shared zero page, which costs
-     * the client no memory until it writes. */
-    if (n == 0 || all_zero(buf, (size_t)n)) {
-        rc = up_uffd_zeropage(uffd, addr, UP_PAGE_SIZE, 0, &done);
-        if (rc == 0)
-            f->zero_fills++;
-    } else {
-        if (n < UP_PAGE_SIZE)
-            memset(buf + n, 0, UP_PAGE_SIZE - (size_t)n);
-        rc = up_uffd_copy(uffd, addr, buf, UP_PAGE_SIZE, f->copy_mode, &done);
-        if (rc == 0)
-            f->copies++;
-    }
-    if (rc < 0 && errno != EEXIST)
-        return -errno;
-    if (rc < 0 && up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
-        return -errno;
-    bit_set(f->resident, idx);
-    f->resident_pages++;
-    return 0;
+    return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
 }
 
 void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
@@ -95,8 +142,12 @@ void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
     for (uint64_t a = start; a < end; a += UP_PAGE_SIZE) {
         uint64_t idx = page_index(f, a);
         if (bit_test(f->resident, idx)) {
-            f->resident[idx >> 3] &= (uint8_t)~(1u << (idx & 7));
+            bit_clear(f->resident, idx);
             f->resident_pages--;
+        }
+        if (f->dirty && bit_test(f->dirty, idx)) {
+            bit_clear(f->dirty, idx);
+            f->dirty_pages--;
         }
     }
 }
@@ -138,16 +189,18 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
                 event_seen = 1;
                 continue;
             }
+            uint64_t flags = m->arg.pagefault.flags;
             f->faults++;
             f->last_thread_id = m->arg.pagefault.feat.ptid;
-            if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE)
+            if (flags & UFFD_PAGEFAULT_FLAG_WP)
+                f->wp_faults++;
+            else if (flags & UFFD_PAGEFAULT_FLAG_WRITE)
                 f->write_faults++;
-            /* Write-protect faults and anything after an event go to Python. */
-            if (event_seen || (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+            if (event_seen) {
                 defer(deferred, n_deferred, m, 0);
                 continue;
             }
-            int rc = up_fill_page(uffd, f, m->arg.pagefault.address);
+            int rc = up_fill_fault(uffd, f, m->arg.pagefault.address, flags);
             if (rc == 0)
                 served++;
             else if (rc != -ESRCH)

@@ -43,6 +43,13 @@ int up_uffd_read(int fd, struct up_msg *out, int max);
 
 /* --- the fault hot path (fill.c) --------------------------------------- */
 
+/* How a range learns which pages its process wrote. */
+enum up_tracking {
+    UP_TRACK_NONE = 0,
+    UP_TRACK_SYNC_WP = 1,   /* pages filled write-protected; the first write is a WP fault */
+    UP_TRACK_ASYNC_WP = 2,  /* UFFD_FEATURE_WP_ASYNC: writes cost no fault; PAGEMAP_SCAN lists them */
+};
+
 /* One registered range of one uffd, filled by C straight from a file
  * descriptor (src_fd >= 0) or left to Python (src_fd < 0). */
 struct up_fill {
@@ -50,15 +57,25 @@ struct up_fill {
     uint64_t len;
     int src_fd;
     uint64_t src_offset;
-    uint64_t copy_mode;
+    int tracking;               /* enum up_tracking */
     uint8_t *resident;          /* one bit per page; see up_bitmap_alloc */
+    uint8_t *dirty;             /* UP_TRACK_SYNC_WP only: one bit per page */
     uint64_t faults;            /* fault messages read */
+    uint64_t write_faults;      /* ... of which a write to a missing page */
+    uint64_t wp_faults;         /* ... of which a first write to a filled page */
     uint64_t copies;            /* pages filled with UFFDIO_COPY */
-    uint64_t zero_fills;        /* pages filled with UFFDIO_ZEROPAGE */
+    uint64_t zero_fills;        /* holes filled with the zero page (or zeros) */
     uint64_t duplicates;        /* faults on a page already filled: woken only */
-    uint64_t write_faults;
     uint64_t resident_pages;
+    uint64_t dirty_pages;       /* UP_TRACK_SYNC_WP: pages in the dirty bitmap */
     uint32_t last_thread_id;    /* of the latest fault read */
+};
+
+/* A run of pages: client address, store offset, length in bytes. */
+struct up_run {
+    uint64_t addr;
+    uint64_t store_offset;
+    uint64_t len;
 };
 
 /* Reads every pending message of uffd and serves the page faults it can.
@@ -68,12 +85,30 @@ struct up_fill {
  * Returns faults served, or -1 with errno set if read(2) failed. */
 int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_deferred,
              int *n_deferred);
-/* Fills the page at addr from fill's source (or wakes it if already filled).
- * Returns 0, or -errno. */
-int up_fill_page(int uffd, struct up_fill *fill, uint64_t addr);
+/* Serves one fault (flags as in the message): fills a missing page from
+ * fill's source, wakes a page already filled, or records the first write to
+ * a write-protected page and unprotects it. Returns 0, or -errno. */
+int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
 /* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
 void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 int up_fill_is_resident(struct up_fill *fill, uint64_t addr);
+
+/* --- dirty pages and write-back (writeback.c) --------------------------- */
+
+/* UP_TRACK_SYNC_WP: from *cursor on, write-protects runs of dirty pages,
+ * clears their dirty bits and stores them in runs[]. A write after this
+ * faults again and marks the page dirty anew. Returns the runs stored; 0
+ * once the whole range is done. */
+int up_collect_dirty(int uffd, struct up_fill *fill, struct up_run *runs, int max_runs, uint64_t *cursor);
+/* UP_TRACK_ASYNC_WP: PAGEMAP_SCAN of the owner's /proc/pid/pagemap from
+ * *cursor on for written pages (present, not the zero page); with protect,
+ * write-protects them in the same walk. Returns runs stored, or -1. */
+int up_scan_written(int pagemap_fd, struct up_fill *fill, int protect, struct up_run *runs, int max_runs,
+                    uint64_t *cursor);
+/* Copies the runs' bytes out of process pid, back to back into buf. */
+int64_t up_read_remote(int pid, const struct up_run *runs, int n, uint8_t *buf);
+/* Writes the runs' bytes (back to back in buf) to fd at their store offsets. */
+int64_t up_pwrite_runs(int fd, const struct up_run *runs, int n, const uint8_t *buf);
 
 /* A bitmap of npages bits in MAP_NORESERVE memory: it costs RAM only for the
  * parts that are written, so a 1 TiB region's bitmap is free until touched. */

@@ -10,6 +10,7 @@ pager dies, a thread touching a missing page waits instead of reading zeros.
 """
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import secrets
@@ -22,16 +23,19 @@ import weakref
 from typing import Any
 
 from uffd_pager import protocol
-from uffd_pager.layout import check_geometry
+from uffd_pager.layout import DEFAULT_WRITEBACK_INTERVAL, check_geometry, parse_tracking, parse_writeback_interval
 from uffd_pager.region import Region
-from uffd_pager.uffd import Feature, RegisterMode, Uffd, buffer_address
+from uffd_pager.uffd import Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
-# munmap of the region, and report the faulting thread.
+# munmap of the region, report the faulting thread, and write-protect pages
+# to see writes. WP_ASYNC (asynchronous tracking) is per uffd, chosen at
+# UFFDIO_API time: synchronous and asynchronous WP cannot mix on one uffd.
 REGION_FEATURES = (
     Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
     | Feature.THREAD_ID | Feature.PAGEFAULT_FLAG_WP
 )
+TRACKING_FEATURES = {Tracking.ASYNC_WP: Feature.WP_ASYNC, Tracking.SYNC_WP: Feature(0)}
 REGION_REGISTER_MODE = RegisterMode.MISSING | RegisterMode.WP
 
 _EMBEDDED_START_TIMEOUT = 30.0
@@ -153,16 +157,21 @@ class Pager:
         """The pager process's pid."""
         return self._conn.pager_pid
 
-    def map(self, store: str, size: int, offset: int = 0, **options: Any) -> Region:
+    def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str = "async",
+            writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL) -> Region:
         """Maps `size` bytes whose pages live in `store` (a URL such as
         ``file:///abs/path``) from byte `offset` on. Pages are filled on first
-        touch; holes and bytes past the end of a file read as zero."""
+        touch; holes and bytes past the end of a file read as zero. Writes go
+        back to the store on `Region.flush()`, on `close()`, and every
+        `writeback_interval` seconds (0 or None: no timer). `dirty_tracking`
+        is "async" (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN, the default) or
+        "sync" (a write-protect fault on each page's first write)."""
         check_geometry(size, offset)
         if not isinstance(store, str):
             raise TypeError(f"store must be a URL string, not {type(store).__name__}")
-        if options:
-            raise TypeError(f"unknown map() options: {', '.join(sorted(options))}")
-        uffd = Uffd.create(REGION_FEATURES)
+        tracking = parse_tracking(dirty_tracking)
+        interval = parse_writeback_interval(writeback_interval)
+        uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
         try:
             memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -172,7 +181,8 @@ class Pager:
         address = buffer_address(memory)
         try:
             uffd.register(address, size, REGION_REGISTER_MODE)
-            reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address)
+            reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address,
+                                       tracking=dirty_tracking, writeback_interval=interval)
         except BaseException:
             _unregister_quietly(uffd, address, size)
             uffd.close()
@@ -247,4 +257,16 @@ def _after_fork_in_child() -> None:
             region._forget_after_fork()
 
 
+def _close_at_exit() -> None:
+    # A process that exits without closing its regions still gets its writes
+    # written back: closing flushes.
+    for pager in list(_live_pagers):
+        if pager._owner_pid == os.getpid():
+            try:
+                pager.close()
+            except (OSError, protocol.ProtocolError):
+                pass
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)

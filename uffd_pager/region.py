@@ -49,26 +49,39 @@ class Region:
             raise ValueError("the region is closed")
         return self._pager._request("stats", region=self._id)["stats"]
 
+    def flush(self) -> dict[str, int]:
+        """Returns once every page dirtied before the call is in the store and
+        synced (msync(MS_SYNC) semantics): {"pages": n, "bytes": n} written.
+        If the store refuses (ENOSPC, EIO, read-only), raises with the cause;
+        the pages stay dirty and the next flush() retries them."""
+        if self._memory is None:
+            raise ValueError("the region is closed")
+        reply = self._pager._request("flush", region=self._id)
+        return {"pages": reply["pages"], "bytes": reply["bytes"]}
+
     def close(self) -> None:
-        """Unregisters the range, tells the pager, and unmaps it.
+        """Writes back dirty pages, unregisters the range and unmaps it. If
+        the write-back fails, raises and leaves the region open: nothing is
+        lost, and close() can be called again.
 
         Memoryviews still alive at that point are made inaccessible (an access
         faults with SIGSEGV rather than reading stale memory); the address
         range is returned to the system when the last of them is released.
         """
-        memory, self._memory = self._memory, None
-        if memory is None:
+        if self._memory is None:
             return
+        if self._uffd is not None:
+            try:
+                self._pager._request("unmap", region=self._id)  # flushes first; raises if that fails
+            except (protocol.PagerGone, KeyError):
+                pass  # nothing left to write back or release on the pager's side
+        memory, self._memory = self._memory, None
         uffd, self._uffd = self._uffd, None
         if uffd is not None:
             try:
                 uffd.unregister(self.address, self.size)
             except OSError:
                 pass  # the range is gone already (munmap by the program)
-            try:
-                self._pager._request("unmap", region=self._id)
-            except (protocol.PagerGone, KeyError):
-                pass  # nothing left to release on the pager's side
             uffd.close()
         # In a forked child, munmap alone releases it: the pager reads the
         # UNMAP event on the child's uffd and drops the child's state.

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from uffd_pager import protocol
+from uffd_pager.layout import check_geometry, parse_tracking, parse_writeback_interval, tracking_name
 from uffd_pager.stores import Store, open_store
-from uffd_pager.layout import check_geometry
 from uffd_pager.uffd import (
     PAGE_SIZE,
     Deferred,
@@ -50,9 +50,12 @@ from uffd_pager.uffd import (
     PageFault,
     RemapEvent,
     RemoveEvent,
+    Run,
+    Tracking,
     Uffd,
     UnmapEvent,
 )
+from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
 
 log = logging.getLogger("uffd_pager.pager")
 
@@ -73,18 +76,37 @@ class ServedRegion:
     parent: "ServedRegion | None" = None
     connection: "Connection | None" = None
     pidfd: int = -1
+    pagemap_fd: int = -1  # /proc/<owner>/pagemap, for PAGEMAP_SCAN (asynchronous tracking)
     pending: list[PageFault] = field(default_factory=list)
     events: dict[str, int] = field(default_factory=lambda: {"fork": 0, "remap": 0, "remove": 0, "unmap": 0})
     errors: int = 0
     poisoned: int = 0
+    # Pages whose write-back failed: the kernel no longer reports them dirty,
+    # so they are kept here and written by the next flush.
+    retry_pages: set[int] = field(default_factory=set)
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: "asyncio.Task[None] | None" = None
+    writeback: dict[str, int] = field(default_factory=lambda: {
+        "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
+    last_error: str = ""
 
     def stats(self) -> dict[str, Any]:
+        counters = self.fill.counters()
+        if self.fill.tracking == Tracking.ASYNC_WP and self.pagemap_fd >= 0:
+            try:
+                counters["dirty_pages"] = sum(r.length for r in self.fill.scan_written(self.pagemap_fd, protect=False)) // PAGE_SIZE
+            except OSError:
+                pass  # the owner exited
+        counters["dirty_pages"] += len(self.retry_pages)
         return {
-            **self.fill.counters(),
+            **counters,
+            **self.writeback,
+            "tracking": tracking_name(self.fill.tracking),
             "events": dict(self.events),
             "errors": self.errors,
             "poisoned": self.poisoned,
             "pending": len(self.pending),
+            "last_error": self.last_error,
         }
 
 
@@ -118,6 +140,7 @@ class PagerService:
             "hello": self._op_hello,
             "map": self._op_map,
             "unmap": self._op_unmap,
+            "flush": self._op_flush,
             "stats": self._op_stats,
             "status": self._op_status,
         }
@@ -230,22 +253,38 @@ class PagerService:
         check_geometry(size, offset)
         if address % PAGE_SIZE:
             raise ValueError(f"address {address:#x} is not page aligned")
+        tracking = parse_tracking(request.get("tracking", "async"))
+        interval = parse_writeback_interval(request.get("writeback_interval"))
         store = open_store(request.get("url"))  # type: ignore[arg-type]
+        pagemap_fd = -1
         try:
+            if tracking == Tracking.ASYNC_WP:
+                pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             uffd = Uffd(fds[0])
-            fill = FillRange(address, size, store.fill_fd, offset)
+            fill = FillRange(address, size, store.fill_fd, offset, tracking)
         except BaseException:
             store.close()
+            if pagemap_fd >= 0:
+                os.close(pagemap_fd)
             raise
         region = self._add_region(uffd, fill, store, owner_pid=conn.pid)
+        region.pagemap_fd = pagemap_fd
         region.connection = conn
         conn.regions[region.id] = region
+        if interval:
+            region.timer = self._loop.create_task(self._flush_periodically(region, interval))
         return {"ok": True, "region": region.id}
 
     async def _op_unmap(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Writes back what is dirty, then releases the region. If the
+        write-back fails the region stays, so that nothing is lost."""
         region = self._own_region(conn, request)
+        await self.flush(region)
         self._release_region(region)
         return {"ok": True}
+
+    async def _op_flush(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"ok": True, **(await self.flush(self._own_region(conn, request)))}
 
     async def _op_stats(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"ok": True, "stats": self._own_region(conn, request).stats()}
@@ -286,6 +325,10 @@ class PagerService:
         if region.pidfd >= 0:
             self._loop.remove_reader(region.pidfd)
             os.close(region.pidfd)
+        if region.pagemap_fd >= 0:
+            os.close(region.pagemap_fd)
+        if region.timer is not None:
+            region.timer.cancel()
         if region.connection is not None:
             region.connection.regions.pop(region.id, None)
         region.uffd.close()
@@ -331,10 +374,7 @@ class PagerService:
     def _retry_pending(self, region: ServedRegion) -> None:
         still: list[PageFault] = []
         for fault in region.pending:
-            if fault.wp:
-                rc = self._unprotect(region, fault.page)
-            else:
-                rc = region.fill.fill_page(region.uffd, fault.address)
+            rc = region.fill.fill_fault(region.uffd, fault)
             if rc == 0:
                 continue
             if rc == -errno.EAGAIN:
@@ -345,12 +385,52 @@ class PagerService:
                 self._fail_page(region, fault, rc)
         region.pending = still
 
-    def _unprotect(self, region: ServedRegion, page: int) -> int:
-        try:
-            region.uffd.writeprotect(page, PAGE_SIZE, protect=False)
-        except OSError as exc:
-            return -(exc.errno or errno.EIO)
-        return 0
+    # --- write-back ---------------------------------------------------------------
+
+    async def flush(self, region: ServedRegion) -> dict[str, int]:
+        """Writes every page dirtied before the call to the store and syncs
+        it (msync(MS_SYNC) semantics). On failure the pages stay dirty and the
+        error is raised; the next flush retries them."""
+        async with region.flush_lock:
+            if region.fill.tracking == Tracking.NONE or region.id not in self._regions:
+                return {"pages": 0, "bytes": 0}
+            runs = self._take_dirty(region)
+            if not runs:
+                return {"pages": 0, "bytes": 0}
+            try:
+                result = await self._loop.run_in_executor(None, write_back, region.store, region.owner_pid, runs)
+            except OSError as exc:
+                region.retry_pages |= pages_of(runs, region.fill.base)
+                region.writeback["writeback_errors"] += 1
+                region.last_error = str(exc)
+                raise
+            region.writeback["flushes"] += 1
+            region.writeback["pages_written"] += result.pages
+            region.writeback["bytes_written"] += result.bytes
+            return {"pages": result.pages, "bytes": result.bytes}
+
+    def _take_dirty(self, region: ServedRegion) -> list[Run]:
+        """The dirty pages, write-protected again in the same step; pages a
+        failed flush left behind are added (those still resident)."""
+        fill = region.fill
+        if fill.tracking == Tracking.SYNC_WP:
+            runs = fill.take_dirty(region.uffd)
+        else:
+            runs = fill.scan_written(region.pagemap_fd, protect=True)
+        if region.retry_pages:
+            base = fill.base
+            retry = {p for p in region.retry_pages if fill.is_resident(base + p * PAGE_SIZE)}
+            region.retry_pages.clear()
+            runs = merge_runs(runs + runs_of_pages(retry, base, fill.src_offset))
+        return runs
+
+    async def _flush_periodically(self, region: ServedRegion, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush(region)
+            except OSError as exc:
+                log.warning("region %d: periodic write-back failed (will retry): %s", region.id, exc)
 
     def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
         """The page's data could not be produced. It is never handed out as
@@ -382,7 +462,8 @@ class PagerService:
         served from the parent's store."""
         child_uffd = Uffd(event.uffd)
         try:
-            fill = FillRange(parent.fill.base, parent.fill.length, parent.store.fill_fd, parent.fill.src_offset)
+            fill = FillRange(parent.fill.base, parent.fill.length, parent.store.fill_fd, parent.fill.src_offset,
+                             parent.fill.tracking)
         except BaseException:
             child_uffd.close()
             raise

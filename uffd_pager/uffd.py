@@ -68,14 +68,25 @@ def _error(err: int, what: str) -> OSError:
 @dataclass(frozen=True, slots=True)
 class PageFault:
     address: int
-    write: bool
-    wp: bool
-    minor: bool
+    flags: int  # UFFD_PAGEFAULT_FLAG_*
     thread_id: int
 
     @property
     def page(self) -> int:
         return self.address & ~(PAGE_SIZE - 1)
+
+    @property
+    def write(self) -> bool:
+        return bool(self.flags & lib.UFFD_PAGEFAULT_FLAG_WRITE)
+
+    @property
+    def wp(self) -> bool:
+        """A write to a page mapped write-protected (not a missing page)."""
+        return bool(self.flags & lib.UFFD_PAGEFAULT_FLAG_WP)
+
+    @property
+    def minor(self) -> bool:
+        return bool(self.flags & lib.UFFD_PAGEFAULT_FLAG_MINOR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,14 +119,7 @@ Event = Union[PageFault, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent]
 def _decode(msg) -> Event:
     kind = msg.event
     if kind == lib.UFFD_EVENT_PAGEFAULT:
-        flags = msg.a
-        return PageFault(
-            address=msg.b,
-            write=bool(flags & lib.UFFD_PAGEFAULT_FLAG_WRITE),
-            wp=bool(flags & lib.UFFD_PAGEFAULT_FLAG_WP),
-            minor=bool(flags & lib.UFFD_PAGEFAULT_FLAG_MINOR),
-            thread_id=msg.c,
-        )
+        return PageFault(address=msg.b, flags=msg.a, thread_id=msg.c)
     if kind == lib.UFFD_EVENT_FORK:
         return ForkEvent(uffd=msg.a)
     if kind == lib.UFFD_EVENT_REMAP:
@@ -265,26 +269,54 @@ class Deferred:
     status: int
 
 
+class Tracking(enum.IntEnum):
+    """How a region learns which pages its process wrote."""
+
+    NONE = lib.UP_TRACK_NONE
+    SYNC_WP = lib.UP_TRACK_SYNC_WP
+    ASYNC_WP = lib.UP_TRACK_ASYNC_WP
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Pages [addr, addr+length) of the client, at store_offset in the store."""
+
+    addr: int
+    store_offset: int
+    length: int
+
+
 class FillRange:
-    """The C fill state of one registered range: where its pages come from
-    and which pages are already resident in the client."""
+    """The C fill state of one registered range: where its pages come from,
+    which pages are resident in the client, and (synchronous tracking) which
+    are dirty."""
 
-    _COUNTERS = ("faults", "copies", "zero_fills", "duplicates", "write_faults", "resident_pages")
+    _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
+                 "resident_pages", "dirty_pages")
+    _RUNS = 1024
 
-    def __init__(self, base: int, length: int, src_fd: int, src_offset: int, copy_mode: int = 0) -> None:
+    def __init__(self, base: int, length: int, src_fd: int, src_offset: int,
+                 tracking: Tracking = Tracking.NONE) -> None:
         self._npages = length // PAGE_SIZE
-        bitmap = lib.up_bitmap_alloc(self._npages)
-        if bitmap == ffi.NULL:
-            raise _error(ffi.errno, f"resident bitmap for {length} bytes")
         self._c = ffi.new("struct up_fill *")
         self._c.base = base
         self._c.len = length
         self._c.src_fd = src_fd
         self._c.src_offset = src_offset
-        self._c.copy_mode = copy_mode
-        self._c.resident = bitmap
+        self._c.tracking = tracking
+        self._c.resident = self._bitmap()
+        if tracking == Tracking.SYNC_WP:
+            self._c.dirty = self._bitmap()
         self._deferred = ffi.new("struct up_msg[]", 256)
         self._n_deferred = ffi.new("int *")
+        self._runs = ffi.new("struct up_run[]", self._RUNS)
+
+    def _bitmap(self):
+        bitmap = lib.up_bitmap_alloc(self._npages)
+        if bitmap == ffi.NULL:
+            self.close()
+            raise _error(ffi.errno, f"page bitmap for {self._npages} pages")
+        return bitmap
 
     @property
     def base(self) -> int:
@@ -297,6 +329,10 @@ class FillRange:
     @property
     def src_offset(self) -> int:
         return self._c.src_offset
+
+    @property
+    def tracking(self) -> Tracking:
+        return Tracking(self._c.tracking)
 
     @property
     def last_thread_id(self) -> int:
@@ -318,9 +354,9 @@ class FillRange:
             Deferred(_decode(self._deferred[i]), self._deferred[i].status) for i in range(self._n_deferred[0])
         ]
 
-    def fill_page(self, uffd: Uffd, address: int) -> int:
-        """Fills (or wakes) one page; returns 0 or -errno."""
-        return lib.up_fill_page(uffd.fd, self._c, address)
+    def fill_fault(self, uffd: Uffd, fault: PageFault) -> int:
+        """Serves one fault again (after EAGAIN); returns 0 or -errno."""
+        return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
 
     def forget(self, start: int, end: int) -> None:
         lib.up_fill_forget(self._c, start, end)
@@ -328,7 +364,60 @@ class FillRange:
     def is_resident(self, address: int) -> bool:
         return bool(lib.up_fill_is_resident(self._c, address))
 
+    def take_dirty(self, uffd: Uffd) -> list[Run]:
+        """Synchronous tracking: write-protects every dirty page again and
+        returns them as runs (their dirty bits are cleared)."""
+        cursor = ffi.new("uint64_t *")
+        runs: list[Run] = []
+        while (n := lib.up_collect_dirty(uffd.fd, self._c, self._runs, self._RUNS, cursor)) > 0:
+            runs.extend(self._run(i) for i in range(n))
+        if cursor[0] < self._npages and self._c.dirty_pages:
+            raise _error(ffi.errno, "UFFDIO_WRITEPROTECT of dirty pages")
+        return runs
+
+    def scan_written(self, pagemap_fd: int, *, protect: bool) -> list[Run]:
+        """Asynchronous tracking: the pages written since they were last
+        write-protected; with protect, write-protects them in the same walk."""
+        cursor = ffi.new("uint64_t *", self._c.base)
+        runs: list[Run] = []
+        end = self._c.base + self._c.len
+        while cursor[0] < end:
+            n = lib.up_scan_written(pagemap_fd, self._c, int(protect), self._runs, self._RUNS, cursor)
+            if n < 0:
+                raise _error(ffi.errno, "PAGEMAP_SCAN")
+            runs.extend(self._run(i) for i in range(n))
+        return runs
+
+    def _run(self, i: int) -> Run:
+        run = self._runs[i]
+        return Run(run.addr, run.store_offset, run.len)
+
     def close(self) -> None:
-        if self._c.resident != ffi.NULL:
-            lib.up_bitmap_free(self._c.resident, self._npages)
-            self._c.resident = ffi.NULL
+        for name in ("resident", "dirty"):
+            bitmap = getattr(self._c, name)
+            if bitmap != ffi.NULL:
+                lib.up_bitmap_free(bitmap, self._npages)
+                setattr(self._c, name, ffi.NULL)
+
+
+def copy_out(pid: int, runs: list[Run]) -> bytearray:
+    """Reads the runs' bytes out of process pid, back to back (process_vm_readv)."""
+    c_runs = _c_runs(runs)
+    buf = bytearray(sum(r.length for r in runs))
+    if lib.up_read_remote(pid, c_runs, len(runs), ffi.from_buffer(buf)) < 0:
+        raise _error(ffi.errno, f"process_vm_readv of {len(runs)} runs from pid {pid}")
+    return buf
+
+
+def pwrite_runs(fd: int, runs: list[Run], data: bytes | bytearray) -> None:
+    """Writes each run's bytes (back to back in data) at its store offset."""
+    if lib.up_pwrite_runs(fd, _c_runs(runs), len(runs), ffi.from_buffer(data)) < 0:
+        err = ffi.errno
+        raise OSError(err, f"writing {len(runs)} page runs back: {os.strerror(err)}")
+
+
+def _c_runs(runs: list[Run]):
+    c_runs = ffi.new("struct up_run[]", len(runs))
+    for c, run in zip(c_runs, runs):
+        c.addr, c.store_offset, c.len = run.addr, run.store_offset, run.length
+    return c_runs

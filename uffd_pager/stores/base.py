@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import abc
 
+from uffd_pager.uffd import Run
+
 
 class Store(abc.ABC):
     """Pages of a region live in a store at byte offsets."""
@@ -19,6 +21,15 @@ class Store(abc.ABC):
     def fill_fd(self) -> int:
         """A descriptor the C fill path may pread() pages from, or -1 when
         pages must come through Python (remote or transformed stores)."""
+
+    @abc.abstractmethod
+    def write_runs(self, runs: list[Run], data: bytes | bytearray) -> None:
+        """Writes each run's bytes (back to back in data) at its store offset.
+        Blocking: the pager calls it from a worker thread."""
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Makes every write so far durable (fsync semantics). Blocking."""
 
     @abc.abstractmethod
     def close(self) -> None:

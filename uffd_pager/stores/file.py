@@ -11,6 +11,7 @@ import stat
 from urllib.parse import unquote, urlsplit
 
 from uffd_pager.stores.base import Store
+from uffd_pager.uffd import Run, pwrite_runs
 
 
 def file_path(url: str) -> str:
@@ -55,6 +56,14 @@ class FileStore(Store):
     @property
     def fill_fd(self) -> int:
         return self._fd
+
+    def write_runs(self, runs: list[Run], data: bytes | bytearray) -> None:
+        if not self.writable:
+            raise PermissionError(errno.EACCES, f"store {self.url} was opened read-only: the pager may not write it")
+        pwrite_runs(self._fd, runs, data)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

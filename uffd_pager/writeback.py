@@ -1,0 +1,78 @@
+"""Write-back: copy dirty pages out of a client into its store.
+
+Which pages are dirty comes from the region's tracking mode (see
+`FillRange.take_dirty` and `FillRange.scan_written`); both re-protect the
+pages they return in the same step, so a write racing a flush is either in
+this flush or dirty for the next one. This module turns those runs into
+store writes; it blocks and runs in a worker thread of the pager.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uffd_pager.stores import Store
+from uffd_pager.uffd import PAGE_SIZE, Run, copy_out
+
+# Bytes copied out of the client per process_vm_readv batch: big enough to
+# amortize the syscalls, small enough to keep the pager's memory flat.
+BATCH_BYTES = 8 << 20
+
+
+@dataclass
+class WritebackResult:
+    pages: int
+    bytes: int
+    runs: int
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """Sorts runs and joins the overlapping or adjacent ones (one region's
+    runs share one address-to-offset mapping, so joining keeps it)."""
+    merged: list[Run] = []
+    for run in sorted(runs, key=lambda r: r.addr):
+        last = merged[-1] if merged else None
+        if last is not None and run.addr <= last.addr + last.length:
+            end = max(last.addr + last.length, run.addr + run.length)
+            merged[-1] = Run(last.addr, last.store_offset, end - last.addr)
+        else:
+            merged.append(run)
+    return merged
+
+
+def pages_of(runs: list[Run], base: int) -> set[int]:
+    """The page indices (relative to base) the runs cover."""
+    return {(run.addr - base) // PAGE_SIZE + k for run in runs for k in range(run.length // PAGE_SIZE)}
+
+
+def runs_of_pages(pages: set[int], base: int, store_offset: int) -> list[Run]:
+    """Page indices back to runs at the region's current address."""
+    return merge_runs([Run(base + p * PAGE_SIZE, store_offset + p * PAGE_SIZE, PAGE_SIZE) for p in pages])
+
+
+def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
+    """Copies runs out of process pid into store, batch by batch, then syncs
+    the store. Raises on the first failure; the caller keeps the runs dirty."""
+    batch: list[Run] = []
+    batch_bytes = 0
+    total = 0
+    for run in _split(runs):
+        if batch_bytes + run.length > BATCH_BYTES:
+            store.write_runs(batch, copy_out(pid, batch))
+            batch, batch_bytes = [], 0
+        batch.append(run)
+        batch_bytes += run.length
+        total += run.length
+    if batch:
+        store.write_runs(batch, copy_out(pid, batch))
+    store.sync()
+    return WritebackResult(pages=total // PAGE_SIZE, bytes=total, runs=len(runs))
+
+
+def _split(runs: list[Run]) -> list[Run]:
+    """Cuts runs longer than a batch into batch-sized pieces."""
+    pieces: list[Run] = []
+    for run in runs:
+        for start in range(0, run.length, BATCH_BYTES):
+            length = min(BATCH_BYTES, run.length - start)
+            pieces.append(Run(run.addr + start, run.store_offset + start, length))
+    return pieces
