@@ -24,12 +24,15 @@ static inline int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int64_t *latency_ns)
+void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int write, int64_t *latency_ns)
 {
     for (int i = 0; i < n; i++) {
-        volatile const char *p = (const char *)(uintptr_t)(base + offsets[i]);
+        volatile char *p = (char *)(uintptr_t)(base + offsets[i]);
         int64_t t0 = now_ns();
-        (void)*p;
+        if (write)
+            *p = (char)(i | 1);
+        else
+            (void)*p;
         latency_ns[i] = now_ns() - t0;
     }
 }

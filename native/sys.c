@@ -1,5 +1,8 @@
 /* System calls the Python standard library does not wrap (3.11). */
+#define _GNU_SOURCE
 #include "uffd_native.h"
+
+#include <fcntl.h>
 
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -17,4 +20,9 @@ int up_mprotect(uint64_t addr, uint64_t len, int prot)
 int up_pidfd_getfd(int pidfd, int targetfd)
 {
     return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
+}
+
+int up_start_writeback(int fd, uint64_t offset, uint64_t len)
+{
+    return sync_file_range(fd, (off_t)offset, (off_t)len, SYNC_FILE_RANGE_WRITE);
 }

@@ -118,12 +118,14 @@ void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
 int up_pidfd_getfd(int pidfd, int targetfd);
+/* sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now. */
+int up_start_writeback(int fd, uint64_t offset, uint64_t len);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
 
-/* Reads one byte of each page base + offsets[i] and stores each access's
- * latency in ns; the timing loop that every benchmark row shares. */
-void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int64_t *latency_ns);
+/* Reads (or writes) one byte of each page base + offsets[i] and stores each
+ * access's latency in ns; the timing loop that every benchmark row shares. */
+void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int write, int64_t *latency_ns);
 
 /* The C reference handler: poll + read one message + pread + UFFDIO_COPY,
  * in a thread of this process or in a forked process. */

@@ -1,12 +1,18 @@
-"""``uffd-pager bench``: fault latency beside the floors it is compared with.
+"""``uffd-pager bench``: fault latency and write-back beside their floors.
 
-Every row is measured by the same C timing loop (one byte read per page, in
-one random page order, timed with CLOCK_MONOTONIC around each access), and
-the rows are run in interleaved rounds so that the machine's drift from
-minute to minute spreads over all of them alike. A figure is only a result
-beside its floor from the same run: the ratio column divides each p50 by the
-C reference handler running in another process, the floor of an
-out-of-process pager.
+Every latency row is measured by the same C timing loop (one byte read or
+written per page, in one random page order, timed with CLOCK_MONOTONIC
+around each access), and all rows run in interleaved rounds so that the
+machine's drift from minute to minute spreads over all of them alike. A
+figure is only a result beside its floor from the same run: each row names
+its floor and prints the ratio to it.
+
+Floors: for read faults, the C reference handler (poll + read + pread +
+UFFDIO_COPY) in another process, the floor of an out-of-process pager; for
+writes, the kernel doing the same work for its own mappings (anonymous first
+write; first write to a clean page of a MAP_SHARED file mapping, which is
+the kernel's own dirty tracking); for write-back, the kernel's msync(MS_SYNC)
+of a MAP_SHARED mapping of the same file with the same pages written.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import mmap
 import os
 import platform
 import random
+import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -25,23 +33,45 @@ from uffd_pager.client import Pager
 from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, buffer_address
 
-FLOOR = "C reference, other process"
+READ_FLOOR = "read: C reference, other process"
+OURS = "read: uffd_pager"
 
 
 @dataclass
 class Row:
     name: str
+    floor: str
     p50_us: float
     p99_us: float
     mean_us: float
-    faults_per_s: float
+    per_s: float
+    unit: str
     samples: int
+    ratio: float = 0.0
 
 
-def _touch(address: int, offsets: array.array) -> list[int]:
-    """Faults every page at address + offsets[i]; returns each latency in ns."""
+@dataclass
+class Case:
+    """What a row measures, given the file, its size and the page offsets."""
+
+    name: str
+    floor: str
+    run: Callable[["Workload"], list[int]]
+    unit: str = "faults/s"
+
+
+@dataclass
+class Workload:
+    path: str
+    size: int
+    offsets: array.array
+    pager: Pager
+
+
+def _touch(address: int, offsets: array.array, *, write: bool = False) -> list[int]:
+    """Touches every page at address + offsets[i]; returns each latency in ns."""
     latencies = ffi.new("int64_t[]", len(offsets))
-    lib.up_touch_pages(address, ffi.from_buffer("uint64_t[]", offsets), len(offsets), latencies)
+    lib.up_touch_pages(address, ffi.from_buffer("uint64_t[]", offsets), len(offsets), int(write), latencies)
     return list(latencies)
 
 
@@ -54,37 +84,46 @@ def _anonymous(size: int) -> Iterator[mmap.mmap]:
         memory.close()
 
 
-def kernel_anonymous(path: str, size: int, offsets: array.array) -> list[int]:
-    with _anonymous(size) as memory:
-        return _touch(buffer_address(memory), offsets)
-
-
-def kernel_file_mmap(path: str, size: int, offsets: array.array) -> list[int]:
-    with open(path, "rb") as f:
-        memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+@contextlib.contextmanager
+def _file_mapping(path: str, size: int, *, shared: bool) -> Iterator[mmap.mmap]:
+    with open(path, "r+b") as f:
+        memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE)
     try:
         memory.madvise(mmap.MADV_RANDOM)  # no fault-around: one page per fault, like ours
-        return _touch(buffer_address(memory), offsets)
+        yield memory
     finally:
         memory.close()
 
 
-def _c_reference(start: Callable[..., object]) -> Callable[[str, int, array.array], list[int]]:
-    def run(path: str, size: int, offsets: array.array) -> list[int]:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+# --- read faults ------------------------------------------------------------------
+
+
+def kernel_anonymous(w: Workload, *, write: bool = False) -> list[int]:
+    with _anonymous(w.size) as memory:
+        return _touch(buffer_address(memory), w.offsets, write=write)
+
+
+def kernel_file_read(w: Workload) -> list[int]:
+    with _file_mapping(w.path, w.size, shared=False) as memory:
+        return _touch(buffer_address(memory), w.offsets)
+
+
+def _c_reference(start: Callable[..., object]) -> Callable[[Workload], list[int]]:
+    def run(w: Workload) -> list[int]:
+        fd = os.open(w.path, os.O_RDONLY | os.O_CLOEXEC)
         uffd = Uffd.create(Feature(0))
         try:
-            with _anonymous(size) as memory:
+            with _anonymous(w.size) as memory:
                 address = buffer_address(memory)
-                uffd.register(address, size, RegisterMode.MISSING)
+                uffd.register(address, w.size, RegisterMode.MISSING)
                 handler = start(uffd.fd, fd, address, 0)
                 if handler == ffi.NULL:
                     raise OSError(ffi.errno, "cannot start the C reference handler")
                 try:
-                    return _touch(address, offsets)
+                    return _touch(address, w.offsets)
                 finally:
                     lib.up_ref_stop(handler)
-                    uffd.unregister(address, size)
+                    uffd.unregister(address, w.size)
         finally:
             uffd.close()
             os.close(fd)
@@ -92,33 +131,122 @@ def _c_reference(start: Callable[..., object]) -> Callable[[str, int, array.arra
     return run
 
 
-def uffd_pager_row(pager: Pager) -> Callable[[str, int, array.array], list[int]]:
-    def run(path: str, size: int, offsets: array.array) -> list[int]:
-        with pager.map(f"file://{path}", size) as region:
-            return _touch(region.address, offsets)
+def _pager_map(w: Workload, tracking: str):
+    return w.pager.map(f"file://{w.path}", w.size, dirty_tracking=tracking, writeback_interval=0)
 
+
+def pager_read(w: Workload) -> list[int]:
+    with _pager_map(w, "async") as region:
+        return _touch(region.address, w.offsets)
+
+
+# --- writes -----------------------------------------------------------------------
+
+
+def pager_first_write(tracking: str) -> Callable[[Workload], list[int]]:
+    """A write to a page never touched: one MISSING fault, filled writable."""
+    def run(w: Workload) -> list[int]:
+        with _pager_map(w, tracking) as region:
+            latencies = _touch(region.address, w.offsets, write=True)
+            region.flush()
+            return latencies
     return run
 
 
-def summarize(name: str, latencies_ns: list[int]) -> Row:
+def pager_write_resident(tracking: str) -> Callable[[Workload], list[int]]:
+    """A first write to a page already read (resident, clean): the cost of
+    dirty tracking alone."""
+    def run(w: Workload) -> list[int]:
+        with _pager_map(w, tracking) as region:
+            _touch(region.address, w.offsets)
+            latencies = _touch(region.address, w.offsets, write=True)
+            region.flush()
+            return latencies
+    return run
+
+
+def kernel_shared_write_resident(w: Workload) -> list[int]:
+    with _file_mapping(w.path, w.size, shared=True) as memory:
+        address = buffer_address(memory)
+        _touch(address, w.offsets)
+        latencies = _touch(address, w.offsets, write=True)
+        memory.flush()
+        return latencies
+
+
+# --- write-back throughput: one sample per round, in ns per page ---------------------
+
+
+def _per_page(elapsed_ns: int, pages: int) -> list[int]:
+    return [elapsed_ns // max(pages, 1)]
+
+
+def kernel_msync(w: Workload) -> list[int]:
+    with _file_mapping(w.path, w.size, shared=True) as memory:
+        _touch(buffer_address(memory), w.offsets, write=True)
+        start = time.perf_counter_ns()
+        memory.flush()  # msync(MS_SYNC)
+        return _per_page(time.perf_counter_ns() - start, len(w.offsets))
+
+
+def pager_flush(tracking: str) -> Callable[[Workload], list[int]]:
+    def run(w: Workload) -> list[int]:
+        with _pager_map(w, tracking) as region:
+            _touch(region.address, w.offsets, write=True)
+            start = time.perf_counter_ns()
+            region.flush()
+            return _per_page(time.perf_counter_ns() - start, len(w.offsets))
+    return run
+
+
+FIRST_WRITE_FLOOR = "write: kernel anonymous first write"
+TRACKING_FLOOR = "write: kernel MAP_SHARED, resident clean page"
+WRITEBACK_FLOOR = "write-back: kernel msync(MS_SYNC)"
+
+CASES = [
+    Case("read: kernel anonymous first touch", READ_FLOOR, kernel_anonymous),
+    Case("read: kernel file mmap (MADV_RANDOM)", READ_FLOOR, kernel_file_read),
+    Case("read: C reference, same process", READ_FLOOR, _c_reference(lib.up_ref_start_thread)),
+    Case(READ_FLOOR, READ_FLOOR, _c_reference(lib.up_ref_start_process)),
+    Case(OURS, READ_FLOOR, pager_read),
+    Case(FIRST_WRITE_FLOOR, FIRST_WRITE_FLOOR, lambda w: kernel_anonymous(w, write=True)),
+    Case("write: uffd_pager fresh page, async", FIRST_WRITE_FLOOR, pager_first_write("async")),
+    Case("write: uffd_pager fresh page, sync", FIRST_WRITE_FLOOR, pager_first_write("sync")),
+    Case(TRACKING_FLOOR, TRACKING_FLOOR, kernel_shared_write_resident),
+    Case("write: uffd_pager resident clean, async", TRACKING_FLOOR, pager_write_resident("async")),
+    Case("write: uffd_pager resident clean, sync", TRACKING_FLOOR, pager_write_resident("sync")),
+    Case(WRITEBACK_FLOOR, WRITEBACK_FLOOR, kernel_msync, unit="MB/s"),
+    Case("write-back: uffd_pager flush, async", WRITEBACK_FLOOR, pager_flush("async"), unit="MB/s"),
+    Case("write-back: uffd_pager flush, sync", WRITEBACK_FLOOR, pager_flush("sync"), unit="MB/s"),
+]
+
+
+def summarize(case: Case, latencies_ns: list[int]) -> Row:
     ordered = sorted(latencies_ns)
     n = len(ordered)
-    total = sum(ordered)
+    mean_ns = sum(ordered) / n
+    rate = 1e9 / mean_ns if mean_ns else 0.0
+    if case.unit == "MB/s":
+        # One sample per round: the median round resists a noisy one.
+        rate = PAGE_SIZE / (ordered[n // 2] / 1e9) / 1e6
     return Row(
-        name=name,
+        name=case.name,
+        floor=case.floor,
         p50_us=ordered[n // 2] / 1000,
         p99_us=ordered[min(n - 1, (n * 99) // 100)] / 1000,
-        mean_us=total / n / 1000,
-        faults_per_s=n / (total / 1e9) if total else 0.0,
+        mean_us=mean_ns / 1000,
+        per_s=rate,
+        unit=case.unit,
         samples=n,
     )
 
 
-def _print_table(rows: list[Row], floor: Row) -> None:
-    print(f"{'row':<34} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'faults/s':>10} {'p50 / floor':>11}")
+def _print_table(rows: list[Row]) -> None:
+    print(f"{'row':<42} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'rate':>14} {'vs floor':>9}")
     for row in rows:
-        print(f"{row.name:<34} {row.p50_us:>8.2f} {row.p99_us:>8.2f} {row.mean_us:>8.2f} "
-              f"{row.faults_per_s:>10.0f} {row.p50_us / floor.p50_us:>10.2f}x")
+        floor_mark = "  (floor)" if row.name == row.floor else f"{row.ratio:>8.2f}x"
+        print(f"{row.name:<42} {row.p50_us:>8.2f} {row.p99_us:>8.2f} {row.mean_us:>8.2f} "
+              f"{row.per_s:>9.0f} {row.unit:<4} {floor_mark}")
 
 
 def run_bench(*, quick: bool = False, pages: int | None = None, directory: str | None = None,
@@ -126,43 +254,40 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
     pages = pages or (4096 if quick else 16384)
     rounds = 3 if quick else 5
     size = pages * PAGE_SIZE
+    samples: dict[str, list[int]] = {case.name: [] for case in CASES}
     with tempfile.TemporaryDirectory(dir=directory, prefix="uffd-pager-bench-") as tmp:
-        path = os.path.join(tmp, "data.bin")
-        with open(path, "wb") as f:
-            f.write(os.urandom(size))  # written just now: the page cache is hot
+        pristine = os.path.join(tmp, "pristine.bin")
+        with open(pristine, "wb") as f:
+            f.write(os.urandom(size))
         rng = random.Random(1)
         order = list(range(pages))
         with Pager() as pager:
-            runners: dict[str, Callable[[str, int, array.array], list[int]]] = {
-                "kernel anonymous first touch": kernel_anonymous,
-                "kernel file mmap (MADV_RANDOM)": kernel_file_mmap,
-                "C reference, same process": _c_reference(lib.up_ref_start_thread),
-                FLOOR: _c_reference(lib.up_ref_start_process),
-                "uffd_pager": uffd_pager_row(pager),
-            }
-            samples: dict[str, list[int]] = {name: [] for name in runners}
             for _ in range(rounds):
                 rng.shuffle(order)
                 offsets = array.array("Q", (p * PAGE_SIZE for p in order))
-                for name, runner in runners.items():
-                    samples[name].extend(runner(path, size, offsets))
-    rows = [summarize(name, lat) for name, lat in samples.items()]
+                for case in CASES:
+                    # Each row starts from the same bytes, hot in the page cache.
+                    path = os.path.join(tmp, "data.bin")
+                    shutil.copyfile(pristine, path)
+                    samples[case.name].extend(case.run(Workload(path, size, offsets, pager)))
+    rows = [summarize(case, samples[case.name]) for case in CASES]
     by_name = {row.name: row for row in rows}
-    floor = by_name[FLOOR]
-    ratio = by_name["uffd_pager"].p50_us / floor.p50_us
-    print(f"uffd-pager bench: {pages} random 4 KiB read faults x {rounds} rounds, "
-          f"{platform.release()}, {os.cpu_count()} cpus")
-    _print_table(rows, floor)
-    print(f"\nuffd_pager / {FLOOR}: p50 {ratio:.2f}x "
-          f"(mean {by_name['uffd_pager'].mean_us / floor.mean_us:.2f}x)")
+    for row in rows:
+        floor = by_name[row.floor]
+        # Latency: lower is better, ratio = ours / floor. Throughput rows keep
+        # the same sense (time per page), so 1.0x or less is at least as fast.
+        row.ratio = row.p50_us / floor.p50_us if floor.p50_us else 0.0
+    print(f"uffd-pager bench: {pages} random 4 KiB pages x {rounds} rounds, "
+          f"Linux {platform.release()}, {os.cpu_count()} cpus")
+    _print_table(rows)
+    print(f"\n{OURS} / {READ_FLOOR}: p50 {by_name[OURS].ratio:.2f}x")
+    for tracking in ("async", "sync"):
+        ours = by_name[f"write-back: uffd_pager flush, {tracking}"]
+        floor = by_name[WRITEBACK_FLOOR]
+        print(f"write-back {tracking}: {ours.per_s:.0f} MB/s vs msync {floor.per_s:.0f} MB/s "
+              f"= {ours.per_s / floor.per_s:.2f}x the kernel's throughput")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({
-                "kernel": platform.release(),
-                "pages": pages,
-                "rounds": rounds,
-                "rows": [asdict(row) for row in rows],
-                "ratio_p50_vs_floor": ratio,
-                "floor": FLOOR,
-            }, f, indent=2)
+            json.dump({"kernel": platform.release(), "pages": pages, "rounds": rounds,
+                       "rows": [asdict(row) for row in rows]}, f, indent=2)
     return 0

