@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from uffd_pager import protocol
-from uffd_pager.uffd import Uffd, protect
+from uffd_pager.uffd import Uffd, buffer_address, protect
 
 if TYPE_CHECKING:
     from uffd_pager.client import Pager
@@ -26,10 +26,19 @@ class Region:
         self._id = region_id
         self._memory: mmap.mmap | None = memory
         self._uffd: Uffd | None = uffd
-        self.address = address
-        self.size = size
+        self._address = address
+        self._size = size
         self.store = store
         self.offset = offset
+
+    @property
+    def address(self) -> int:
+        """Where the region is mapped now (an mremap by the program moves it)."""
+        return buffer_address(self._memory) if self._memory is not None else self._address
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def closed(self) -> bool:

@@ -60,8 +60,10 @@ from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
 log = logging.getLogger("uffd_pager.pager")
 
 # Faults that lost their target (the process exited, or the page's mapping
-# changed or went away): wake the range so any thread still waiting refaults.
-_STALE_FAULT = (-errno.ESRCH, -errno.ENOENT, -errno.EFAULT)
+# changed under the copy): wake the range so any thread still waiting
+# refaults. A fault outside the region (EFAULT: it was grown or partly moved
+# with mremap) has no backing page and is failed like an unreadable one.
+_STALE_FAULT = (-errno.ESRCH, -errno.ENOENT)
 
 
 @dataclass(eq=False)
@@ -433,8 +435,9 @@ class PagerService:
                 log.warning("region %d: periodic write-back failed (will retry): %s", region.id, exc)
 
     def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
-        """The page's data could not be produced. It is never handed out as
-        zeros: poison it, so the access raises SIGBUS in the client."""
+        """The page's data could not be produced (the store failed, or the
+        address is outside the region). It is never handed out as zeros:
+        poison it, so the access raises SIGBUS in the client."""
         region.errors += 1
         log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
                   region.id, fault.page, region.owner_pid, os.strerror(-rc))
