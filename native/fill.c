@@ -26,16 +26,6 @@ static inline uint64_t page_index(const struct up_fill *f, uint64_t addr)
     return (addr - f->base) / UP_PAGE_SIZE;
 }
 
-static inline int bit_test(const uint8_t *bm, uint64_t i)
-{
-    return (bm[i >> 3] >> (i & 7)) & 1;
-}
-
-static inline void bit_set(uint8_t *bm, uint64_t i)
-{
-    bm[i >> 3] |= (uint8_t)(1u << (i & 7));
-}
-
 static int all_zero(const uint8_t *p, size_t n)
 {
     const uint64_t *w = (const uint64_t *)p;
@@ -43,11 +33,6 @@ static int all_zero(const uint8_t *p, size_t n)
         if (w[i])
             return 0;
     return 1;
-}
-
-static inline void bit_clear(uint8_t *bm, uint64_t i)
-{
-    bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
 static void mark_dirty(struct up_fill *f, uint64_t idx)
@@ -64,10 +49,10 @@ static void mark_dirty(struct up_fill *f, uint64_t idx)
 static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
 {
     static __thread uint8_t buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
-    ssize_t n = 0;
-    if (f->src_fd < 0)
+    const struct up_portion *src = up_portion_source(f->portion, idx);
+    if (src->fd < 0)
         return -EOPNOTSUPP;
-    n = pread(f->src_fd, buf, UP_PAGE_SIZE, (off_t)(f->src_offset + idx * UP_PAGE_SIZE));
+    ssize_t n = pread(src->fd, buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
     if (n < 0)
         return -errno;
     int zero = n == 0 || all_zero(buf, (size_t)n);
@@ -200,6 +185,10 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
                 defer(deferred, n_deferred, m, 0);
                 continue;
             }
+            if (f->defer_missing && !(flags & UFFD_PAGEFAULT_FLAG_WP)) {
+                defer(deferred, n_deferred, m, 0);
+                continue;
+            }
             int rc = up_fill_fault(uffd, f, m->arg.pagefault.address, flags);
             if (rc == 0)
                 served++;
@@ -209,6 +198,13 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
         if (event_seen)
             return served;
     }
+}
+
+void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages)
+{
+    for (uint64_t i = 0; i < (npages + 7) / 8; i++)
+        if (src[i])
+            dst[i] |= src[i];
 }
 
 uint8_t *up_bitmap_alloc(uint64_t npages)

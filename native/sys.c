@@ -26,3 +26,8 @@ int up_start_writeback(int fd, uint64_t offset, uint64_t len)
 {
     return sync_file_range(fd, (off_t)offset, (off_t)len, SYNC_FILE_RANGE_WRITE);
 }
+
+int up_punch_hole(int fd, uint64_t offset, uint64_t len)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+}

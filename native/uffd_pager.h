@@ -50,13 +50,25 @@ enum up_tracking {
     UP_TRACK_ASYNC_WP = 2,  /* UFFD_FEATURE_WP_ASYNC: writes cost no fault; PAGEMAP_SCAN lists them */
 };
 
-/* One registered range of one uffd, filled by C straight from a file
- * descriptor (src_fd >= 0) or left to Python (src_fd < 0). */
+/* A portion of a backing file: where one process's pages of a region live.
+ * A forked child's portion holds only the pages materialized in it; the
+ * others are still its parent's (as of the fork) and are read through
+ * parent. A root portion (parent NULL) holds every page of the region. */
+struct up_portion {
+    int fd;                     /* -1: not allocated yet (a child's, chosen lazily) */
+    uint64_t offset;            /* byte offset of the region's page 0 in fd */
+    uint8_t *materialized;      /* children only: one bit per page held here */
+    struct up_portion *parent;
+};
+
+/* One registered range of one uffd. Missing pages are filled by C from the
+ * portion chain (pread from a file descriptor); with defer_missing set, or
+ * when the chain ends in no descriptor, they are handed to Python. */
 struct up_fill {
     uint64_t base;
     uint64_t len;
-    int src_fd;
-    uint64_t src_offset;
+    struct up_portion *portion;
+    int defer_missing;          /* policy work before each fill (fork: on-access) */
     int tracking;               /* enum up_tracking */
     uint8_t *resident;          /* one bit per page; see up_bitmap_alloc */
     uint8_t *dirty;             /* UP_TRACK_SYNC_WP only: one bit per page */
@@ -91,7 +103,22 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
 /* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
 void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
+/* Sets the dirty bits of every page that is set in src (a parent's at fork). */
+void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages);
 int up_fill_is_resident(struct up_fill *fill, uint64_t addr);
+
+/* --- portions (portion.c) ----------------------------------------------- */
+
+/* Copies pages [first, first+npages) that are not yet materialized in p
+ * from where p's parent chain holds them, and marks them materialized.
+ * p must be allocated. Pages the source does not have read as zero and are
+ * written as zeros (a reused portion may hold stale bytes). Returns 0 or -1
+ * with errno; *copied counts the pages copied. */
+int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied);
+/* Marks pages materialized (after this portion's own write-back). */
+void up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages);
+/* Pages of [0, npages) not materialized in p. */
+uint64_t up_portion_missing(const struct up_portion *p, uint64_t npages);
 
 /* --- dirty pages and write-back (writeback.c) --------------------------- */
 
@@ -120,6 +147,8 @@ int up_mprotect(uint64_t addr, uint64_t len, int prot);
 int up_pidfd_getfd(int pidfd, int targetfd);
 /* sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now. */
 int up_start_writeback(int fd, uint64_t offset, uint64_t len);
+/* fallocate(PUNCH_HOLE|KEEP_SIZE): the range reads as zero and frees its blocks. */
+int up_punch_hole(int fd, uint64_t offset, uint64_t len);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
 

@@ -23,11 +23,6 @@
 
 #define IOV_BATCH 1024 /* UIO_MAXIOV */
 
-static inline int bit_test(const uint8_t *bm, uint64_t i)
-{
-    return (bm[i >> 3] >> (i & 7)) & 1;
-}
-
 int up_collect_dirty(int uffd, struct up_fill *f, struct up_run *runs, int max_runs, uint64_t *cursor)
 {
     uint64_t npages = f->len / UP_PAGE_SIZE;
@@ -56,9 +51,9 @@ int up_collect_dirty(int uffd, struct up_fill *f, struct up_run *runs, int max_r
             break;
         }
         for (uint64_t j = first; j < i; j++)
-            f->dirty[j >> 3] &= (uint8_t)~(1u << (j & 7));
+            bit_clear(f->dirty, j);
         f->dirty_pages -= i - first;
-        runs[n++] = (struct up_run){.addr = addr, .store_offset = f->src_offset + first * UP_PAGE_SIZE, .len = len};
+        runs[n++] = (struct up_run){.addr = addr, .store_offset = f->portion->offset + first * UP_PAGE_SIZE, .len = len};
     }
     *cursor = i;
     return n;
@@ -90,7 +85,7 @@ int up_scan_written(int pagemap_fd, struct up_fill *f, int protect, struct up_ru
         for (int k = 0; k < got; k++)
             runs[n++] = (struct up_run){
                 .addr = vec[k].start,
-                .store_offset = f->src_offset + (vec[k].start - f->base),
+                .store_offset = f->portion->offset + (vec[k].start - f->base),
                 .len = vec[k].end - vec[k].start,
             };
         start = arg.walk_end;

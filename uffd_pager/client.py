@@ -23,9 +23,15 @@ import weakref
 from typing import Any
 
 from uffd_pager import protocol
-from uffd_pager.layout import DEFAULT_WRITEBACK_INTERVAL, check_geometry, parse_tracking, parse_writeback_interval
+from uffd_pager.layout import (
+    DEFAULT_WRITEBACK_INTERVAL,
+    check_geometry,
+    parse_fork_policy,
+    parse_tracking,
+    parse_writeback_interval,
+)
 from uffd_pager.region import Region
-from uffd_pager.uffd import Feature, RegisterMode, Tracking, Uffd, buffer_address
+from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
 # munmap of the region, report the faulting thread, and write-protect pages
@@ -158,33 +164,39 @@ class Pager:
         return self._conn.pager_pid
 
     def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str = "async",
-            writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL) -> Region:
+            writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL, fork_policy: str = "on-write",
+            children: str | None = None, keep_child_portions: bool = False) -> Region:
         """Maps `size` bytes whose pages live in `store` (a URL such as
-        ``file:///abs/path``) from byte `offset` on. Pages are filled on first
-        touch; holes and bytes past the end of a file read as zero. Writes go
-        back to the store on `Region.flush()`, on `close()`, and every
-        `writeback_interval` seconds (0 or None: no timer). `dirty_tracking`
-        is "async" (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN, the default) or
-        "sync" (a write-protect fault on each page's first write)."""
+        ``file:///abs/path``) from byte `offset` on; see the README for every
+        option. Pages are filled on first touch; holes and bytes past the end
+        of a file read as zero. Writes go back on `Region.flush()`, on
+        `close()` and every `writeback_interval` seconds. After fork() a
+        child's writes go to its own portion (in `children`, or the same
+        store), copied from the parent's per `fork_policy`."""
         check_geometry(size, offset)
-        if not isinstance(store, str):
-            raise TypeError(f"store must be a URL string, not {type(store).__name__}")
+        for name, url in (("store", store), ("children", children)):
+            if url is not None and not isinstance(url, str):
+                raise TypeError(f"{name} must be a URL string, not {type(url).__name__}")
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
+        parse_fork_policy(fork_policy)
         uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
+        mapped = size + PAGE_SIZE  # and the tag page (see Region)
         try:
-            memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+            memory = mmap.mmap(-1, mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             uffd.close()
             raise
         address = buffer_address(memory)
         try:
-            uffd.register(address, size, REGION_REGISTER_MODE)
+            uffd.register(address, mapped, REGION_REGISTER_MODE)
             reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address,
-                                       tracking=dirty_tracking, writeback_interval=interval)
+                                       tracking=dirty_tracking, writeback_interval=interval,
+                                       fork_policy=fork_policy, children=children,
+                                       keep_child_portions=bool(keep_child_portions))
         except BaseException:
-            _unregister_quietly(uffd, address, size)
+            _unregister_quietly(uffd, address, mapped)
             uffd.close()
             memory.close()
             raise
@@ -261,11 +273,10 @@ def _close_at_exit() -> None:
     # A process that exits without closing its regions still gets its writes
     # written back: closing flushes.
     for pager in list(_live_pagers):
-        if pager._owner_pid == os.getpid():
-            try:
-                pager.close()
-            except (OSError, protocol.ProtocolError):
-                pass
+        try:
+            pager.close()  # in a forked child, this closes the child's use only
+        except (OSError, KeyError, protocol.ProtocolError):
+            pass
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

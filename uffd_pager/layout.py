@@ -1,11 +1,19 @@
 """Where each page of a region lives in its backing store.
 
 A region of `size` bytes over a store at `offset` is its first portion:
-page i lives at offset + i * PAGE_SIZE.
+page i lives at offset + i * PAGE_SIZE. After fork() a child gets a second
+portion, placed lazily, in the same store past every portion in use or in
+the store named by `children=`; until a page is materialized there the
+child reads it through its parent's portion (see native/portion.c).
 """
 from __future__ import annotations
 
-from uffd_pager.uffd import PAGE_SIZE, Tracking
+from typing import TYPE_CHECKING
+
+from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
+
+if TYPE_CHECKING:
+    from uffd_pager.stores import Store
 
 # map(dirty_tracking=...) names -> the kernel mechanism behind them.
 TRACKING_MODES = {"async": Tracking.ASYNC_WP, "sync": Tracking.SYNC_WP}
@@ -42,3 +50,104 @@ def parse_writeback_interval(seconds: object) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
         raise ValueError(f"writeback_interval must be a number of seconds >= 0 (0: off), not {seconds!r}")
     return float(seconds)
+
+
+# map(fork_policy=...): when a forked child's portion gets a copy of the
+# data it inherits (claims 2-4).
+FORK_POLICIES = ("on-write", "at-fork", "on-access")
+
+
+def parse_fork_policy(name: object) -> str:
+    if name not in FORK_POLICIES:
+        raise ValueError(f"fork_policy must be one of {', '.join(FORK_POLICIES)}, not {name!r}")
+    return name  # type: ignore[return-value]
+
+
+class PortionAllocator:
+    """Places children's portions in one backing store: in a slot freed by
+    an exited child, else past the end of the store and of every portion in
+    use (never over bytes that are already there)."""
+
+    def __init__(self, store: "Store") -> None:
+        self.store = store
+        self.in_use: dict[int, int] = {}  # offset -> length
+        self._free: list[tuple[int, int]] = []
+        # Portions kept after their child exited (keep_child_portions=True)
+        # stay out of reach of later allocations.
+        self._kept: list[tuple[int, int]] = []
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Records a portion placed by its owner (a root region)."""
+        self.in_use[offset] = max(length, self.in_use.get(offset, 0))
+
+    def allocate(self, length: int) -> int:
+        for i, (offset, size) in enumerate(self._free):
+            if size == length:
+                del self._free[i]
+                self.store.discard(offset, length)  # it may hold an exited child's bytes
+                self.in_use[offset] = length
+                return offset
+        end = max([self.store.end(), *(o + n for o, n in self.in_use.items()),
+                   *(o + n for o, n in self._free), *(o + n for o, n in self._kept)])
+        offset = -(-end // PAGE_SIZE) * PAGE_SIZE
+        self.in_use[offset] = length
+        return offset
+
+    def release(self, offset: int, *, reuse: bool) -> None:
+        length = self.in_use.pop(offset, None)
+        if length is None:
+            return
+        if reuse:
+            self._free.append((offset, length))
+        else:
+            self._kept.append((offset, length))
+
+
+class Portion:
+    """One process's portion of a region: the store and offset that hold
+    its pages, the portion it inherits unmaterialized pages from, and the
+    children that inherit from it."""
+
+    def __init__(self, store: "Store", allocator: PortionAllocator, size: int,
+                 parent: "Portion | None" = None) -> None:
+        self.store = store
+        self.allocator = allocator
+        self.size = size
+        self.parent = parent
+        self.children: list[Portion] = []
+        self.state = PortionState(size // PAGE_SIZE, parent.state if parent else None)
+        self.in_use_by_region = True
+        self.copied_in = 0  # pages copied into this portion from its ancestors
+        if parent is not None:
+            parent.children.append(self)
+
+    @property
+    def placed(self) -> bool:
+        return self.state.placed
+
+    @property
+    def offset(self) -> int | None:
+        return self.state.offset if self.state.placed else None
+
+    def place_at(self, offset: int) -> None:
+        self.state.place(self.store.fill_fd, offset)
+
+    def place(self) -> None:
+        """Chooses this (child's) portion's offset, once (claim 7: lazily)."""
+        if not self.state.placed:
+            self.place_at(self.allocator.allocate(self.size))
+
+    def inheriting_children(self) -> list["Portion"]:
+        return [c for c in self.children if c.state.missing()]
+
+    def copy_in(self, first: int, npages: int) -> int:
+        """Materializes pages here from the parent chain (placing the portion first)."""
+        self.place()
+        copied = self.state.copy_in(first, npages)
+        self.copied_in += copied
+        return copied
+
+    def complete(self) -> int:
+        """Copies every page still inherited, so this portion alone holds the
+        process's view (a fresh map() of it reproduces the view)."""
+        return self.copy_in(0, self.size // PAGE_SIZE) if self.parent is not None else 0

@@ -1,23 +1,38 @@
 """`Region`: a mapped range of this process whose pages live in a store."""
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from uffd_pager import protocol
-from uffd_pager.uffd import Uffd, buffer_address, protect
+from uffd_pager.uffd import PAGE_SIZE, Uffd, protect
 
 if TYPE_CHECKING:
     from uffd_pager.client import Pager
 
 
+@dataclass(frozen=True)
+class Backing:
+    """Where this process's portion of a region lives."""
+
+    url: str
+    offset: int
+
+
 class Region:
     """Memory at `address` of `size` bytes, paged from `store` at `offset`.
 
-    Made by `Pager.map`. A context manager; `close()` unregisters and unmaps.
-    A Region inherited by a forked child serves the child too; closing it in
-    the child ends the child's use only.
+    Made by `Pager.map`. A context manager; `close()` writes back, unregisters
+    and unmaps. A Region inherited by a forked child serves the child too:
+    there `flush()`, `close()`, `stats()` and `backing()` act on the child's
+    own portion, and closing it ends the child's use only.
+
+    The mapping is one page longer than `size`: the tag page past the end,
+    which a forked child reads once so that the pager learns its pid.
     """
 
     def __init__(self, pager: "Pager", region_id: int, memory: mmap.mmap, address: int, size: int,
@@ -26,19 +41,12 @@ class Region:
         self._id = region_id
         self._memory: mmap.mmap | None = memory
         self._uffd: Uffd | None = uffd
-        self._address = address
-        self._size = size
+        self._owner_pid = os.getpid()  # the process whose pager state _id names
+        self._lock = threading.Lock()
+        self.address = address
+        self.size = size
         self.store = store
         self.offset = offset
-
-    @property
-    def address(self) -> int:
-        """Where the region is mapped now (an mremap by the program moves it)."""
-        return buffer_address(self._memory) if self._memory is not None else self._address
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     @property
     def closed(self) -> bool:
@@ -48,24 +56,27 @@ class Region:
         """A writable memoryview of the whole region (numpy.frombuffer works on it)."""
         if self._memory is None:
             raise ValueError("the region is closed")
-        return memoryview(self._memory)
+        return memoryview(self._memory)[: self.size]
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this region as the pager keeps them: faults, copies,
-        zero fills, duplicate faults, write faults, resident pages, events,
-        errors and poisoned pages."""
-        if self._memory is None:
-            raise ValueError("the region is closed")
-        return self._pager._request("stats", region=self._id)["stats"]
+        """Counters of this process's region as the pager keeps them (see README)."""
+        return self._request("stats")["stats"]
+
+    def backing(self) -> Backing | None:
+        """Where this process's portion lives: the store URL and the byte
+        offset of the region's first page. None in a forked child whose
+        portion is not placed yet (it is, at its first access or flush)."""
+        reply = self._request("backing")
+        return None if reply["offset"] is None else Backing(reply["url"], reply["offset"])
 
     def flush(self) -> dict[str, int]:
         """Returns once every page dirtied before the call is in the store and
         synced (msync(MS_SYNC) semantics): {"pages": n, "bytes": n} written.
         If the store refuses (ENOSPC, EIO, read-only), raises with the cause;
-        the pages stay dirty and the next flush() retries them."""
-        if self._memory is None:
-            raise ValueError("the region is closed")
-        reply = self._pager._request("flush", region=self._id)
+        the pages stay dirty and the next flush() retries them. In a forked
+        child it also completes the child's portion with the pages it still
+        inherits, so the portion alone holds the child's view."""
+        reply = self._request("flush")
         return {"pages": reply["pages"], "bytes": reply["bytes"]}
 
     def close(self) -> None:
@@ -79,31 +90,51 @@ class Region:
         """
         if self._memory is None:
             return
-        if self._uffd is not None:
-            try:
-                self._pager._request("unmap", region=self._id)  # flushes first; raises if that fails
-            except (protocol.PagerGone, KeyError):
-                pass  # nothing left to write back or release on the pager's side
+        try:
+            self._request("unmap")  # flushes first; raises if that fails
+        except (protocol.PagerGone, KeyError):
+            pass  # nothing left to write back or release on the pager's side
         memory, self._memory = self._memory, None
         uffd, self._uffd = self._uffd, None
         if uffd is not None:
             try:
-                uffd.unregister(self.address, self.size)
+                uffd.unregister(self.address, self.size + PAGE_SIZE)
             except OSError:
                 pass  # the range is gone already (munmap by the program)
             uffd.close()
-        # In a forked child, munmap alone releases it: the pager reads the
-        # UNMAP event on the child's uffd and drops the child's state.
+        # In a forked child, munmap alone ends it: the pager has released the
+        # child's state already, or reads the UNMAP event on the child's uffd.
         try:
             memory.close()
         except BufferError:
-            protect(self.address, self.size, mmap.PROT_NONE)
+            protect(self.address, self.size + PAGE_SIZE, mmap.PROT_NONE)
             memory.madvise(mmap.MADV_DONTNEED)
+
+    def _request(self, op: str) -> dict[str, Any]:
+        if self._memory is None:
+            raise ValueError("the region is closed")
+        with self._lock:
+            if self._owner_pid != os.getpid():
+                self._adopt()
+        return self._pager._request(op, region=self._id)
+
+    def _adopt(self) -> None:
+        """First call in a forked child: make the pager see this process's
+        pid on the child's uffd (a read of the tag page is a fault there,
+        which carries our thread id), then claim the child's region."""
+        assert self._memory is not None
+        ctypes.string_at(self.address + self.size, 1)
+        # Missing again, so that our own forked children fault on it too.
+        self._memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
+        reply = self._pager._request("adopt", region=self._id)
+        self._id = reply["region"]
+        self._owner_pid = os.getpid()
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the parent's uffd must not act on the parent's
         memory from here, and the child's pages are served through the uffd
         the kernel made for the child, which only the pager holds."""
+        self._lock = threading.Lock()
         if self._uffd is not None:
             os.close(self._uffd.fd)
             self._uffd.fd = -1

@@ -20,10 +20,15 @@ events never wait behind a slow fetch. The descriptors are level-triggered in
 the event loop, so anything still unread brings us back.
 
 A FORK event carries the child's new uffd, already installed in *our* fd
-table when we read it, but no pid: the child is known from its first fault's
-thread id (UFFD_FEATURE_THREAD_ID). There is no exit event: after a client
-exits, ioctls on its uffd fail with ESRCH, so owners are watched with a pidfd
-(readable when the process exits) and control connections with EOF.
+table when we read it, but no pid; the forking parent is blocked until we
+read it. Every fault on that uffd comes from the child, so its first fault's
+thread id (UFFD_FEATURE_THREAD_ID) names it; a child's library makes sure
+there is one by reading the region's tag page (the page past the region,
+which the root process never touches) before it first talks to the pager.
+There is no exit event: after a process exits, ioctls on its uffd fail with
+ESRCH, so owners are watched with a pidfd (readable when the process exits),
+control connections with EOF, and children not yet known by a periodic
+probe of their uffd.
 
 The hot path (read a batch, pread, UFFDIO_COPY) runs in C (`FillRange.serve`);
 this module handles what C hands back.
@@ -40,8 +45,16 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from uffd_pager import protocol
-from uffd_pager.layout import check_geometry, parse_tracking, parse_writeback_interval, tracking_name
-from uffd_pager.stores import Store, open_store
+from uffd_pager.layout import (
+    Portion,
+    PortionAllocator,
+    check_geometry,
+    parse_fork_policy,
+    parse_tracking,
+    parse_writeback_interval,
+)
+from uffd_pager.served import OpenStore, ServedRegion
+from uffd_pager.stores import open_store
 from uffd_pager.uffd import (
     PAGE_SIZE,
     Deferred,
@@ -65,51 +78,8 @@ log = logging.getLogger("uffd_pager.pager")
 # with mremap) has no backing page and is failed like an unreadable one.
 _STALE_FAULT = (-errno.ESRCH, -errno.ENOENT)
 
-
-@dataclass(eq=False)
-class ServedRegion:
-    """One registered range of one client address space."""
-
-    id: int
-    uffd: Uffd
-    fill: FillRange
-    store: Store
-    owner_pid: int
-    parent: "ServedRegion | None" = None
-    connection: "Connection | None" = None
-    pidfd: int = -1
-    pagemap_fd: int = -1  # /proc/<owner>/pagemap, for PAGEMAP_SCAN (asynchronous tracking)
-    pending: list[PageFault] = field(default_factory=list)
-    events: dict[str, int] = field(default_factory=lambda: {"fork": 0, "remap": 0, "remove": 0, "unmap": 0})
-    errors: int = 0
-    poisoned: int = 0
-    # Pages whose write-back failed: the kernel no longer reports them dirty,
-    # so they are kept here and written by the next flush.
-    retry_pages: set[int] = field(default_factory=set)
-    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    timer: "asyncio.Task[None] | None" = None
-    writeback: dict[str, int] = field(default_factory=lambda: {
-        "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
-    last_error: str = ""
-
-    def stats(self) -> dict[str, Any]:
-        counters = self.fill.counters()
-        if self.fill.tracking == Tracking.ASYNC_WP and self.pagemap_fd >= 0:
-            try:
-                counters["dirty_pages"] = sum(r.length for r in self.fill.scan_written(self.pagemap_fd, protect=False)) // PAGE_SIZE
-            except OSError:
-                pass  # the owner exited
-        counters["dirty_pages"] += len(self.retry_pages)
-        return {
-            **counters,
-            **self.writeback,
-            "tracking": tracking_name(self.fill.tracking),
-            "events": dict(self.events),
-            "errors": self.errors,
-            "poisoned": self.poisoned,
-            "pending": len(self.pending),
-            "last_error": self.last_error,
-        }
+# How often forked children not yet known by pid are probed for exit.
+_CHILD_PROBE_INTERVAL = 1.0
 
 
 @dataclass(eq=False)
@@ -135,15 +105,19 @@ class PagerService:
         self._loop = asyncio.get_running_loop()
         self._connections: set[Connection] = set()
         self._regions: dict[int, ServedRegion] = {}
+        self._stores: dict[tuple[object, ...], OpenStore] = {}
         self._next_region_id = 1
         self._done = self._loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._child_probe: asyncio.TimerHandle | None = None
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[dict[str, Any]]]] = {
             "hello": self._op_hello,
             "map": self._op_map,
             "unmap": self._op_unmap,
             "flush": self._op_flush,
             "stats": self._op_stats,
+            "backing": self._op_backing,
+            "adopt": self._op_adopt,
             "status": self._op_status,
         }
 
@@ -214,7 +188,7 @@ class PagerService:
                 except Exception as exc:  # every failure goes back to the client
                     for fd in fds:
                         os.close(fd)
-                    if not isinstance(exc, (OSError, ValueError, protocol.ProtocolError)):
+                    if not isinstance(exc, (OSError, ValueError, KeyError, protocol.ProtocolError)):
                         log.exception("request %r failed", request.get("op"))
                     reply = protocol.error_reply(exc)
                 try:
@@ -257,19 +231,31 @@ class PagerService:
             raise ValueError(f"address {address:#x} is not page aligned")
         tracking = parse_tracking(request.get("tracking", "async"))
         interval = parse_writeback_interval(request.get("writeback_interval"))
-        store = open_store(request.get("url"))  # type: ignore[arg-type]
+        policy = parse_fork_policy(request.get("fork_policy", "on-write"))
+        keep = bool(request.get("keep_child_portions", False))
+        children_url = request.get("children")
+        opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
+            store = self._open_store(request.get("url"))
+            opened.append(store)
+            child_store = store if children_url is None else self._open_store(children_url)
+            if children_url is not None:
+                opened.append(child_store)
             if tracking == Tracking.ASYNC_WP:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            uffd = Uffd(fds[0])
-            fill = FillRange(address, size, store.fill_fd, offset, tracking)
+            portion = Portion(store.store, store.allocator, size)
+            portion.place_at(offset)
+            store.allocator.reserve(offset, size)
+            fill = FillRange(address, size, portion.state, tracking)
         except BaseException:
-            store.close()
+            for each in opened:
+                self._release_store(each)
             if pagemap_fd >= 0:
                 os.close(pagemap_fd)
             raise
-        region = self._add_region(uffd, fill, store, owner_pid=conn.pid)
+        region = self._add_region(Uffd(fds[0]), fill, portion, owner_pid=conn.pid, fork_policy=policy,
+                                  child_store=child_store, keep_child_portions=keep)
         region.pagemap_fd = pagemap_fd
         region.connection = conn
         conn.regions[region.id] = region
@@ -291,12 +277,31 @@ class PagerService:
     async def _op_stats(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"ok": True, "stats": self._own_region(conn, request).stats()}
 
+    async def _op_backing(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        region = self._own_region(conn, request)
+        return {"ok": True, "url": region.portion.store.url, "offset": region.portion.offset}
+
+    async def _op_adopt(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """A forked child claims its copy of a region its parent held (by
+        that region's id). Its tag-page fault has told us its pid already."""
+        ancestor_id = _require_int(request, "region")
+        for region in self._regions.values():
+            if region.owner_pid == conn.pid and region.parent is not None and self._descends(region, ancestor_id):
+                if region.connection is not None and region.connection is not conn:
+                    region.connection.regions.pop(region.id, None)
+                region.connection = conn
+                conn.regions[region.id] = region
+                return {"ok": True, "region": region.id}
+        raise KeyError(f"pid {conn.pid} holds no forked copy of region {ancestor_id}")
+
     async def _op_status(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {
             "ok": True,
             "pid": os.getpid(),
             "connections": len(self._connections),
             "regions": len(self._regions),
+            "portions": sum(len(s.allocator.in_use) for s in self._stores.values()),
+            "stores": len(self._stores),
             "open_fds": len(os.listdir("/proc/self/fd")),
             "tasks": len(asyncio.all_tasks(self._loop)),
             "rss_kib": _rss_kib(),
@@ -308,12 +313,49 @@ class PagerService:
             raise KeyError(f"no region {request.get('region')} on this connection")
         return region
 
+    @staticmethod
+    def _descends(region: ServedRegion, ancestor_id: int) -> bool:
+        node = region.parent
+        while node is not None:
+            if node.id == ancestor_id:
+                return True
+            node = node.parent
+        return False
+
+    # --- stores -------------------------------------------------------------------
+
+    def _open_store(self, url: object) -> OpenStore:
+        store = open_store(url)  # type: ignore[arg-type]
+        try:
+            key = store.identity
+        except BaseException:
+            store.close()
+            raise
+        shared = self._stores.get(key)
+        if shared is None:
+            shared = self._stores[key] = OpenStore(store, PortionAllocator(store))
+        else:
+            store.close()  # one descriptor per file is enough
+        shared.users += 1
+        return shared
+
+    def _release_store(self, shared: OpenStore) -> None:
+        shared.users -= 1
+        if shared.users == 0:
+            self._stores.pop(shared.store.identity, None)
+            shared.store.close()
+
+    def _store_of(self, portion: Portion) -> OpenStore:
+        return self._stores[portion.store.identity]
+
     # --- regions and faults ---------------------------------------------------
 
-    def _add_region(self, uffd: Uffd, fill: FillRange, store: Store, owner_pid: int,
+    def _add_region(self, uffd: Uffd, fill: FillRange, portion: Portion, *, owner_pid: int, fork_policy: str,
+                    child_store: OpenStore, keep_child_portions: bool,
                     parent: ServedRegion | None = None) -> ServedRegion:
-        region = ServedRegion(id=self._next_region_id, uffd=uffd, fill=fill, store=store,
-                              owner_pid=owner_pid, parent=parent)
+        region = ServedRegion(id=self._next_region_id, uffd=uffd, fill=fill, portion=portion,
+                              owner_pid=owner_pid, fork_policy=fork_policy, child_store=child_store,
+                              keep_child_portions=keep_child_portions, parent=parent)
         self._next_region_id += 1
         self._regions[region.id] = region
         os.set_blocking(uffd.fd, False)
@@ -335,10 +377,26 @@ class PagerService:
             region.connection.regions.pop(region.id, None)
         region.uffd.close()
         region.fill.close()
-        # A forked child's region shares its parent's store object.
-        if region.parent is None and not any(r.store is region.store for r in self._regions.values()):
-            region.store.close()
+        region.portion.in_use_by_region = False
+        self._free_portions(region.portion, keep=region.parent is not None and region.keep_child_portions)
+        if region.parent is None and region.child_store.store is not region.portion.store:
+            self._release_store(region.child_store)  # the use map(children=...) took
+        self._sync_defer_missing()
         self._stop_if_idle()
+
+    def _free_portions(self, portion: Portion | None, *, keep: bool) -> None:
+        """Frees a portion no region uses and no child inherits from, then
+        its parent if that was the parent's last reason to stay."""
+        while portion is not None and not portion.in_use_by_region and not portion.children:
+            parent = portion.parent
+            if portion.placed:
+                # A root portion is the user's data: never handed out again.
+                portion.allocator.release(portion.offset, reuse=parent is not None and not keep)
+            if parent is not None:
+                parent.children.remove(portion)
+            self._release_store(self._store_of(portion))  # each portion holds one use of its store
+            portion.state.close()
+            portion, keep = parent, False
 
     def _on_faults(self, region: ServedRegion) -> None:
         try:
@@ -349,10 +407,15 @@ class PagerService:
             return
         for item in deferred:
             self._take(region, item)
+            if region.id not in self._regions:
+                return
         if region.pending:
             self._retry_pending(region)
-        if region.parent is not None and region.pidfd < 0 and region.id in self._regions:
-            self._watch_child(region)
+        if region.parent is not None and region.id in self._regions:
+            if region.pidfd < 0:
+                self._learn_child_pid(region)
+            if not region.portion.placed and region.fill.counters()["faults"] > region.tag_faults:
+                region.portion.place()  # claim 7: the child's offset is chosen at its first access
 
     def _take(self, region: ServedRegion, item: Deferred) -> None:
         event = item.event
@@ -376,7 +439,12 @@ class PagerService:
     def _retry_pending(self, region: ServedRegion) -> None:
         still: list[PageFault] = []
         for fault in region.pending:
-            rc = region.fill.fill_fault(region.uffd, fault)
+            if fault.page == region.tag_address:
+                rc = self._serve_tag_page(region, fault)
+            elif region.fill.defer_missing and not fault.wp:
+                rc = self._copy_on_access(region, fault)
+            else:
+                rc = region.fill.fill_fault(region.uffd, fault)
             if rc == 0:
                 continue
             if rc == -errno.EAGAIN:
@@ -387,52 +455,16 @@ class PagerService:
                 self._fail_page(region, fault, rc)
         region.pending = still
 
-    # --- write-back ---------------------------------------------------------------
-
-    async def flush(self, region: ServedRegion) -> dict[str, int]:
-        """Writes every page dirtied before the call to the store and syncs
-        it (msync(MS_SYNC) semantics). On failure the pages stay dirty and the
-        error is raised; the next flush retries them."""
-        async with region.flush_lock:
-            if region.fill.tracking == Tracking.NONE or region.id not in self._regions:
-                return {"pages": 0, "bytes": 0}
-            runs = self._take_dirty(region)
-            if not runs:
-                return {"pages": 0, "bytes": 0}
-            try:
-                result = await self._loop.run_in_executor(None, write_back, region.store, region.owner_pid, runs)
-            except OSError as exc:
-                region.retry_pages |= pages_of(runs, region.fill.base)
-                region.writeback["writeback_errors"] += 1
-                region.last_error = str(exc)
-                raise
-            region.writeback["flushes"] += 1
-            region.writeback["pages_written"] += result.pages
-            region.writeback["bytes_written"] += result.bytes
-            return {"pages": result.pages, "bytes": result.bytes}
-
-    def _take_dirty(self, region: ServedRegion) -> list[Run]:
-        """The dirty pages, write-protected again in the same step; pages a
-        failed flush left behind are added (those still resident)."""
-        fill = region.fill
-        if fill.tracking == Tracking.SYNC_WP:
-            runs = fill.take_dirty(region.uffd)
-        else:
-            runs = fill.scan_written(region.pagemap_fd, protect=True)
-        if region.retry_pages:
-            base = fill.base
-            retry = {p for p in region.retry_pages if fill.is_resident(base + p * PAGE_SIZE)}
-            region.retry_pages.clear()
-            runs = merge_runs(runs + runs_of_pages(retry, base, fill.src_offset))
-        return runs
-
-    async def _flush_periodically(self, region: ServedRegion, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush(region)
-            except OSError as exc:
-                log.warning("region %d: periodic write-back failed (will retry): %s", region.id, exc)
+    def _serve_tag_page(self, region: ServedRegion, fault: PageFault) -> int:
+        """The tag page reads as zeros; its fault has served its purpose."""
+        region.tag_faults += 1
+        try:
+            region.uffd.zeropage(fault.page, PAGE_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                return -(exc.errno or errno.EIO)
+            _wake_quietly(region.uffd, fault.page)
+        return 0
 
     def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
         """The page's data could not be produced (the store failed, or the
@@ -449,7 +481,7 @@ class PagerService:
 
     def _apply_remap(self, region: ServedRegion, event: RemapEvent) -> None:
         fill = region.fill
-        if event.old == fill.base and event.length == fill.length:
+        if event.old == fill.base and event.length in (fill.length, fill.length + PAGE_SIZE):
             fill.move(event.new)
             return
         # Only part of the range moved: the moved pages keep their contents in
@@ -459,25 +491,138 @@ class PagerService:
                     region.id, event.old, event.length)
         fill.forget(event.old, event.old + event.length)
 
+    # --- write-back ---------------------------------------------------------------
+
+    async def flush(self, region: ServedRegion) -> dict[str, int]:
+        """Writes every page dirtied before the call to the region's portion
+        and syncs it (msync(MS_SYNC) semantics). On failure the pages stay
+        dirty and the error is raised; the next flush retries them.
+
+        A child's portion is completed in the same step: every page it still
+        inherits is copied in, so that the portion alone holds the child's
+        view. Before pages of a portion change, children that still inherit
+        them get a copy of the old bytes first (claim 2)."""
+        async with region.flush_lock:
+            if region.fill.tracking == Tracking.NONE or region.id not in self._regions:
+                return {"pages": 0, "bytes": 0}
+            portion = region.portion
+            if region.parent is not None:
+                portion.place()
+            runs = self._take_dirty(region)
+            self._preserve_for_children(region, runs)
+            if region.parent is not None:
+                portion.complete()
+            if not runs and region.parent is None:
+                return {"pages": 0, "bytes": 0}
+            store = portion.store
+            try:
+                result = await self._loop.run_in_executor(None, write_back, store, region.owner_pid, runs)
+            except OSError as exc:
+                region.retry_pages |= pages_of(runs, region.fill.base)
+                region.writeback["writeback_errors"] += 1
+                region.last_error = str(exc)
+                raise
+            for run in runs:
+                portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
+            region.writeback["flushes"] += 1
+            region.writeback["pages_written"] += result.pages
+            region.writeback["bytes_written"] += result.bytes
+            return {"pages": result.pages, "bytes": result.bytes}
+
+    def _take_dirty(self, region: ServedRegion) -> list[Run]:
+        """The dirty pages, write-protected again in the same step; pages a
+        failed flush left behind are added (those still resident)."""
+        fill = region.fill
+        if fill.tracking == Tracking.SYNC_WP:
+            runs = fill.take_dirty(region.uffd)
+        else:
+            runs = fill.scan_written(self._pagemap_fd(region), protect=True)
+        if region.retry_pages:
+            base = fill.base
+            retry = {p for p in region.retry_pages if fill.is_resident(base + p * PAGE_SIZE)}
+            region.retry_pages.clear()
+            runs = merge_runs(runs + runs_of_pages(retry, base, region.portion.offset or 0))
+        return runs
+
+    def _pagemap_fd(self, region: ServedRegion) -> int:
+        if region.pagemap_fd < 0:
+            if not region.owner_pid:
+                raise ProcessLookupError(errno.ESRCH, f"region {region.id}: its process is not known yet")
+            region.pagemap_fd = os.open(f"/proc/{region.owner_pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        return region.pagemap_fd
+
+    async def _flush_periodically(self, region: ServedRegion, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush(region)
+            except OSError as exc:
+                log.warning("region %d: periodic write-back failed (will retry): %s", region.id, exc)
+
+    # --- fork: lineage and copy policies --------------------------------------------
+
     def _adopt_fork_child(self, parent: ServedRegion, event: ForkEvent) -> None:
         """A child inherits the mapping: the kernel shares the pages resident
-        at fork copy-on-write; its missing pages fault into the new uffd,
-        served from the parent's store."""
+        at fork copy-on-write (with their write-protect bits, so unflushed
+        writes stay dirty in the child too); its missing pages fault into the
+        new uffd and are read through the parent's portion. The child's own
+        portion is placed lazily, unless the policy copies at fork."""
         child_uffd = Uffd(event.uffd)
+        child_store = parent.child_store
         try:
-            fill = FillRange(parent.fill.base, parent.fill.length, parent.store.fill_fd, parent.fill.src_offset,
-                             parent.fill.tracking)
+            portion = Portion(child_store.store, child_store.allocator, parent.fill.length, parent=parent.portion)
+            fill = FillRange(parent.fill.base, parent.fill.length, portion.state, parent.fill.tracking)
         except BaseException:
             child_uffd.close()
             raise
-        self._add_region(child_uffd, fill, parent.store, owner_pid=0, parent=parent)
+        child_store.users += 1
+        fill.inherit_dirty(parent.fill)
+        child = self._add_region(child_uffd, fill, portion, owner_pid=0, fork_policy=parent.fork_policy,
+                                 child_store=child_store, keep_child_portions=parent.keep_child_portions,
+                                 parent=parent)
+        if parent.fork_policy == "at-fork":
+            parent.copied_to_children += portion.complete()
+        self._sync_defer_missing()
+        self._schedule_child_probe()
+        log.debug("region %d: forked child region %d", parent.id, child.id)
 
-    def _watch_child(self, region: ServedRegion) -> None:
-        """Learns a forked child's pid from its first fault and watches it."""
+    def _preserve_for_children(self, region: ServedRegion, runs: list[Run]) -> None:
+        """Before these pages of the region's portion are rewritten, every
+        child still inheriting them gets the old bytes (claim 2). Runs in the
+        event loop, so a child's fault never reads a half-updated page."""
+        for child in region.portion.inheriting_children():
+            for run in runs:
+                region.copied_to_children += child.copy_in(region.page_index(run.addr), run.length // PAGE_SIZE)
+
+    def _copy_on_access(self, region: ServedRegion, fault: PageFault) -> int:
+        """fork_policy="on-access": any access by either process copies the
+        page into the child's portion (claim 4), then the fault is served."""
+        index = region.page_index(fault.page)
+        if 0 <= index < region.fill.length // PAGE_SIZE:
+            try:
+                if region.parent is not None:
+                    region.portion.copy_in(index, 1)
+                for child in region.portion.inheriting_children():
+                    region.copied_to_children += child.copy_in(index, 1)
+            except OSError as exc:
+                return -(exc.errno or errno.EIO)
+        return region.fill.fill_fault(region.uffd, fault)
+
+    def _sync_defer_missing(self) -> None:
+        """on-access regions route their missing faults through Python while
+        copies are due: a child until it holds every page, a parent while a
+        child inherits from it."""
+        for region in self._regions.values():
+            if region.fork_policy == "on-access":
+                region.fill.defer_missing = bool(
+                    (region.parent is not None and region.portion.state.missing())
+                    or region.portion.inheriting_children())
+
+    def _learn_child_pid(self, region: ServedRegion) -> None:
+        """Learns a forked child's pid from a fault (any fault on a child's
+        uffd is the child's) and watches it for exit."""
         tid = region.fill.last_thread_id
-        if not tid:
-            return
-        pid = _thread_group(tid)
+        pid = _thread_group(tid) if tid else None
         if pid is None:
             return
         try:
@@ -487,6 +632,22 @@ class PagerService:
             return
         region.owner_pid = pid
         self._loop.add_reader(region.pidfd, self._release_region, region)
+
+    def _schedule_child_probe(self) -> None:
+        if self._child_probe is None and any(r.parent is not None and r.pidfd < 0 for r in self._regions.values()):
+            self._child_probe = self._loop.call_later(_CHILD_PROBE_INTERVAL, self._probe_children)
+
+    def _probe_children(self) -> None:
+        """Children that never faulted have no pidfd: an ioctl on the uffd of
+        a process that exited fails with ESRCH, and tells us it is gone."""
+        self._child_probe = None
+        for region in [r for r in self._regions.values() if r.parent is not None and r.pidfd < 0]:
+            try:
+                region.uffd.writeprotect(region.tag_address, PAGE_SIZE, protect=False, wake=False)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    self._release_region(region)
+        self._schedule_child_probe()
 
 
 def _require_int(request: dict[str, Any], key: str) -> int:

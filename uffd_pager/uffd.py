@@ -286,23 +286,72 @@ class Run:
     length: int
 
 
+class PortionState:
+    """The C view of a portion (see native/portion.c): the descriptor and
+    offset that hold its pages, and for a forked child's portion which pages
+    are materialized in it and the parent it inherits the others from."""
+
+    def __init__(self, npages: int, parent: "PortionState | None" = None) -> None:
+        self._npages = npages
+        self._c = ffi.new("struct up_portion *")
+        self._c.fd = -1
+        self.parent = parent  # keeps the parent's struct alive while we point at it
+        if parent is not None:
+            self._c.parent = parent._c
+            self._c.materialized = lib.up_bitmap_alloc(npages)
+            if self._c.materialized == ffi.NULL:
+                raise _error(ffi.errno, f"page bitmap for {npages} pages")
+
+    def place(self, fd: int, offset: int) -> None:
+        self._c.fd = fd
+        self._c.offset = offset
+
+    @property
+    def placed(self) -> bool:
+        return self._c.fd >= 0
+
+    @property
+    def offset(self) -> int:
+        return self._c.offset
+
+    def copy_in(self, first: int, npages: int) -> int:
+        """Copies pages not yet materialized here from the parent chain;
+        returns how many were copied."""
+        copied = ffi.new("uint64_t *")
+        if lib.up_portion_copy_in(self._c, first, npages, copied) < 0:
+            raise _error(ffi.errno, f"copying pages {first}..{first + npages} into a child's portion")
+        return copied[0]
+
+    def mark(self, first: int, npages: int) -> None:
+        lib.up_portion_mark(self._c, first, npages)
+
+    def missing(self) -> int:
+        """Pages still inherited (not materialized here)."""
+        return lib.up_portion_missing(self._c, self._npages)
+
+    def close(self) -> None:
+        if self._c.materialized != ffi.NULL:
+            lib.up_bitmap_free(self._c.materialized, self._npages)
+            self._c.materialized = ffi.NULL
+
+
 class FillRange:
-    """The C fill state of one registered range: where its pages come from,
-    which pages are resident in the client, and (synchronous tracking) which
-    are dirty."""
+    """The C fill state of one registered range: which portion chain its
+    pages come from, which pages are resident in the client, and
+    (synchronous tracking) which are dirty."""
 
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
                  "resident_pages", "dirty_pages")
     _RUNS = 1024
 
-    def __init__(self, base: int, length: int, src_fd: int, src_offset: int,
+    def __init__(self, base: int, length: int, portion: PortionState,
                  tracking: Tracking = Tracking.NONE) -> None:
         self._npages = length // PAGE_SIZE
         self._c = ffi.new("struct up_fill *")
         self._c.base = base
         self._c.len = length
-        self._c.src_fd = src_fd
-        self._c.src_offset = src_offset
+        self.portion = portion
+        self._c.portion = portion._c
         self._c.tracking = tracking
         self._c.resident = self._bitmap()
         if tracking == Tracking.SYNC_WP:
@@ -327,8 +376,18 @@ class FillRange:
         return self._c.len
 
     @property
-    def src_offset(self) -> int:
-        return self._c.src_offset
+    def defer_missing(self) -> bool:
+        return bool(self._c.defer_missing)
+
+    @defer_missing.setter
+    def defer_missing(self, value: bool) -> None:
+        self._c.defer_missing = int(value)
+
+    def inherit_dirty(self, parent: "FillRange") -> None:
+        """At fork: the child's pages carry the parent's unflushed writes."""
+        if self._c.dirty != ffi.NULL and parent._c.dirty != ffi.NULL:
+            lib.up_bitmap_or(self._c.dirty, parent._c.dirty, self._npages)
+            self._c.dirty_pages = parent._c.dirty_pages
 
     @property
     def tracking(self) -> Tracking:
@@ -424,6 +483,13 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     if lib.up_start_writeback(fd, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Makes [offset, offset+length) of fd read as zero, freeing its blocks."""
+    if lib.up_punch_hole(fd, offset, length) < 0:
+        err = ffi.errno
+        raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
 
 
 def _c_runs(runs: list[Run]):

@@ -22,6 +22,20 @@ class Store(abc.ABC):
         """A descriptor the C fill path may pread() pages from, or -1 when
         pages must come through Python (remote or transformed stores)."""
 
+    @property
+    @abc.abstractmethod
+    def identity(self) -> tuple[object, ...]:
+        """Equal for two stores opened on the same data (portions in one
+        store must not overlap, whichever region placed them)."""
+
+    @abc.abstractmethod
+    def end(self) -> int:
+        """The byte offset past the store's current data."""
+
+    @abc.abstractmethod
+    def discard(self, offset: int, length: int) -> None:
+        """Makes a range read as zero (a portion slot being reused)."""
+
     @abc.abstractmethod
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         """Writes each run's bytes (back to back in data) at its store offset.

@@ -11,7 +11,7 @@ import stat
 from urllib.parse import unquote, urlsplit
 
 from uffd_pager.stores.base import Store
-from uffd_pager.uffd import Run, pwrite_runs, start_writeback
+from uffd_pager.uffd import Run, punch_hole, pwrite_runs, start_writeback
 
 
 def file_path(url: str) -> str:
@@ -56,6 +56,17 @@ class FileStore(Store):
     @property
     def fill_fd(self) -> int:
         return self._fd
+
+    @property
+    def identity(self) -> tuple[object, ...]:
+        st = os.fstat(self._fd)
+        return ("file", st.st_dev, st.st_ino)
+
+    def end(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def discard(self, offset: int, length: int) -> None:
+        punch_hole(self._fd, offset, length)
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:

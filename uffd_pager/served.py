@@ -1,0 +1,96 @@
+"""What the pager keeps per served region, and per open backing store."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from uffd_pager.layout import Portion, PortionAllocator, tracking_name
+from uffd_pager.stores import Store
+from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
+
+if TYPE_CHECKING:
+    from uffd_pager.service import Connection
+
+
+@dataclass(eq=False)
+class OpenStore:
+    """A backing store opened once per pager however many regions use it,
+    so that portions placed in it by different regions never overlap."""
+
+    store: Store
+    allocator: PortionAllocator
+    users: int = 0
+
+
+@dataclass(eq=False)
+class ServedRegion:
+    """One registered range of one client address space: a root region
+    mapped by a client, or a forked child's copy of it."""
+
+    id: int
+    uffd: Uffd
+    fill: FillRange
+    portion: Portion
+    owner_pid: int  # 0 until a forked child is known by its first fault
+    fork_policy: str
+    child_store: OpenStore  # where children's portions go
+    keep_child_portions: bool
+    parent: "ServedRegion | None" = None
+    connection: "Connection | None" = None
+    pidfd: int = -1
+    pagemap_fd: int = -1  # /proc/<owner>/pagemap, for PAGEMAP_SCAN (asynchronous tracking)
+    pending: list[PageFault] = field(default_factory=list)
+    events: dict[str, int] = field(default_factory=lambda: {"fork": 0, "remap": 0, "remove": 0, "unmap": 0})
+    errors: int = 0
+    poisoned: int = 0
+    # Pages whose write-back failed: the kernel no longer reports them dirty,
+    # so they are kept here and written by the next flush.
+    retry_pages: set[int] = field(default_factory=set)
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: "asyncio.Task[None] | None" = None
+    writeback: dict[str, int] = field(default_factory=lambda: {
+        "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
+    copied_to_children: int = 0
+    tag_faults: int = 0
+    last_error: str = ""
+
+    @property
+    def tag_address(self) -> int:
+        """The page past the region: untouched by the root process, so a
+        forked child's first read of it is a fault that tells its pid."""
+        return self.fill.base + self.fill.length
+
+    def page_index(self, address: int) -> int:
+        return (address - self.fill.base) // PAGE_SIZE
+
+    def dirty_pages(self) -> int:
+        if self.fill.tracking == Tracking.ASYNC_WP and self.pagemap_fd >= 0:
+            try:
+                runs = self.fill.scan_written(self.pagemap_fd, protect=False)
+            except OSError:
+                return len(self.retry_pages)  # the owner exited
+            return sum(r.length for r in runs) // PAGE_SIZE + len(self.retry_pages)
+        return self.fill.counters()["dirty_pages"] + len(self.retry_pages)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.fill.counters(),
+            "dirty_pages": self.dirty_pages(),
+            **self.writeback,
+            "tracking": tracking_name(self.fill.tracking),
+            "events": dict(self.events),
+            "errors": self.errors,
+            "poisoned": self.poisoned,
+            "pending": len(self.pending),
+            "last_error": self.last_error,
+            "fork": {
+                "policy": self.fork_policy,
+                "child": self.parent is not None,
+                "portion_offset": self.portion.offset,
+                "pages_copied_in": self.portion.copied_in,
+                "pages_still_inherited": self.portion.state.missing(),
+                "pages_copied_to_children": self.copied_to_children,
+                "live_children": len(self.portion.children),
+            },
+        }
