@@ -29,8 +29,12 @@ static inline uint64_t page_index(const struct up_fill *f, uint64_t addr)
 static int all_zero(const uint8_t *p, size_t n)
 {
     const uint64_t *w = (const uint64_t *)p;
-    for (size_t i = 0; i < n / 8; i++)
+    size_t i;
+    for (i = 0; i < n / 8; i++)
         if (w[i])
+            return 0;
+    for (i *= 8; i < n; i++)
+        if (p[i])
             return 0;
     return 1;
 }

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from uffd_pager.client import Pager
 
 
+_PROT_NONE = 0  # the mmap module exports PROT_READ/WRITE/EXEC only
+
+
 @dataclass(frozen=True)
 class Backing:
     """Where this process's portion of a region lives."""
@@ -107,7 +110,7 @@ class Region:
         try:
             memory.close()
         except BufferError:
-            protect(self.address, self.size + PAGE_SIZE, mmap.PROT_NONE)
+            protect(self.address, self.size + PAGE_SIZE, _PROT_NONE)
             memory.madvise(mmap.MADV_DONTNEED)
 
     def _request(self, op: str) -> dict[str, Any]:
