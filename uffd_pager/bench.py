@@ -221,6 +221,84 @@ CASES = [
 ]
 
 
+# --- fork ----------------------------------------------------------------------------
+
+FORK_FLOOR = "fork: process without the region"
+FORK_ANON = "fork: plain anonymous 1 GiB, 10% resident"
+CHILD_FLOOR = "fork: parent first-touch read fault"
+FORK_REGION = 1 << 30
+FORK_RESIDENT = 0.10
+
+
+def _time_forks(count: int) -> list[int]:
+    """Wall time of os.fork() in the parent; each child exits at once."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter_ns()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        times.append(time.perf_counter_ns() - start)
+        os.waitpid(pid, 0)
+    return times
+
+
+def _child_touch(address: int, offsets: array.array) -> list[int]:
+    """First-touch latencies measured in a forked child, sent back by pipe."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            data = array.array("q", _touch(address, offsets)).tobytes()
+            with os.fdopen(wfd, "wb") as pipe:
+                pipe.write(data)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        result = array.array("q", pipe.read())
+    os.waitpid(pid, 0)
+    return list(result)
+
+
+def fork_samples(pager: Pager, directory: str, forks: int, faults: int) -> dict[str, list[int]]:
+    """fork() of this process while it holds a 1 GiB region with 10% of its
+    pages resident, beside fork() without it; and a child's first-touch read
+    faults beside the parent's, on pages missing at fork."""
+    path = os.path.join(directory, "fork.bin")
+    with open(path, "wb") as f:
+        f.truncate(FORK_REGION)  # sparse: written pages are made resident below
+    samples = {FORK_FLOOR: _time_forks(forks // 2)}
+    pages = FORK_REGION // PAGE_SIZE
+    rng = random.Random(2)
+    chosen = rng.sample(range(pages), int(pages * FORK_RESIDENT) + 2 * faults)
+    resident = array.array("Q", (p * PAGE_SIZE for p in chosen[: int(pages * FORK_RESIDENT)]))
+    # The kernel's own cost for such memory: copying its page tables.
+    with _anonymous(FORK_REGION) as memory:
+        _touch(buffer_address(memory), resident, write=True)
+        samples[FORK_ANON] = _time_forks(forks)
+    parent_pages = array.array("Q", (p * PAGE_SIZE for p in chosen[len(resident): len(resident) + faults]))
+    child_pages = array.array("Q", (p * PAGE_SIZE for p in chosen[len(resident) + faults:]))
+    for policy in ("on-write",):
+        with pager.map(f"file://{path}", FORK_REGION, fork_policy=policy, writeback_interval=0) as region:
+            _touch(region.address, resident, write=True)
+            samples[f"fork: with region, {policy}"] = _time_forks(forks)
+            samples[CHILD_FLOOR] = _touch(region.address, parent_pages)
+            samples["fork: child first-touch read fault"] = _child_touch(region.address, child_pages)
+    samples[FORK_FLOOR] += _time_forks(forks - forks // 2)
+    return samples
+
+
+FORK_CASES = [
+    Case(FORK_FLOOR, FORK_FLOOR, lambda w: [], unit="forks/s"),
+    Case(FORK_ANON, FORK_FLOOR, lambda w: [], unit="forks/s"),
+    Case("fork: with region, on-write", FORK_FLOOR, lambda w: [], unit="forks/s"),
+    Case(CHILD_FLOOR, CHILD_FLOOR, lambda w: []),
+    Case("fork: child first-touch read fault", CHILD_FLOOR, lambda w: []),
+]
+
+
 def summarize(case: Case, latencies_ns: list[int]) -> Row:
     ordered = sorted(latencies_ns)
     n = len(ordered)
@@ -270,7 +348,8 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
                     path = os.path.join(tmp, "data.bin")
                     shutil.copyfile(pristine, path)
                     samples[case.name].extend(case.run(Workload(path, size, offsets, pager)))
-    rows = [summarize(case, samples[case.name]) for case in CASES]
+            samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))
+    rows = [summarize(case, samples[case.name]) for case in CASES + FORK_CASES]
     by_name = {row.name: row for row in rows}
     for row in rows:
         floor = by_name[row.floor]
@@ -281,6 +360,11 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
           f"Linux {platform.release()}, {os.cpu_count()} cpus")
     _print_table(rows)
     print(f"\n{OURS} / {READ_FLOOR}: p50 {by_name[OURS].ratio:.2f}x")
+    fork_row = by_name["fork: with region, on-write"]
+    print(f"fork with a 1 GiB region (10% resident), on-write: p50 {fork_row.ratio:.2f}x fork without it, "
+          f"{fork_row.p50_us / by_name[FORK_ANON].p50_us:.2f}x fork with plain anonymous memory of that size "
+          f"and residency; child first touch: p50 {by_name['fork: child first-touch read fault'].ratio:.2f}x "
+          "the parent's")
     for tracking in ("async", "sync"):
         ours = by_name[f"write-back: uffd_pager flush, {tracking}"]
         floor = by_name[WRITEBACK_FLOOR]

@@ -39,6 +39,7 @@ import asyncio
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -590,6 +591,8 @@ class PagerService:
         """Before these pages of the region's portion are rewritten, every
         child still inheriting them gets the old bytes (claim 2). Runs in the
         event loop, so a child's fault never reads a half-updated page."""
+        if runs:
+            self._prune_exited_children()  # copies for a dead child are wasted work
         for child in region.portion.inheriting_children():
             for run in runs:
                 region.copied_to_children += child.copy_in(region.page_index(run.addr), run.length // PAGE_SIZE)
@@ -638,16 +641,25 @@ class PagerService:
             self._child_probe = self._loop.call_later(_CHILD_PROBE_INTERVAL, self._probe_children)
 
     def _probe_children(self) -> None:
-        """Children that never faulted have no pidfd: an ioctl on the uffd of
-        a process that exited fails with ESRCH, and tells us it is gone."""
         self._child_probe = None
-        for region in [r for r in self._regions.values() if r.parent is not None and r.pidfd < 0]:
-            try:
-                region.uffd.writeprotect(region.tag_address, PAGE_SIZE, protect=False, wake=False)
-            except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    self._release_region(region)
+        self._prune_exited_children()
         self._schedule_child_probe()
+
+    def _prune_exited_children(self) -> None:
+        """Releases forked children that have exited. Known ones have a pidfd
+        (readable once the process is gone); for the others an ioctl on their
+        uffd fails with ESRCH once their address space is gone."""
+        for region in [r for r in self._regions.values() if r.parent is not None]:
+            if region.pidfd >= 0:
+                exited = bool(select.select([region.pidfd], [], [], 0)[0])
+            else:
+                try:
+                    region.uffd.writeprotect(region.tag_address, PAGE_SIZE, protect=False, wake=False)
+                    exited = False
+                except OSError as exc:
+                    exited = exc.errno == errno.ESRCH
+            if exited:
+                self._release_region(region)
 
 
 def _require_int(request: dict[str, Any], key: str) -> int:
