@@ -148,6 +148,13 @@ int up_fill_is_resident(struct up_fill *f, uint64_t addr)
     return bit_test(f->resident, page_index(f, addr));
 }
 
+int up_fill_is_dirty(struct up_fill *f, uint64_t addr)
+{
+    if (!f->dirty || addr < f->base || addr >= f->base + f->len)
+        return 0;
+    return bit_test(f->dirty, page_index(f, addr));
+}
+
 static void defer(struct up_msg *deferred, int *n, const struct uffd_msg *m, int status)
 {
     up_msg_flatten(m, &deferred[*n]);

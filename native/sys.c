@@ -17,6 +17,11 @@ int up_mprotect(uint64_t addr, uint64_t len, int prot)
     return mprotect((void *)(uintptr_t)addr, (size_t)len, prot);
 }
 
+int up_munmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, (size_t)len);
+}
+
 int up_pidfd_getfd(int pidfd, int targetfd)
 {
     return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);

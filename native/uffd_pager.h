@@ -106,6 +106,7 @@ void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 /* Sets the dirty bits of every page that is set in src (a parent's at fork). */
 void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages);
 int up_fill_is_resident(struct up_fill *fill, uint64_t addr);
+int up_fill_is_dirty(struct up_fill *fill, uint64_t addr);
 
 /* --- portions (portion.c) ----------------------------------------------- */
 
@@ -127,11 +128,11 @@ uint64_t up_portion_missing(const struct up_portion *p, uint64_t npages);
  * faults again and marks the page dirty anew. Returns the runs stored; 0
  * once the whole range is done. */
 int up_collect_dirty(int uffd, struct up_fill *fill, struct up_run *runs, int max_runs, uint64_t *cursor);
-/* UP_TRACK_ASYNC_WP: PAGEMAP_SCAN of the owner's /proc/pid/pagemap from
- * *cursor on for written pages (present, not the zero page); with protect,
+/* UP_TRACK_ASYNC_WP: PAGEMAP_SCAN of the owner's /proc/pid/pagemap over
+ * [*cursor, end) for written pages (present, not the zero page); with protect,
  * write-protects them in the same walk. Returns runs stored, or -1. */
 int up_scan_written(int pagemap_fd, struct up_fill *fill, int protect, struct up_run *runs, int max_runs,
-                    uint64_t *cursor);
+                    uint64_t *cursor, uint64_t end);
 /* Copies the runs' bytes out of process pid, back to back into buf. */
 int64_t up_read_remote(int pid, const struct up_run *runs, int n, uint8_t *buf);
 /* Writes the runs' bytes (back to back in buf) to fd at their store offsets. */
@@ -144,6 +145,7 @@ void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
 
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
+int up_munmap(uint64_t addr, uint64_t len);
 int up_pidfd_getfd(int pidfd, int targetfd);
 /* sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now. */
 int up_start_writeback(int fd, uint64_t offset, uint64_t len);

@@ -60,11 +60,12 @@ int up_collect_dirty(int uffd, struct up_fill *f, struct up_run *runs, int max_r
 }
 
 int up_scan_written(int pagemap_fd, struct up_fill *f, int protect, struct up_run *runs, int max_runs,
-                    uint64_t *cursor)
+                    uint64_t *cursor, uint64_t end)
 {
     struct page_region vec[256];
-    uint64_t end = f->base + f->len;
     uint64_t start = *cursor > f->base ? *cursor : f->base;
+    if (end > f->base + f->len)
+        end = f->base + f->len;
     int n = 0;
     while (start < end && n < max_runs) {
         int room = max_runs - n < 256 ? max_runs - n : 256;

@@ -11,7 +11,6 @@ pager dies, a thread touching a missing page waits instead of reading zeros.
 from __future__ import annotations
 
 import atexit
-import mmap
 import os
 import secrets
 import signal
@@ -30,7 +29,7 @@ from uffd_pager.layout import (
     parse_tracking,
     parse_writeback_interval,
 )
-from uffd_pager.region import Region
+from uffd_pager.region import Region, RegionMapping
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -183,24 +182,24 @@ class Pager:
         uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
         mapped = size + PAGE_SIZE  # and the tag page (see Region)
         try:
-            memory = mmap.mmap(-1, mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            memory = RegionMapping.create(mapped)
         except BaseException:
             uffd.close()
             raise
         address = buffer_address(memory)
         try:
             uffd.register(address, mapped, REGION_REGISTER_MODE)
+            memory.uffd, memory.registered = uffd, mapped
             reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address,
                                        tracking=dirty_tracking, writeback_interval=interval,
                                        fork_policy=fork_policy, children=children,
                                        keep_child_portions=bool(keep_child_portions))
         except BaseException:
-            _unregister_quietly(uffd, address, mapped)
-            uffd.close()
+            memory.uffd = uffd
+            memory.release_uffd()
             memory.close()
             raise
-        region = Region(self, reply["region"], memory, address, size, store, offset, uffd)
+        region = Region(self, reply["region"], memory, address, size, store, offset)
         self._regions.add(region)
         return region
 
@@ -243,15 +242,7 @@ def connect(path: str) -> Pager:
     return Pager._attach(path)
 
 
-_MAP_NORESERVE = 0x4000  # reserve no swap: a 1 TiB region costs only what is touched
 _live_pagers: "weakref.WeakSet[Pager]" = weakref.WeakSet()
-
-
-def _unregister_quietly(uffd: Uffd, address: int, size: int) -> None:
-    try:
-        uffd.unregister(address, size)
-    except OSError:
-        pass
 
 
 def _printable(address: str | bytes) -> str:

@@ -151,3 +151,33 @@ class Portion:
         """Copies every page still inherited, so this portion alone holds the
         process's view (a fresh map() of it reproduces the view)."""
         return self.copy_in(0, self.size // PAGE_SIZE) if self.parent is not None else 0
+
+
+# --- spans: the address ranges a region's registration still covers -------------
+
+Span = tuple[int, int]  # [start, end)
+
+
+def cut_span(spans: list[Span], start: int, end: int) -> list[Span]:
+    """spans without [start, end) (an munmap)."""
+    out: list[Span] = []
+    for s, e in spans:
+        if e <= start or s >= end:
+            out.append((s, e))
+            continue
+        if s < start:
+            out.append((s, start))
+        if e > end:
+            out.append((end, e))
+    return out
+
+
+def move_span(spans: list[Span], old: int, new: int, length: int) -> list[Span]:
+    """spans after mremap moved [old, old+length) to new."""
+    moved = [(max(s, old) - old + new, min(e, old + length) - old + new)
+             for s, e in spans if s < old + length and e > old]
+    return sorted(cut_span(spans, old, old + length) + moved)
+
+
+def clip_spans(spans: list[Span], start: int, end: int) -> list[Span]:
+    return [(max(s, start), min(e, end)) for s, e in spans if s < end and e > start]

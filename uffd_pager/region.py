@@ -9,13 +9,50 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from uffd_pager import protocol
-from uffd_pager.uffd import PAGE_SIZE, Uffd, protect
+from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
 
 if TYPE_CHECKING:
     from uffd_pager.client import Pager
 
 
 _PROT_NONE = 0  # the mmap module exports PROT_READ/WRITE/EXEC only
+_MAP_NORESERVE = 0x4000  # reserve no swap: a 1 TiB region costs only what is touched
+
+# Mappings the program moved or cut itself: unmapped by hand where they are
+# now, and their mmap objects kept forever so that nothing unmaps the range
+# they were created at (which may hold the program's own memory by now).
+_abandoned: list[mmap.mmap] = []
+
+
+class RegionMapping(mmap.mmap):
+    """The anonymous private mapping under a region, with the client's copy
+    of its userfaultfd. Whatever drops the last reference (close(), or the
+    garbage collector after a failed close()) unregisters the range first:
+    an munmap of a registered range waits until someone reads the UNMAP
+    event, and once the pager is gone no one will."""
+
+    uffd: Uffd | None = None
+    registered: int = 0
+
+    @classmethod
+    def create(cls, length: int) -> "RegionMapping":
+        return cls(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def release_uffd(self, spans: list[tuple[int, int]] | None = None) -> None:
+        uffd, self.uffd = self.uffd, None
+        if uffd is None:
+            return
+        for start, end in spans or [(buffer_address(self), buffer_address(self) + self.registered)]:
+            try:
+                uffd.unregister(start, end - start)
+            except OSError:
+                pass  # gone already (the program's munmap)
+        uffd.close()
+
+    def __del__(self) -> None:
+        if not self.closed:
+            self.release_uffd()
 
 
 @dataclass(frozen=True)
@@ -38,12 +75,11 @@ class Region:
     which a forked child reads once so that the pager learns its pid.
     """
 
-    def __init__(self, pager: "Pager", region_id: int, memory: mmap.mmap, address: int, size: int,
-                 store: str, offset: int, uffd: Uffd) -> None:
+    def __init__(self, pager: "Pager", region_id: int, memory: RegionMapping, address: int, size: int,
+                 store: str, offset: int) -> None:
         self._pager = pager
         self._id = region_id
-        self._memory: mmap.mmap | None = memory
-        self._uffd: Uffd | None = uffd
+        self._memory: RegionMapping | None = memory
         self._owner_pid = os.getpid()  # the process whose pager state _id names
         self._lock = threading.Lock()
         self.address = address
@@ -93,20 +129,22 @@ class Region:
         """
         if self._memory is None:
             return
+        spans: list[tuple[int, int]] | None = None
         try:
-            self._request("unmap")  # flushes first; raises if that fails
+            reply = self._request("unmap")  # flushes first; raises if that fails
+            spans = [(start, end) for start, end in reply["spans"]]
         except (protocol.PagerGone, KeyError):
             pass  # nothing left to write back or release on the pager's side
         memory, self._memory = self._memory, None
-        uffd, self._uffd = self._uffd, None
-        if uffd is not None:
-            try:
-                uffd.unregister(self.address, self.size + PAGE_SIZE)
-            except OSError:
-                pass  # the range is gone already (munmap by the program)
-            uffd.close()
-        # In a forked child, munmap alone ends it: the pager has released the
-        # child's state already, or reads the UNMAP event on the child's uffd.
+        whole = [(self.address, self.address + self.size + PAGE_SIZE)]
+        if spans is not None and spans != whole:
+            # The program moved or cut the mapping: unmap it where it is now.
+            memory.release_uffd(spans)
+            for start, end in spans:
+                unmap(start, end - start)
+            _abandoned.append(memory)
+            return
+        memory.release_uffd()
         try:
             memory.close()
         except BufferError:
@@ -135,13 +173,13 @@ class Region:
 
     def _forget_after_fork(self) -> None:
         """In a forked child: the parent's uffd must not act on the parent's
-        memory from here, and the child's pages are served through the uffd
+        memory from here (and must not be unregistered: that would act on the
+        parent's range), and the child's pages are served through the uffd
         the kernel made for the child, which only the pager holds."""
         self._lock = threading.Lock()
-        if self._uffd is not None:
-            os.close(self._uffd.fd)
-            self._uffd.fd = -1
-            self._uffd = None
+        if self._memory is not None and self._memory.uffd is not None:
+            self._memory.uffd.close()
+            self._memory.uffd = None
 
     def __enter__(self) -> "Region":
         return self

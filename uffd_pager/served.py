@@ -5,9 +5,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from uffd_pager.layout import Portion, PortionAllocator, tracking_name
+from uffd_pager.layout import Portion, PortionAllocator, Span, clip_spans, tracking_name
 from uffd_pager.stores import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
+from uffd_pager.writeback import pages_of
 
 if TYPE_CHECKING:
     from uffd_pager.service import Connection
@@ -53,6 +54,9 @@ class ServedRegion:
         "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
     copied_to_children: int = 0
     tag_faults: int = 0
+    # What of the registration (region and tag page) is still mapped, and
+    # where: the program's own munmap/mremap change it (UNMAP/REMAP events).
+    spans: list[Span] = field(default_factory=list)
     last_error: str = ""
 
     @property
@@ -61,17 +65,26 @@ class ServedRegion:
         forked child's first read of it is a fault that tells its pid."""
         return self.fill.base + self.fill.length
 
+    @property
+    def paged_spans(self) -> list[Span]:
+        """The parts of the region proper that are still mapped in place."""
+        return clip_spans(self.spans, self.fill.base, self.fill.base + self.fill.length)
+
     def page_index(self, address: int) -> int:
         return (address - self.fill.base) // PAGE_SIZE
 
     def dirty_pages(self) -> int:
-        if self.fill.tracking == Tracking.ASYNC_WP and self.pagemap_fd >= 0:
+        """Pages the kernel reports written, and pages a failed flush left
+        behind, each counted once."""
+        fill = self.fill
+        if fill.tracking == Tracking.ASYNC_WP and self.pagemap_fd >= 0:
             try:
-                runs = self.fill.scan_written(self.pagemap_fd, protect=False)
+                runs = fill.scan_written(self.pagemap_fd, self.paged_spans, protect=False)
             except OSError:
                 return len(self.retry_pages)  # the owner exited
-            return sum(r.length for r in runs) // PAGE_SIZE + len(self.retry_pages)
-        return self.fill.counters()["dirty_pages"] + len(self.retry_pages)
+            return len(pages_of(runs, fill.base) | self.retry_pages)
+        retried = sum(1 for p in self.retry_pages if not fill.is_dirty(fill.base + p * PAGE_SIZE))
+        return fill.counters()["dirty_pages"] + retried
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -50,6 +50,8 @@ from uffd_pager.layout import (
     Portion,
     PortionAllocator,
     check_geometry,
+    cut_span,
+    move_span,
     parse_fork_policy,
     parse_tracking,
     parse_writeback_interval,
@@ -270,7 +272,9 @@ class PagerService:
         region = self._own_region(conn, request)
         await self.flush(region)
         self._release_region(region)
-        return {"ok": True}
+        # Where the registration is mapped now, for the client to unmap:
+        # the program may have moved or unmapped parts of it itself.
+        return {"ok": True, "spans": region.spans}
 
     async def _op_flush(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"ok": True, **(await self.flush(self._own_region(conn, request)))}
@@ -356,7 +360,8 @@ class PagerService:
                     parent: ServedRegion | None = None) -> ServedRegion:
         region = ServedRegion(id=self._next_region_id, uffd=uffd, fill=fill, portion=portion,
                               owner_pid=owner_pid, fork_policy=fork_policy, child_store=child_store,
-                              keep_child_portions=keep_child_portions, parent=parent)
+                              keep_child_portions=keep_child_portions, parent=parent,
+                              spans=[(fill.base, fill.base + fill.length + PAGE_SIZE)])
         self._next_region_id += 1
         self._regions[region.id] = region
         os.set_blocking(uffd.fd, False)
@@ -434,7 +439,10 @@ class PagerService:
         elif isinstance(event, UnmapEvent):
             region.events["unmap"] += 1
             region.fill.forget(event.start, event.end)
-            if event.start <= region.fill.base and event.end >= region.fill.base + region.fill.length:
+            region.spans = cut_span(region.spans, event.start, event.end)
+            # A forked child that unmapped its copy is done with it. A root
+            # region stays until its client closes it or goes away.
+            if not region.spans and region.parent is not None:
                 self._release_region(region)
 
     def _retry_pending(self, region: ServedRegion) -> None:
@@ -482,6 +490,7 @@ class PagerService:
 
     def _apply_remap(self, region: ServedRegion, event: RemapEvent) -> None:
         fill = region.fill
+        region.spans = move_span(region.spans, event.old, event.new, event.length)
         if event.old == fill.base and event.length in (fill.length, fill.length + PAGE_SIZE):
             fill.move(event.new)
             return
@@ -537,7 +546,7 @@ class PagerService:
         if fill.tracking == Tracking.SYNC_WP:
             runs = fill.take_dirty(region.uffd)
         else:
-            runs = fill.scan_written(self._pagemap_fd(region), protect=True)
+            runs = fill.scan_written(self._pagemap_fd(region), region.paged_spans, protect=True)
         if region.retry_pages:
             base = fill.base
             retry = {p for p in region.retry_pages if fill.is_resident(base + p * PAGE_SIZE)}

@@ -423,6 +423,10 @@ class FillRange:
     def is_resident(self, address: int) -> bool:
         return bool(lib.up_fill_is_resident(self._c, address))
 
+    def is_dirty(self, address: int) -> bool:
+        """Synchronous tracking: the page is in the dirty bitmap."""
+        return bool(lib.up_fill_is_dirty(self._c, address))
+
     def take_dirty(self, uffd: Uffd) -> list[Run]:
         """Synchronous tracking: write-protects every dirty page again and
         returns them as runs (their dirty bits are cleared)."""
@@ -434,17 +438,18 @@ class FillRange:
             raise _error(ffi.errno, "UFFDIO_WRITEPROTECT of dirty pages")
         return runs
 
-    def scan_written(self, pagemap_fd: int, *, protect: bool) -> list[Run]:
-        """Asynchronous tracking: the pages written since they were last
-        write-protected; with protect, write-protects them in the same walk."""
-        cursor = ffi.new("uint64_t *", self._c.base)
+    def scan_written(self, pagemap_fd: int, spans: list[tuple[int, int]], *, protect: bool) -> list[Run]:
+        """Asynchronous tracking: the pages in spans [(start, end), ...] written
+        since they were last write-protected; with protect, write-protects
+        them in the same walk."""
         runs: list[Run] = []
-        end = self._c.base + self._c.len
-        while cursor[0] < end:
-            n = lib.up_scan_written(pagemap_fd, self._c, int(protect), self._runs, self._RUNS, cursor)
-            if n < 0:
-                raise _error(ffi.errno, "PAGEMAP_SCAN")
-            runs.extend(self._run(i) for i in range(n))
+        for start, end in spans:
+            cursor = ffi.new("uint64_t *", start)
+            while cursor[0] < end:
+                n = lib.up_scan_written(pagemap_fd, self._c, int(protect), self._runs, self._RUNS, cursor, end)
+                if n < 0:
+                    raise _error(ffi.errno, "PAGEMAP_SCAN")
+                runs.extend(self._run(i) for i in range(n))
         return runs
 
     def _run(self, i: int) -> Run:
@@ -483,6 +488,12 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     if lib.up_start_writeback(fd, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+def unmap(address: int, length: int) -> None:
+    """munmap(2) of a range the mmap module does not own."""
+    if lib.up_munmap(address, length) < 0:
+        raise _error(ffi.errno, f"munmap {address:#x}+{length:#x}")
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
