@@ -71,29 +71,36 @@ class PortionAllocator:
     def __init__(self, store: "Store") -> None:
         self.store = store
         self.in_use: dict[int, int] = {}  # offset -> length
+        self._users: dict[int, int] = {}  # offset -> regions mapping that portion
         self._free: list[tuple[int, int]] = []
         # Portions kept after their child exited (keep_child_portions=True)
         # stay out of reach of later allocations.
         self._kept: list[tuple[int, int]] = []
 
     def reserve(self, offset: int, length: int) -> None:
-        """Records a portion placed by its owner (a root region)."""
+        """Records a portion placed by its owner (a root region); the same
+        portion may be mapped by several regions."""
         self.in_use[offset] = max(length, self.in_use.get(offset, 0))
+        self._users[offset] = self._users.get(offset, 0) + 1
 
     def allocate(self, length: int) -> int:
         for i, (offset, size) in enumerate(self._free):
             if size == length:
                 del self._free[i]
                 self.store.discard(offset, length)  # it may hold an exited child's bytes
-                self.in_use[offset] = length
+                self.in_use[offset], self._users[offset] = length, 1
                 return offset
         end = max([self.store.end(), *(o + n for o, n in self.in_use.items()),
                    *(o + n for o, n in self._free), *(o + n for o, n in self._kept)])
         offset = -(-end // PAGE_SIZE) * PAGE_SIZE
-        self.in_use[offset] = length
+        self.in_use[offset], self._users[offset] = length, 1
         return offset
 
     def release(self, offset: int, *, reuse: bool) -> None:
+        self._users[offset] = self._users.get(offset, 1) - 1
+        if self._users[offset] > 0:
+            return
+        del self._users[offset]
         length = self.in_use.pop(offset, None)
         if length is None:
             return

@@ -48,6 +48,7 @@ class ServedRegion:
     # Pages whose write-back failed: the kernel no longer reports them dirty,
     # so they are kept here and written by the next flush.
     retry_pages: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)  # taken by a flush, not yet stored
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: "asyncio.Task[None] | None" = None
     writeback: dict[str, int] = field(default_factory=lambda: {

@@ -518,20 +518,25 @@ class PagerService:
             portion = region.portion
             if region.parent is not None:
                 portion.place()
-            runs = self._take_dirty(region)
-            self._preserve_for_children(region, runs)
-            if region.parent is not None:
-                portion.complete()
-            if not runs and region.parent is None:
-                return {"pages": 0, "bytes": 0}
-            store = portion.store
+            runs = await self._take_dirty(region)
+            # From here until written, these pages are clean in the kernel's
+            # eyes but not in the store: a fork meanwhile must know (see
+            # _adopt_fork_child), and a failure puts them back.
+            region.in_flight = pages_of(runs, region.fill.base)
             try:
-                result = await self._loop.run_in_executor(None, write_back, store, region.owner_pid, runs)
+                self._preserve_for_children(region, runs)
+                if region.parent is not None:
+                    portion.complete()
+                if not runs and region.parent is None:
+                    return {"pages": 0, "bytes": 0}
+                result = await self._loop.run_in_executor(None, write_back, portion.store, region.owner_pid, runs)
             except OSError as exc:
-                region.retry_pages |= pages_of(runs, region.fill.base)
+                region.retry_pages |= region.in_flight
                 region.writeback["writeback_errors"] += 1
                 region.last_error = str(exc)
                 raise
+            finally:
+                region.in_flight = set()
             for run in runs:
                 portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
             region.writeback["flushes"] += 1
@@ -539,12 +544,22 @@ class PagerService:
             region.writeback["bytes_written"] += result.bytes
             return {"pages": result.pages, "bytes": result.bytes}
 
-    def _take_dirty(self, region: ServedRegion) -> list[Run]:
+    async def _take_dirty(self, region: ServedRegion) -> list[Run]:
         """The dirty pages, write-protected again in the same step; pages a
         failed flush left behind are added (those still resident)."""
         fill = region.fill
         if fill.tracking == Tracking.SYNC_WP:
-            runs = fill.take_dirty(region.uffd)
+            runs: list[Run] = []
+            while True:
+                taken, err = fill.take_dirty(region.uffd)
+                runs += taken
+                if not err:
+                    break
+                if err != errno.EAGAIN:
+                    region.retry_pages |= pages_of(runs, fill.base)
+                    raise OSError(err, f"UFFDIO_WRITEPROTECT of dirty pages: {os.strerror(err)}")
+                # An event (a fork, say) is unread: let the loop read it first.
+                await asyncio.sleep(0.001)
         else:
             runs = fill.scan_written(self._pagemap_fd(region), region.paged_spans, protect=True)
         if region.retry_pages:
@@ -586,10 +601,13 @@ class PagerService:
             child_uffd.close()
             raise
         child_store.users += 1
-        fill.inherit_dirty(parent.fill)
+        fill.inherit(parent.fill)
         child = self._add_region(child_uffd, fill, portion, owner_pid=0, fork_policy=parent.fork_policy,
                                  child_store=child_store, keep_child_portions=parent.keep_child_portions,
                                  parent=parent)
+        # Pages the parent's write-back has taken but not yet stored are clean
+        # in the child's page tables too: the child writes them itself.
+        child.retry_pages |= parent.in_flight | parent.retry_pages
         if parent.fork_policy == "at-fork":
             parent.copied_to_children += portion.complete()
         self._sync_defer_missing()

@@ -383,8 +383,11 @@ class FillRange:
     def defer_missing(self, value: bool) -> None:
         self._c.defer_missing = int(value)
 
-    def inherit_dirty(self, parent: "FillRange") -> None:
-        """At fork: the child's pages carry the parent's unflushed writes."""
+    def inherit(self, parent: "FillRange") -> None:
+        """At fork: the child has the pages resident in the parent, and they
+        carry the parent's unflushed writes."""
+        lib.up_bitmap_or(self._c.resident, parent._c.resident, self._npages)
+        self._c.resident_pages = parent._c.resident_pages
         if self._c.dirty != ffi.NULL and parent._c.dirty != ffi.NULL:
             lib.up_bitmap_or(self._c.dirty, parent._c.dirty, self._npages)
             self._c.dirty_pages = parent._c.dirty_pages
@@ -427,16 +430,18 @@ class FillRange:
         """Synchronous tracking: the page is in the dirty bitmap."""
         return bool(lib.up_fill_is_dirty(self._c, address))
 
-    def take_dirty(self, uffd: Uffd) -> list[Run]:
-        """Synchronous tracking: write-protects every dirty page again and
-        returns them as runs (their dirty bits are cleared)."""
+    def take_dirty(self, uffd: Uffd) -> tuple[list[Run], int]:
+        """Synchronous tracking: write-protects dirty pages again and returns
+        them as runs (their dirty bits cleared), with 0 once every dirty page
+        is taken, or the errno that stopped it (EAGAIN: an event is unread).
+        The runs taken before an error are returned all the same."""
         cursor = ffi.new("uint64_t *")
         runs: list[Run] = []
         while (n := lib.up_collect_dirty(uffd.fd, self._c, self._runs, self._RUNS, cursor)) > 0:
             runs.extend(self._run(i) for i in range(n))
         if cursor[0] < self._npages and self._c.dirty_pages:
-            raise _error(ffi.errno, "UFFDIO_WRITEPROTECT of dirty pages")
-        return runs
+            return runs, ffi.errno or errno.EIO
+        return runs, 0
 
     def scan_written(self, pagemap_fd: int, spans: list[tuple[int, int]], *, protect: bool) -> list[Run]:
         """Asynchronous tracking: the pages in spans [(start, end), ...] written
