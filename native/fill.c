@@ -141,13 +141,6 @@ void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
     }
 }
 
-int up_fill_is_resident(struct up_fill *f, uint64_t addr)
-{
-    if (addr < f->base || addr >= f->base + f->len)
-        return 0;
-    return bit_test(f->resident, page_index(f, addr));
-}
-
 int up_fill_is_dirty(struct up_fill *f, uint64_t addr)
 {
     if (!f->dirty || addr < f->base || addr >= f->base + f->len)

@@ -105,7 +105,6 @@ int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t fla
 void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 /* Sets the dirty bits of every page that is set in src (a parent's at fork). */
 void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages);
-int up_fill_is_resident(struct up_fill *fill, uint64_t addr);
 int up_fill_is_dirty(struct up_fill *fill, uint64_t addr);
 
 /* --- portions (portion.c) ----------------------------------------------- */

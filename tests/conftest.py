@@ -5,9 +5,10 @@ A thread blocked in a page fault holds the GIL and retries the fault after
 every signal, so neither pytest-timeout's SIGALRM handler nor its timer
 thread can ever run: a test of this process that deadlocks on a fault would
 hang the run. `_hard_watchdog` arms faulthandler's watchdog (a C thread that
-needs no GIL) a little after pytest-timeout's limit; it dumps every thread's
-stack and ends the run. Whatever is *expected* to block on a fault runs in a
-client subprocess (`spawn_client`) and is only ever waited for with timeouts.
+needs no GIL) a little after pytest-timeout's limit, and between tests; it
+dumps every thread's stack and ends the run (exit status 1). Whatever is
+*expected* to block on a fault runs in a client subprocess (`spawn_client`)
+and is only ever waited for with timeouts.
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import pytest
 
 import uffd_pager
 
-PAGE = uffd_pager.PAGE_SIZE
 WATCHDOG_MARGIN = 30.0  # seconds after pytest-timeout's own limit
+BETWEEN_TESTS = 120.0  # seconds for what runs after a test: wider fixtures, the interpreter's exit
 
 
 # --- the hard watchdog ---------------------------------------------------------
@@ -45,27 +46,37 @@ def _test_timeout(request: pytest.FixtureRequest) -> float:
     return float(value or 0)
 
 
+_terminal: int | None = None
+
+
 def _terminal_fd(config: pytest.Config) -> int:
-    """The run's real stderr: fd 2 is pytest's capture file while a test runs,
-    and what is written there is lost when the watchdog ends the process."""
-    capture = config.pluginmanager.getplugin("capturemanager")
-    try:
-        return capture._global_capturing.err.targetfd_save  # pytest internals; fd 2 otherwise
-    except AttributeError:
-        return sys.__stderr__.fileno()
+    """A descriptor of the run's real stderr, for the watchdog's dump: while a
+    test runs, fd 2 is pytest's capture file, whose contents are lost when the
+    watchdog ends the process."""
+    global _terminal
+    if _terminal is None:
+        capture = config.pluginmanager.getplugin("capturemanager")
+        try:
+            real = capture._global_capturing.err.targetfd_save  # pytest internals; fd 2 otherwise
+        except AttributeError:
+            real = sys.__stderr__.fileno()
+        _terminal = os.dup(real)  # ours: pytest closes its own when capturing stops
+    return _terminal
 
 
 @pytest.fixture(autouse=True)
 def _hard_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Armed for each test, a little after its pytest-timeout; then, until the
+    next test re-arms it, for what runs between tests and at exit (a region
+    left to the garbage collector or to the interpreter's exit can block there)."""
     seconds = _test_timeout(request)
-    if seconds <= 0:
+    if seconds <= 0 or request.config.getoption("usepdb", False):
         yield
         return
-    faulthandler.dump_traceback_later(seconds + WATCHDOG_MARGIN, exit=True, file=_terminal_fd(request.config))
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    terminal = _terminal_fd(request.config)
+    faulthandler.dump_traceback_later(seconds + WATCHDOG_MARGIN, exit=True, file=terminal)
+    yield
+    faulthandler.dump_traceback_later(BETWEEN_TESTS, exit=True, file=terminal)
 
 
 # --- store files -----------------------------------------------------------------
@@ -112,10 +123,8 @@ def sparse_file(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
-    """A short directory (socket paths are limited to 107 bytes) that any
-    user may write to, for daemons running as another user."""
+    """A short directory for sockets (their paths are limited to 107 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="uffd-test-"))
-    path.chmod(0o777)
     yield path
     for child in path.iterdir():
         child.unlink()
@@ -145,22 +154,16 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """start_daemon(name="pager.sock", uid=None) -> a running Daemon, started as
-    `uid` if given; waited for until its socket accepts, stopped with SIGTERM at
-    teardown, when it must exit cleanly."""
+    """start_daemon(name="pager.sock", wrapper=()) -> a running Daemon, its
+    command run through `wrapper` (e.g. setpriv) if given; waited for until its
+    socket accepts, stopped with SIGTERM at teardown, when it must exit cleanly."""
     daemons: list[Daemon] = []
 
-    def start(name: str = "pager.sock", *, uid: int | None = None) -> Daemon:
+    def start(name: str = "pager.sock", *, wrapper: Sequence[str] = ()) -> Daemon:
         path = socket_dir / name
-        preexec = None
-        if uid is not None:
-            def preexec() -> None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
         process = subprocess.Popen(
-            [sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
-            stdin=subprocess.DEVNULL, cwd="/", preexec_fn=preexec,
+            [*wrapper, sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
+            stdin=subprocess.DEVNULL, cwd="/",
         )
         daemon = Daemon(path, process)
         daemons.append(daemon)
@@ -213,10 +216,11 @@ def _accepts(path: Path) -> bool:
 #   touch PAGE               -> "byte VALUE"    (the page's first byte)
 #   stats                    -> "stats"
 #   close                    -> "closed"       (the region, then the pager)
+#   drop                     -> "dropped"      (lets go of the region without closing it)
 #   exit                     -> (none) returns from the script, region or not
 # A command that raises answers "error TYPE MESSAGE".
 CLIENT_SCRIPT = r"""
-import sys, time, uffd_pager
+import gc, sys, time, uffd_pager
 PAGE = uffd_pager.PAGE_SIZE
 
 def say(*words):
@@ -255,6 +259,10 @@ while line := sys.stdin.readline():
             region.close()
             pager.close()
             say("closed")
+        elif command == "drop":
+            del region, view
+            gc.collect()
+            say("dropped")
         else:
             say("error", "UnknownCommand", command)
     except Exception as exc:
@@ -289,7 +297,7 @@ class Client:
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"client {self.process.pid} said nothing for {timeout} s") from None
+            raise AssertionError(f"client {self.process.pid} said nothing for {timeout} s; {self.where()}") from None
         if line is None:
             raise AssertionError(f"client {self.process.pid} exited with status {self.process.wait()}")
         return line
@@ -311,7 +319,18 @@ class Client:
         return self.process.poll() is None
 
     def wait(self, timeout: float = 30) -> int:
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"client {self.process.pid} did not exit within {timeout} s; {self.where()}") from None
+
+    def where(self) -> str:
+        """Where the client's main thread sleeps in the kernel."""
+        try:
+            with open(f"/proc/{self.process.pid}/wchan") as f:
+                return f"it sleeps in the kernel at {f.read() or '(running)'}"
+        except OSError:
+            return "it is gone"
 
     def kill(self) -> None:
         if self.process.poll() is None:

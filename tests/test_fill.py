@@ -4,6 +4,7 @@ a page is filled once however many threads fault on it, and close() leaves
 nothing behind."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import random
@@ -83,8 +84,9 @@ def test_holes_and_pages_past_eof_read_as_zero(pager, sparse_file):
     for offset, data in written.items():
         expected[offset:offset + len(data)] = data
     with pager.map(f"file://{path}", 32 * PAGE) as region:
-        assert bytes(region.view()) == expected
+        mapped = bytes(region.view())
         stats = region.stats()
+    assert mapped == expected
     assert (stats["copies"], stats["zero_fills"]) == (3, 29)
 
 
@@ -96,11 +98,10 @@ def test_the_last_partial_page_of_a_file_reads_its_bytes_then_zeros(pager, tmp_p
     first_page = os.urandom(PAGE)
     path.write_bytes(first_page + tail)
     with pager.map(f"file://{path}", 3 * PAGE) as region:
-        view = region.view()
-        assert bytes(view[:PAGE]) == first_page
-        assert bytes(view[PAGE:2 * PAGE]) == tail + bytes(PAGE - len(tail))
-        assert bytes(view[2 * PAGE:]) == bytes(PAGE)
-        del view
+        mapped = bytes(region.view())
+    assert mapped[:PAGE] == first_page
+    assert mapped[PAGE:2 * PAGE] == tail + bytes(PAGE - len(tail))
+    assert mapped[2 * PAGE:] == bytes(PAGE)
 
 
 @pytest.mark.timeout(30)
@@ -110,7 +111,8 @@ def test_a_region_at_an_offset_maps_the_file_from_that_offset_on(pager, random_f
     data = path.read_bytes()
     offset = offset_pages * PAGE
     with pager.map(f"file://{path}", 16 * PAGE, offset=offset) as region:
-        assert bytes(region.view()) == data[offset:].ljust(16 * PAGE, b"\0")
+        mapped = bytes(region.view())
+    assert mapped == data[offset:].ljust(16 * PAGE, b"\0")
 
 
 # --- a huge sparse region ----------------------------------------------------------------
@@ -149,25 +151,27 @@ def test_a_1_tib_sparse_region_maps_at_once_and_costs_only_the_pages_touched(pag
 def test_concurrent_faults_on_one_page_are_served_once(pager, random_file):
     path = random_file(16 * PAGE)
     data = path.read_bytes()
+    read: dict[int, list[bytes]] = {}
     with pager.map(f"file://{path}", 16 * PAGE) as region:
         view = region.view()
         for page in range(16):
             at = slice(page * PAGE, (page + 1) * PAGE)
-            start, digests = threading.Barrier(8), []
+            start, read[page] = threading.Barrier(8), []
 
             def read_page() -> None:
                 start.wait()
                 # hashlib releases the GIL for a page: the 8 threads fault at once.
-                digests.append(hashlib.sha256(view[at]).digest())
+                read[page].append(hashlib.sha256(view[at]).digest())
 
             threads = [threading.Thread(target=read_page) for _ in range(8)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            assert digests == [hashlib.sha256(data[at]).digest()] * 8
         del view
         stats = region.stats()
+    for page, digests in read.items():
+        assert digests == [hashlib.sha256(data[page * PAGE:(page + 1) * PAGE]).digest()] * 8
     assert stats["copies"] == stats["resident_pages"] == 16
     assert stats["faults"] == stats["copies"] + stats["duplicates"]
 
@@ -196,17 +200,30 @@ def test_close_unregisters_and_unmaps(pager, random_file, this_process, close):
     region = pager.map(f"file://{path}", 16 * MiB)
     assert this_process.uffd_fds() == fds + 1
     assert this_process.maps_all_of(region.address, region.size)
-    assert region.view()[5 * PAGE] == path.read_bytes()[5 * PAGE]
+    byte = region.view()[5 * PAGE]
+    assert byte == path.read_bytes()[5 * PAGE]
 
     close(pager, region)
 
     assert region.closed
-    assert not this_process.maps_all_of(region.address, region.size)
-    assert this_process.uffd_fds() == fds
+    assert not this_process.maps_all_of(region.address, region.size), "the region is still mapped"
+    assert this_process.uffd_fds() == fds, "the region's userfaultfd is still open"
     with pytest.raises(ValueError):
         region.view()
     with pytest.raises(ValueError):
         region.stats()
+
+
+@pytest.mark.timeout(30)
+def test_a_region_dropped_without_close_releases_its_userfaultfd(pager, random_file, this_process):
+    path = random_file(16 * PAGE)
+    fds = this_process.uffd_fds()
+    region = pager.map(f"file://{path}", 16 * PAGE)
+    first_page = bytes(region.view()[:PAGE])
+    del region
+    gc.collect()
+    assert first_page == path.read_bytes()[:PAGE]
+    assert this_process.uffd_fds() == fds, "the dropped region's userfaultfd is still open"
 
 
 @pytest.mark.timeout(30)
@@ -226,7 +243,8 @@ def test_closing_a_region_whose_view_is_still_alive_unmaps_it_once_the_view_is_r
     fds = this_process.uffd_fds()
     with pager.map(f"file://{path}", 16 * MiB) as region:
         view = region.view()
-        assert view[0] == path.read_bytes()[0]
+        byte = view[0]
+    assert byte == path.read_bytes()[0]
     assert region.closed
     assert this_process.uffd_fds() == fds
     del view

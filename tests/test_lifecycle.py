@@ -76,6 +76,12 @@ def exit_without_closing(client):
     assert client.wait(timeout=10) == 0
 
 
+def drop_without_closing(client):
+    assert client.ask("drop", timeout=10) == "dropped"
+    client.send("exit")
+    assert client.wait(timeout=10) == 0
+
+
 def kill_while_reading(client):
     client.send(f"read {8 * MiB // PAGE} {16 * MiB // PAGE} 0.002")  # about 4 s of faults
     time.sleep(0.5)
@@ -84,7 +90,7 @@ def kill_while_reading(client):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("leave", [close_and_exit, exit_without_closing, kill_while_reading])
+@pytest.mark.parametrize("leave", [close_and_exit, exit_without_closing, drop_without_closing, kill_while_reading])
 def test_a_client_going_away_leaves_nothing_behind_in_the_daemon(daemon, spawn_client, random_file, leave):
     path = random_file(16 * MiB)
     with daemon.connect() as monitor:
@@ -101,47 +107,44 @@ def test_a_client_going_away_leaves_nothing_behind_in_the_daemon(daemon, spawn_c
         assert counts_once_settled(monitor, idle) == idle
 
 
-@pytest.mark.timeout(60)
-def test_after_the_pager_is_killed_a_missing_page_is_waited_for_never_read_as_zeros(spawn_client, tmp_path):
-    path = tmp_path / "nonzero.bin"
-    path.write_bytes(b"\xa5" * 64 * PAGE)
-    client = spawn_client(None)  # with a private pager
-    assert client.ask(f"map file://{path} {64 * PAGE}") == "mapped"
-    assert client.ask("touch 0") == "byte 165"
-
-    kill_pager(client.pager_pid)
-    client.send("touch 40")
-
-    assert client.said_nothing_for(3.0), f"the client read a page with no pager: {client.reply()}"
-    assert client.alive
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("call", ["map", "stats"])
-def test_after_the_pager_is_killed_requests_raise_pager_gone(spawn_client, tmp_path, call):
+@pytest.fixture
+def orphaned_client(spawn_client, tmp_path):
+    """A client with a private pager, a region over a file of 0xa5 bytes, its
+    first page read; then its pager is killed. -> (client, file path)"""
     path = tmp_path / "nonzero.bin"
     path.write_bytes(b"\xa5" * 64 * PAGE)
     client = spawn_client(None)
     assert client.ask(f"map file://{path} {64 * PAGE}") == "mapped"
     assert client.ask("touch 0") == "byte 165"
-
     kill_pager(client.pager_pid)
+    return client, path
 
-    assert client.ask("touch 0") == "byte 165", "a resident page is no longer readable"
+
+@pytest.mark.timeout(60)
+def test_after_the_pager_is_killed_a_missing_page_is_waited_for_never_read_as_zeros(orphaned_client):
+    client, _ = orphaned_client
+    client.send("touch 40")
+    assert client.said_nothing_for(3.0), f"the client read a page with no pager: {client.reply()}"
+    assert client.alive
+
+
+@pytest.mark.timeout(60)
+def test_after_the_pager_is_killed_resident_pages_stay_readable(orphaned_client):
+    client, _ = orphaned_client
+    assert client.ask("touch 0") == "byte 165"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["map", "stats"])
+def test_after_the_pager_is_killed_requests_raise_pager_gone(orphaned_client, call):
+    client, path = orphaned_client
     command = f"map file://{path} {64 * PAGE}" if call == "map" else "stats"
     assert client.ask(command).startswith("error PagerGone ")
     assert issubclass(uffd_pager.PagerGone, ConnectionError)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("leave", [close_and_exit, exit_without_closing])
-def test_a_client_whose_pager_was_killed_can_still_exit(spawn_client, tmp_path, leave):
-    path = tmp_path / "nonzero.bin"
-    path.write_bytes(b"\xa5" * 64 * PAGE)
-    client = spawn_client(None)
-    assert client.ask(f"map file://{path} {64 * PAGE}") == "mapped"
-    assert client.ask("touch 0") == "byte 165"
-
-    kill_pager(client.pager_pid)
-
+@pytest.mark.parametrize("leave", [close_and_exit, exit_without_closing, drop_without_closing])
+def test_a_client_whose_pager_was_killed_can_still_let_go_of_its_region_and_exit(orphaned_client, leave):
+    client, _ = orphaned_client
     leave(client)

@@ -70,6 +70,7 @@ from uffd_pager.uffd import (
     Tracking,
     Uffd,
     UnmapEvent,
+    present_pages,
 )
 from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
 
@@ -553,20 +554,21 @@ class PagerService:
             while True:
                 taken, err = fill.take_dirty(region.uffd)
                 runs += taken
+                region.in_flight |= pages_of(taken, fill.base)  # a fork while we wait must see them
                 if not err:
                     break
                 if err != errno.EAGAIN:
-                    region.retry_pages |= pages_of(runs, fill.base)
+                    region.retry_pages |= region.in_flight
+                    region.in_flight = set()
                     raise OSError(err, f"UFFDIO_WRITEPROTECT of dirty pages: {os.strerror(err)}")
                 # An event (a fork, say) is unread: let the loop read it first.
                 await asyncio.sleep(0.001)
         else:
             runs = fill.scan_written(self._pagemap_fd(region), region.paged_spans, protect=True)
         if region.retry_pages:
-            base = fill.base
-            retry = {p for p in region.retry_pages if fill.is_resident(base + p * PAGE_SIZE)}
+            retry = present_pages(self._pagemap_fd(region), fill.base, region.retry_pages)
             region.retry_pages.clear()
-            runs = merge_runs(runs + runs_of_pages(retry, base, region.portion.offset or 0))
+            runs = merge_runs(runs + runs_of_pages(retry, fill.base, region.portion.offset or 0))
         return runs
 
     def _pagemap_fd(self, region: ServedRegion) -> int:
@@ -601,7 +603,7 @@ class PagerService:
             child_uffd.close()
             raise
         child_store.users += 1
-        fill.inherit(parent.fill)
+        fill.inherit_dirty(parent.fill)
         child = self._add_region(child_uffd, fill, portion, owner_pid=0, fork_policy=parent.fork_policy,
                                  child_store=child_store, keep_child_portions=parent.keep_child_portions,
                                  parent=parent)

@@ -383,11 +383,10 @@ class FillRange:
     def defer_missing(self, value: bool) -> None:
         self._c.defer_missing = int(value)
 
-    def inherit(self, parent: "FillRange") -> None:
-        """At fork: the child has the pages resident in the parent, and they
-        carry the parent's unflushed writes."""
-        lib.up_bitmap_or(self._c.resident, parent._c.resident, self._npages)
-        self._c.resident_pages = parent._c.resident_pages
+    def inherit_dirty(self, parent: "FillRange") -> None:
+        """At fork: the pages the child inherits carry the parent's unflushed
+        writes. (Not its resident bitmap: faults the parent had pending at
+        fork are read, and filled in the parent only, before the FORK event.)"""
         if self._c.dirty != ffi.NULL and parent._c.dirty != ffi.NULL:
             lib.up_bitmap_or(self._c.dirty, parent._c.dirty, self._npages)
             self._c.dirty_pages = parent._c.dirty_pages
@@ -422,9 +421,6 @@ class FillRange:
 
     def forget(self, start: int, end: int) -> None:
         lib.up_fill_forget(self._c, start, end)
-
-    def is_resident(self, address: int) -> bool:
-        return bool(lib.up_fill_is_resident(self._c, address))
 
     def is_dirty(self, address: int) -> bool:
         """Synchronous tracking: the page is in the dirty bitmap."""
@@ -493,6 +489,22 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     if lib.up_start_writeback(fd, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+_PM_PRESENT = 1 << 63
+_PM_SWAPPED = 1 << 62
+
+
+def present_pages(pagemap_fd: int, base: int, pages: set[int]) -> set[int]:
+    """The pages (indices from base) that are in memory in the process whose
+    /proc/pid/pagemap is open: the only ones safe to copy out, since reading
+    a missing page would itself raise a userfault."""
+    present = set()
+    for page in pages:
+        entry = os.pread(pagemap_fd, 8, (base // PAGE_SIZE + page) * 8)
+        if len(entry) == 8 and int.from_bytes(entry, "little") & (_PM_PRESENT | _PM_SWAPPED):
+            present.add(page)
+    return present
 
 
 def unmap(address: int, length: int) -> None:
