@@ -50,16 +50,13 @@ static void mark_dirty(struct up_fill *f, uint64_t idx)
 /* Fills one missing page. A read fills it write-protected when writes are
  * tracked, so that the first write is seen; a write fills it writable and
  * dirty at once (else it would cost a second round trip, MISSING then WP). */
-static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
+/* Maps buf (n bytes of data, the rest zeros) at the missing page addr. A
+ * read maps it write-protected when writes are tracked, so that the first
+ * write is seen; a write maps it writable and dirty at once (else it would
+ * cost a second round trip, MISSING then WP). */
+static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write, uint8_t *buf, size_t n)
 {
-    static __thread uint8_t buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
-    const struct up_portion *src = up_portion_source(f->portion, idx);
-    if (src->fd < 0)
-        return -EOPNOTSUPP;
-    ssize_t n = pread(src->fd, buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
-    if (n < 0)
-        return -errno;
-    int zero = n == 0 || all_zero(buf, (size_t)n);
+    int zero = n == 0 || all_zero(buf, n);
     int64_t done;
     int rc;
     /* The shared zero page costs the client no memory until it writes. It
@@ -74,7 +71,7 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
         if (zero)
             memset(buf, 0, UP_PAGE_SIZE);
         else if (n < UP_PAGE_SIZE)
-            memset(buf + n, 0, UP_PAGE_SIZE - (size_t)n);
+            memset(buf + n, 0, UP_PAGE_SIZE - n);
         uint64_t mode = (!write && f->tracking != UP_TRACK_NONE) ? UFFDIO_COPY_MODE_WP : 0;
         rc = up_uffd_copy(uffd, addr, buf, UP_PAGE_SIZE, mode, &done);
         if (rc == 0 && zero)
@@ -96,6 +93,20 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
     return 0;
 }
 
+static __thread uint8_t page_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
+
+/* Fills a missing page from where the portion chain holds it. */
+static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
+{
+    const struct up_portion *src = up_portion_source(f->portion, idx);
+    if (src->fd < 0)
+        return -EOPNOTSUPP;
+    ssize_t n = pread(src->fd, page_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
+    if (n < 0)
+        return -errno;
+    return place_page(uffd, f, addr, idx, write, page_buf, (size_t)n);
+}
+
 /* The first write to a page filled write-protected (synchronous tracking). */
 static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx)
 {
@@ -105,7 +116,8 @@ static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_
     return 0;
 }
 
-int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
+/* Serves one fault with the page's data from data (NULL: from the chain). */
+static int serve_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data)
 {
     uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
     if (addr < f->base || addr >= f->base + f->len)
@@ -119,7 +131,21 @@ int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
             return -errno;
         return 0;
     }
-    return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
+    int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+    if (!data)
+        return fill_missing(uffd, f, addr, idx, write);
+    memcpy(page_buf, data, UP_PAGE_SIZE);
+    return place_page(uffd, f, addr, idx, write, page_buf, UP_PAGE_SIZE);
+}
+
+int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
+{
+    return serve_fault(uffd, f, address, flags, NULL);
+}
+
+int up_fill_with(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data)
+{
+    return serve_fault(uffd, f, address, flags, data);
 }
 
 void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)

@@ -94,6 +94,11 @@ int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, ui
     return 0;
 }
 
+int up_portion_has(const struct up_portion *p, uint64_t idx)
+{
+    return !p->parent || (p->fd >= 0 && bit_test(p->materialized, idx));
+}
+
 void up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages)
 {
     if (!p->materialized)

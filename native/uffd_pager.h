@@ -101,6 +101,9 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
  * fill's source, wakes a page already filled, or records the first write to
  * a write-protected page and unprotects it. Returns 0, or -errno. */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
+/* The same, with the page's bytes (PAGE_SIZE of them) given: for pages that
+ * come through Python (an encrypted store). */
+int up_fill_with(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags, const uint8_t *data);
 /* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
 void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 /* Sets the dirty bits of every page that is set in src (a parent's at fork). */
@@ -117,6 +120,8 @@ int up_fill_is_dirty(struct up_fill *fill, uint64_t addr);
 int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied);
 /* Marks pages materialized (after this portion's own write-back). */
 void up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages);
+/* Whether page idx is held by p itself (always, for a root portion). */
+int up_portion_has(const struct up_portion *p, uint64_t idx);
 /* Pages of [0, npages) not materialized in p. */
 uint64_t up_portion_missing(const struct up_portion *p, uint64_t npages);
 

@@ -6,8 +6,9 @@ first touch through userfaultfd by a pager in another process.
         data = region.view()
 """
 from uffd_pager.client import Pager, connect
+from uffd_pager.crypto import Key
 from uffd_pager.protocol import PagerGone, ProtocolError
-from uffd_pager.region import Region
+from uffd_pager.region import Backing, Region
 from uffd_pager.uffd import PAGE_SIZE
 
-__all__ = ["Pager", "connect", "Region", "PagerGone", "ProtocolError", "PAGE_SIZE"]
+__all__ = ["Pager", "connect", "Region", "Backing", "Key", "PagerGone", "ProtocolError", "PAGE_SIZE"]

@@ -1,4 +1,4 @@
-"""The command line: ``uffd-pager serve | bench | status``."""
+"""The command line: ``uffd-pager serve | bench | status | keygen``."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from uffd_pager.crypto import Key
+
+    text = Key.generate().to_text()
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    else:
+        fd = sys.stdout.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)  # `keygen > FILE`: the shell made FILE with the umask's mode
+        elif os.isatty(fd):
+            print("uffd-pager: not writing a key to a terminal; redirect it to a file or use --out", file=sys.stderr)
+            return 2
+    try:
+        os.write(fd, text.encode())
+    finally:
+        if args.out:
+            os.close(fd)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from uffd_pager.bench import run_bench
 
@@ -102,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", help="where to put the benchmark file (default: a new temp dir)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     bench.set_defaults(func=cmd_bench)
+
+    keygen = sub.add_parser("keygen", help="write a new 256-bit key (mode 0600) for map(key_file=...)")
+    keygen.add_argument("--out", help="create this file (it must not exist) instead of writing to stdout")
+    keygen.set_defaults(func=cmd_keygen)
 
     status = sub.add_parser("status", help="print a daemon's connections, regions, fds and memory")
     status.add_argument("--socket", required=True, help="the daemon's socket path")

@@ -22,6 +22,7 @@ import weakref
 from typing import Any
 
 from uffd_pager import protocol
+from uffd_pager.crypto import Key
 from uffd_pager.layout import (
     DEFAULT_WRITEBACK_INTERVAL,
     check_geometry,
@@ -164,14 +165,16 @@ class Pager:
 
     def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str = "async",
             writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL, fork_policy: str = "on-write",
-            children: str | None = None, keep_child_portions: bool = False) -> Region:
+            children: str | None = None, keep_child_portions: bool = False,
+            key_file: str | os.PathLike[str] | None = None, key: Key | None = None) -> Region:
         """Maps `size` bytes whose pages live in `store` (a URL such as
         ``file:///abs/path``) from byte `offset` on; see the README for every
         option. Pages are filled on first touch; holes and bytes past the end
         of a file read as zero. Writes go back on `Region.flush()`, on
         `close()` and every `writeback_interval` seconds. After fork() a
         child's writes go to its own portion (in `children`, or the same
-        store), copied from the parent's per `fork_policy`."""
+        store), copied from the parent's per `fork_policy`. With `key_file`
+        (or a `Key`), pages are encrypted at rest with AES-256-GCM."""
         check_geometry(size, offset)
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
@@ -179,6 +182,10 @@ class Pager:
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
+        if key_file is not None and key is not None:
+            raise TypeError("give key_file or key, not both")
+        if key_file is not None:
+            key = Key.from_file(key_file)
         uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
         mapped = size + PAGE_SIZE  # and the tag page (see Region)
         try:
@@ -193,7 +200,8 @@ class Pager:
             reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address,
                                        tracking=dirty_tracking, writeback_interval=interval,
                                        fork_policy=fork_policy, children=children,
-                                       keep_child_portions=bool(keep_child_portions))
+                                       keep_child_portions=bool(keep_child_portions),
+                                       key=key.to_wire() if key is not None else None)
         except BaseException:
             memory.uffd = uffd
             memory.release_uffd()

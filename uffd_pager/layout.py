@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
+from uffd_pager.uffd import PAGE_SIZE, PortionState, Run, Tracking
 
 if TYPE_CHECKING:
     from uffd_pager.stores import Store
@@ -147,11 +147,53 @@ class Portion:
     def inheriting_children(self) -> list["Portion"]:
         return [c for c in self.children if c.state.missing()]
 
+    def source(self, page: int) -> "Portion":
+        """The portion of this chain that holds the page (see native/portion.c)."""
+        portion = self
+        while not portion.state.has(page):
+            assert portion.parent is not None
+            portion = portion.parent
+        return portion
+
+    def read_page(self, page: int) -> bytes:
+        """The page as this portion's process sees it in the store."""
+        source = self.source(page)
+        return source.store.read_page(source.offset + page * PAGE_SIZE)  # type: ignore[operator]
+
     def copy_in(self, first: int, npages: int) -> int:
         """Materializes pages here from the parent chain (placing the portion first)."""
         self.place()
-        copied = self.state.copy_in(first, npages)
+        if self._chain_is_direct():
+            copied = self.state.copy_in(first, npages)  # copy_file_range, in C
+        else:
+            copied = self._copy_in_through_store(first, npages)
         self.copied_in += copied
+        return copied
+
+    def _chain_is_direct(self) -> bool:
+        portion: Portion | None = self
+        while portion is not None:
+            if not portion.store.direct:
+                return False
+            portion = portion.parent
+        return True
+
+    def _copy_in_through_store(self, first: int, npages: int) -> int:
+        """Pages of an encrypted chain are decrypted from where they are and
+        encrypted anew for this portion: a ciphertext is bound to its place."""
+        assert self.parent is not None and self.offset is not None
+        copied = 0
+        for page in range(first, first + npages):
+            if self.state.has(page):
+                continue
+            source = self.parent.source(page)
+            offset = self.offset + page * PAGE_SIZE
+            if source.store.holds(source.offset + page * PAGE_SIZE) or self.store.holds(offset):  # type: ignore[operator]
+                self.store.write_runs([Run(0, offset, PAGE_SIZE)], self.parent.read_page(page))
+            self.state.mark(page, 1)
+            copied += 1
+        if copied:
+            self.store.sync()
         return copied
 
     def complete(self) -> int:

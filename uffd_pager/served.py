@@ -55,6 +55,7 @@ class ServedRegion:
         "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
     copied_to_children: int = 0
     tag_faults: int = 0
+    auth_failures: int = 0  # pages that failed authentication (poisoned, never handed out)
     # What of the registration (region and tag page) is still mapped, and
     # where: the program's own munmap/mremap change it (UNMAP/REMAP events).
     spans: list[Span] = field(default_factory=list)
@@ -65,6 +66,10 @@ class ServedRegion:
         """The page past the region: untouched by the root process, so a
         forked child's first read of it is a fault that tells its pid."""
         return self.fill.base + self.fill.length
+
+    @property
+    def encrypted(self) -> bool:
+        return not self.portion.store.direct
 
     @property
     def paged_spans(self) -> list[Span]:
@@ -96,6 +101,8 @@ class ServedRegion:
             "events": dict(self.events),
             "errors": self.errors,
             "poisoned": self.poisoned,
+            "encrypted": self.encrypted,
+            "auth_failures": self.auth_failures,
             "pending": len(self.pending),
             "last_error": self.last_error,
             "fork": {

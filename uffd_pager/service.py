@@ -56,6 +56,7 @@ from uffd_pager.layout import (
     parse_tracking,
     parse_writeback_interval,
 )
+from uffd_pager.crypto import Key, PageAuthError
 from uffd_pager.served import OpenStore, ServedRegion
 from uffd_pager.stores import open_store
 from uffd_pager.uffd import (
@@ -238,12 +239,13 @@ class PagerService:
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
         keep = bool(request.get("keep_child_portions", False))
         children_url = request.get("children")
+        key = Key.from_wire(request["key"]) if request.get("key") is not None else None
         opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
-            store = self._open_store(request.get("url"))
+            store = self._open_store(request.get("url"), key)
             opened.append(store)
-            child_store = store if children_url is None else self._open_store(children_url)
+            child_store = store if children_url is None else self._open_store(children_url, key)
             if children_url is not None:
                 opened.append(child_store)
             if tracking == Tracking.ASYNC_WP:
@@ -263,6 +265,7 @@ class PagerService:
         region.pagemap_fd = pagemap_fd
         region.connection = conn
         conn.regions[region.id] = region
+        self._sync_defer_missing()
         if interval:
             region.timer = self._loop.create_task(self._flush_periodically(region, interval))
         return {"ok": True, "region": region.id}
@@ -330,16 +333,19 @@ class PagerService:
 
     # --- stores -------------------------------------------------------------------
 
-    def _open_store(self, url: object) -> OpenStore:
-        store = open_store(url)  # type: ignore[arg-type]
+    def _open_store(self, url: object, key: Key | None = None) -> OpenStore:
+        store = open_store(url, key)  # type: ignore[arg-type]
         try:
-            key = store.identity
+            identity = store.identity
+            shared = self._stores.get(identity)
+            if shared is not None and shared.store.key_id != store.key_id:
+                raise PermissionError(errno.EACCES, f"{store.url} is in use with "
+                                      f"{'another key' if shared.store.key_id else 'no key'} by another region")
         except BaseException:
             store.close()
             raise
-        shared = self._stores.get(key)
         if shared is None:
-            shared = self._stores[key] = OpenStore(store, PortionAllocator(store))
+            shared = self._stores[identity] = OpenStore(store, PortionAllocator(store))
         else:
             store.close()  # one descriptor per file is enough
         shared.users += 1
@@ -452,7 +458,7 @@ class PagerService:
             if fault.page == region.tag_address:
                 rc = self._serve_tag_page(region, fault)
             elif region.fill.defer_missing and not fault.wp:
-                rc = self._copy_on_access(region, fault)
+                rc = self._serve_deferred(region, fault)
             else:
                 rc = region.fill.fill_fault(region.uffd, fault)
             if rc == 0:
@@ -626,29 +632,40 @@ class PagerService:
             for run in runs:
                 region.copied_to_children += child.copy_in(region.page_index(run.addr), run.length // PAGE_SIZE)
 
-    def _copy_on_access(self, region: ServedRegion, fault: PageFault) -> int:
-        """fork_policy="on-access": any access by either process copies the
-        page into the child's portion (claim 4), then the fault is served."""
+    def _serve_deferred(self, region: ServedRegion, fault: PageFault) -> int:
+        """A missing page that needs Python: with fork_policy="on-access",
+        any access by either process first copies the page into the child's
+        portion (claim 4); an encrypted region's page is decrypted here."""
         index = region.page_index(fault.page)
-        if 0 <= index < region.fill.length // PAGE_SIZE:
-            try:
+        if not 0 <= index < region.fill.length // PAGE_SIZE:
+            return -errno.EFAULT
+        data = None
+        try:
+            if region.fork_policy == "on-access":
                 if region.parent is not None:
                     region.portion.copy_in(index, 1)
                 for child in region.portion.inheriting_children():
                     region.copied_to_children += child.copy_in(index, 1)
-            except OSError as exc:
-                return -(exc.errno or errno.EIO)
-        return region.fill.fill_fault(region.uffd, fault)
+            if region.encrypted:
+                data = region.portion.read_page(index)
+        except PageAuthError as exc:
+            region.auth_failures += 1
+            log.error("region %d: %s", region.id, exc)
+            return -errno.EBADMSG
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        return region.fill.fill_fault(region.uffd, fault, data)
 
     def _sync_defer_missing(self) -> None:
-        """on-access regions route their missing faults through Python while
-        copies are due: a child until it holds every page, a parent while a
-        child inherits from it."""
+        """Missing faults go through Python where the C fill path cannot
+        serve them: always for an encrypted region; for fork_policy
+        "on-access" while copies are due (a child until it holds every
+        page, a parent while a child inherits from it)."""
         for region in self._regions.values():
-            if region.fork_policy == "on-access":
-                region.fill.defer_missing = bool(
-                    (region.parent is not None and region.portion.state.missing())
-                    or region.portion.inheriting_children())
+            region.fill.defer_missing = region.encrypted or bool(
+                region.fork_policy == "on-access"
+                and ((region.parent is not None and region.portion.state.missing())
+                     or region.portion.inheriting_children()))
 
     def _learn_child_pid(self, region: ServedRegion) -> None:
         """Learns a forked child's pid from a fault (any fault on a child's

@@ -325,6 +325,10 @@ class PortionState:
     def mark(self, first: int, npages: int) -> None:
         lib.up_portion_mark(self._c, first, npages)
 
+    def has(self, page: int) -> bool:
+        """Whether this portion holds the page itself (a root portion: all)."""
+        return bool(lib.up_portion_has(self._c, page))
+
     def missing(self) -> int:
         """Pages still inherited (not materialized here)."""
         return lib.up_portion_missing(self._c, self._npages)
@@ -415,9 +419,12 @@ class FillRange:
             Deferred(_decode(self._deferred[i]), self._deferred[i].status) for i in range(self._n_deferred[0])
         ]
 
-    def fill_fault(self, uffd: Uffd, fault: PageFault) -> int:
-        """Serves one fault again (after EAGAIN); returns 0 or -errno."""
-        return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
+    def fill_fault(self, uffd: Uffd, fault: PageFault, data: bytes | None = None) -> int:
+        """Serves one fault (again, after EAGAIN), from the portion chain or
+        with the page's bytes given; returns 0 or -errno."""
+        if data is None:
+            return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
+        return lib.up_fill_with(uffd.fd, self._c, fault.address, fault.flags, data)
 
     def forget(self, start: int, end: int) -> None:
         lib.up_fill_forget(self._c, start, end)

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from uffd_pager.crypto import Key
 from uffd_pager.stores.base import Store
+from uffd_pager.stores.encrypted import EncryptedStore
 from uffd_pager.stores.file import FileStore
 
 SCHEMES: dict[str, type[Store]] = {"file": FileStore}
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, key: Key | None = None) -> Store:
+    """Opens the store at url; with a key, wrapped so that it only ever
+    sees ciphertext."""
+    store = _open_plain(url)
+    if key is None:
+        return store
+    try:
+        return EncryptedStore(store, key)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _open_plain(url: str) -> Store:
     if not isinstance(url, str) or not url:
         raise ValueError(f"a store is a URL such as file:///path/to/file, not {url!r}")
     scheme = urlsplit(url).scheme
@@ -26,4 +41,4 @@ def open_store(url: str) -> Store:
     return store_type.open(url)
 
 
-__all__ = ["Store", "FileStore", "open_store", "SCHEMES"]
+__all__ = ["Store", "FileStore", "EncryptedStore", "open_store", "SCHEMES"]

@@ -10,6 +10,11 @@ class Store(abc.ABC):
     """Pages of a region live in a store at byte offsets."""
 
     url: str
+    # True when fill_fd holds the pages as they are, so the C paths may
+    # pread them and copy_file_range them between portions; False when every
+    # page must go through read_page/write_runs (an encrypted store).
+    direct: bool = True
+    key_id: str | None = None  # the id of the key an encrypted store is under
 
     @classmethod
     @abc.abstractmethod
@@ -35,6 +40,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def discard(self, offset: int, length: int) -> None:
         """Makes a range read as zero (a portion slot being reused)."""
+
+    @abc.abstractmethod
+    def read_page(self, offset: int) -> bytes:
+        """The page at byte offset: PAGE_SIZE bytes, zeros where the store
+        has none. Raises PageAuthError for a page that fails authentication."""
+
+    def holds(self, offset: int) -> bool:
+        """False only where the store knows it has no data (the page reads as
+        zero and copying it is needless)."""
+        return True
 
     @abc.abstractmethod
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:

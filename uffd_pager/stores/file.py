@@ -11,7 +11,7 @@ import stat
 from urllib.parse import unquote, urlsplit
 
 from uffd_pager.stores.base import Store
-from uffd_pager.uffd import Run, punch_hole, pwrite_runs, start_writeback
+from uffd_pager.uffd import PAGE_SIZE, Run, punch_hole, pwrite_runs, start_writeback
 
 
 def file_path(url: str) -> str:
@@ -27,8 +27,9 @@ def file_path(url: str) -> str:
 
 
 class FileStore(Store):
-    def __init__(self, url: str, fd: int, writable: bool) -> None:
+    def __init__(self, url: str, path: str, fd: int, writable: bool) -> None:
         self.url = url
+        self.path = path
         self._fd = fd
         self.writable = writable
 
@@ -51,7 +52,7 @@ class FileStore(Store):
         if not stat.S_ISREG(mode):
             os.close(fd)
             raise OSError(errno.EINVAL, f"store {path} is not a regular file")
-        return cls(url, fd, writable)
+        return cls(url, path, fd, writable)
 
     @property
     def fill_fd(self) -> int:
@@ -67,6 +68,10 @@ class FileStore(Store):
 
     def discard(self, offset: int, length: int) -> None:
         punch_hole(self._fd, offset, length)
+
+    def read_page(self, offset: int) -> bytes:
+        data = os.pread(self._fd, PAGE_SIZE, offset)
+        return data + bytes(PAGE_SIZE - len(data))
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
