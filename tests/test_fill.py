@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy
 import pytest
@@ -26,16 +27,16 @@ TiB = 1 << 40
 # --- every byte equals the file --------------------------------------------------
 
 
-def read_pages_in_random_order(region: uffd_pager.Region, path: str) -> list[int]:
-    data = open(path, "rb").read()
+def read_pages_in_random_order(region: uffd_pager.Region, path: Path) -> list[int]:
+    data = path.read_bytes()
     view = region.view()
     pages = list(range(region.size // PAGE))
     random.shuffle(pages)
     return [p for p in pages if view[p * PAGE:(p + 1) * PAGE] != data[p * PAGE:(p + 1) * PAGE]]
 
 
-def read_pages_from_four_threads(region: uffd_pager.Region, path: str) -> list[int]:
-    data = open(path, "rb").read()
+def read_pages_from_four_threads(region: uffd_pager.Region, path: Path) -> list[int]:
+    data = path.read_bytes()
     view = region.view()
     differing: list[int] = []
     start = threading.Barrier(4)
@@ -54,7 +55,7 @@ def read_pages_from_four_threads(region: uffd_pager.Region, path: str) -> list[i
     return sorted(set(differing))
 
 
-def read_with_numpy(region: uffd_pager.Region, path: str) -> list[int]:
+def read_with_numpy(region: uffd_pager.Region, path: Path) -> list[int]:
     mapped = numpy.frombuffer(region.view(), dtype=numpy.uint8)
     stored = numpy.fromfile(path, dtype=numpy.uint8)
     differs = (mapped != stored).reshape(-1, PAGE).any(axis=1)
@@ -65,7 +66,7 @@ def read_with_numpy(region: uffd_pager.Region, path: str) -> list[int]:
 @pytest.mark.parametrize("read", [read_pages_in_random_order, read_pages_from_four_threads, read_with_numpy],
                          ids=["random-page-order", "four-threads", "numpy"])
 def test_every_byte_of_a_64_mib_region_equals_the_file(pager, random_file, read):
-    path = str(random_file(64 * MiB))
+    path = random_file(64 * MiB)
     with pager.map(f"file://{path}", 64 * MiB) as region:
         assert read(region, path) == [], "these pages differ from the file"
         stats = region.stats()
