@@ -29,6 +29,8 @@ ffibuilder.set_source(
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
     libraries=["pthread"],
+    # libcrypto by its runtime name: no OpenSSL headers or dev symlink needed (see aead.c).
+    extra_link_args=["-l:libcrypto.so.3"],
 )
 
 if __name__ == "__main__":

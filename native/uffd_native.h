@@ -7,6 +7,7 @@
 #include "uffd_compat.h"
 
 #define UP_PAGE_SIZE 4096
+#define UP_RECORD_SIZE 40 /* a catalog record: see catalog.py */
 
 #include "uffd_pager.h"
 

@@ -147,6 +147,23 @@ int64_t up_pwrite_runs(int fd, const struct up_run *runs, int n, const uint8_t *
 uint8_t *up_bitmap_alloc(uint64_t npages);
 void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
 
+/* --- AES-256-GCM over pages (aead.c) ----------------------------------- */
+
+struct up_aead;
+struct up_aead *up_aead_new(const uint8_t *key);   /* 32 bytes */
+void up_aead_free(struct up_aead *aead);
+/* Seals n pages of in into out (n * 4096 bytes): page i under counter
+ * c = first_nonce + i, as nonce (96-bit big-endian) and as version, with
+ * associated data store_id (16 bytes) || pages[i] || c (little-endian
+ * u64s). records gets each page's catalog record (see catalog.py): n * 40
+ * bytes. Returns 0, or -1 if libcrypto failed. cffi releases the GIL. */
+int up_aead_seal_pages(struct up_aead *aead, const uint8_t *store_id, const uint64_t *pages,
+                       uint64_t first_nonce, const uint8_t *in, uint8_t *out, uint8_t *records, int n);
+/* Opens one page into out; returns 0, or -1 (out zeroed) if it does not
+ * authenticate. */
+int up_aead_open_page(struct up_aead *aead, const uint8_t *store_id, uint64_t page, uint64_t version,
+                      const uint8_t *nonce, const uint8_t *tag, const uint8_t *in, uint8_t *out);
+
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
 int up_munmap(uint64_t addr, uint64_t len);

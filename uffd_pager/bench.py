@@ -29,7 +29,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+from uffd_pager.catalog import SUFFIX as CATALOG_SUFFIX
 from uffd_pager.client import Pager
+from uffd_pager.crypto import Key
 from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, buffer_address
 
@@ -66,6 +68,7 @@ class Workload:
     size: int
     offsets: array.array
     pager: Pager
+    key: Key
 
 
 def _touch(address: int, offsets: array.array, *, write: bool = False) -> list[int]:
@@ -140,6 +143,20 @@ def pager_read(w: Workload) -> list[int]:
         return _touch(region.address, w.offsets)
 
 
+def _fresh_catalog(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + CATALOG_SUFFIX)
+
+
+def pager_read_encrypted(w: Workload) -> list[int]:
+    """Read faults of pages stored encrypted (written and flushed first)."""
+    _fresh_catalog(w.path)
+    with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
+        _touch(region.address, w.offsets, write=True)
+    with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
+        return _touch(region.address, w.offsets)
+
+
 # --- writes -----------------------------------------------------------------------
 
 
@@ -189,9 +206,12 @@ def kernel_msync(w: Workload) -> list[int]:
         return _per_page(time.perf_counter_ns() - start, len(w.offsets))
 
 
-def pager_flush(tracking: str) -> Callable[[Workload], list[int]]:
+def pager_flush(tracking: str, *, encrypted: bool = False) -> Callable[[Workload], list[int]]:
     def run(w: Workload) -> list[int]:
-        with _pager_map(w, tracking) as region:
+        if encrypted:
+            _fresh_catalog(w.path)
+        with w.pager.map(f"file://{w.path}", w.size, dirty_tracking=tracking, writeback_interval=0,
+                         key=w.key if encrypted else None) as region:
             _touch(region.address, w.offsets, write=True)
             start = time.perf_counter_ns()
             region.flush()
@@ -209,6 +229,7 @@ CASES = [
     Case("read: C reference, same process", READ_FLOOR, _c_reference(lib.up_ref_start_thread)),
     Case(READ_FLOOR, READ_FLOOR, _c_reference(lib.up_ref_start_process)),
     Case(OURS, READ_FLOOR, pager_read),
+    Case("read: uffd_pager encrypted", OURS, pager_read_encrypted),
     Case(FIRST_WRITE_FLOOR, FIRST_WRITE_FLOOR, lambda w: kernel_anonymous(w, write=True)),
     Case("write: uffd_pager fresh page, async", FIRST_WRITE_FLOOR, pager_first_write("async")),
     Case("write: uffd_pager fresh page, sync", FIRST_WRITE_FLOOR, pager_first_write("sync")),
@@ -218,6 +239,8 @@ CASES = [
     Case(WRITEBACK_FLOOR, WRITEBACK_FLOOR, kernel_msync, unit="MB/s"),
     Case("write-back: uffd_pager flush, async", WRITEBACK_FLOOR, pager_flush("async"), unit="MB/s"),
     Case("write-back: uffd_pager flush, sync", WRITEBACK_FLOOR, pager_flush("sync"), unit="MB/s"),
+    Case("write-back: uffd_pager flush, encrypted", "write-back: uffd_pager flush, async",
+         pager_flush("async", encrypted=True), unit="MB/s"),
 ]
 
 
@@ -339,6 +362,7 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
             f.write(os.urandom(size))
         rng = random.Random(1)
         order = list(range(pages))
+        key = Key.generate()
         with Pager() as pager:
             for _ in range(rounds):
                 rng.shuffle(order)
@@ -347,7 +371,7 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
                     # Each row starts from the same bytes, hot in the page cache.
                     path = os.path.join(tmp, "data.bin")
                     shutil.copyfile(pristine, path)
-                    samples[case.name].extend(case.run(Workload(path, size, offsets, pager)))
+                    samples[case.name].extend(case.run(Workload(path, size, offsets, pager, key)))
             samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))
     rows = [summarize(case, samples[case.name]) for case in CASES + FORK_CASES]
     by_name = {row.name: row for row in rows}
@@ -365,6 +389,11 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
           f"{fork_row.p50_us / by_name[FORK_ANON].p50_us:.2f}x fork with plain anonymous memory of that size "
           f"and residency; child first touch: p50 {by_name['fork: child first-touch read fault'].ratio:.2f}x "
           "the parent's")
+    encrypted = by_name["read: uffd_pager encrypted"]
+    print(f"encrypted read fault: p50 +{encrypted.p50_us - by_name[OURS].p50_us:.2f} us over unencrypted; "
+          f"encrypted write-back: {by_name['write-back: uffd_pager flush, encrypted'].per_s:.0f} MB/s = "
+          f"{by_name['write-back: uffd_pager flush, encrypted'].per_s / by_name['write-back: uffd_pager flush, async'].per_s:.2f}"
+          "x unencrypted")
     for tracking in ("async", "sync"):
         ours = by_name[f"write-back: uffd_pager flush, {tracking}"]
         floor = by_name[WRITEBACK_FLOOR]

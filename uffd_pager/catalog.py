@@ -1,95 +1,157 @@
 """The durable catalog of an encrypted store: per-page nonce, tag and
 version, the store's id, the key it belongs to, and the nonce counter.
 
-One SQLite file beside the store (``<store>.uffd-catalog``, mode 0600),
-written by the pager only. It never holds the key, only the key's id (an
+One file beside the store (``<store>.uffd-catalog``, mode 0600), written by
+the pager only: a 4 KiB header, then one fixed 40-byte record per page of
+the store at ``4096 + page * 40`` (a sparse file: pages never written have
+no record and read as zero). It never holds the key, only the key's id (an
 HMAC), which is how a wrong key is refused when a region is mapped. Its
-per-page rows are what make a rolled-back store detectable: the store can
-put back old bytes, but not the tag the catalog holds for the page now.
+records are what make a rolled-back store detectable: the store can put
+back old bytes, but not the tag the catalog holds for the page now.
 
-Nonces come from a counter: the catalog reserves a block of them (durably)
-before any is used, so a pager that crashes or restarts skips the rest of a
-block rather than reuse a nonce.
+Why not SQLite: writing the records of a 16 MiB flush (4096 rows) took
+15 ms in one SQLite transaction here, about as long as the flush itself;
+as records it is one pwrite per run of pages.
+
+Nonces come from a counter: the catalog reserves a block of them (durably,
+in the header) before any is used, so a pager that crashes or restarts skips
+the rest of a block rather than reuse a nonce.
 """
 from __future__ import annotations
 
 import errno
 import os
-import sqlite3
+import struct
 import threading
 
-from uffd_pager.crypto import Key, nonce_of
+from uffd_pager.crypto import NONCE_BYTES, RECORD_BYTES, TAG_BYTES, Key
+from uffd_pager.uffd import punch_hole
 
 NONCE_BLOCK = 1 << 16
 SUFFIX = ".uffd-catalog"
 
+MAGIC = b"UFFDCAT1"
+HEADER = struct.Struct("<8s16s16sQ")  # magic, key id, store id, next unreserved nonce
+HEADER_BYTES = 4096
+RECORD = struct.Struct(f"<Q{NONCE_BYTES}s{TAG_BYTES}s4x")  # version (0: none), nonce, tag
+assert RECORD.size == RECORD_BYTES  # native/aead.c writes them
+
 PageMeta = tuple[int, bytes, bytes]  # (version, nonce, tag)
+
+
+def unpack_record(record: bytes) -> PageMeta:
+    version, nonce, tag = RECORD.unpack(record)
+    return version, nonce, tag
 
 
 class Catalog:
     def __init__(self, path: str, key: Key) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            self._db.execute("PRAGMA synchronous=FULL")
-            with self._db:
-                self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
-                self._db.execute("CREATE TABLE IF NOT EXISTS pages (page INTEGER PRIMARY KEY, version INTEGER NOT NULL,"
-                                 " nonce BLOB NOT NULL, tag BLOB NOT NULL)")
-                meta = dict(self._db.execute("SELECT name, value FROM meta"))
-                if "key_id" not in meta:
-                    meta = {"key_id": key.key_id, "store_id": os.urandom(16).hex(), "nonce_next": 0}
-                    self._db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-            if meta["key_id"] != key.key_id:
+            header = os.pread(self._fd, HEADER.size, 0)
+            key_id = bytes.fromhex(key.key_id)
+            if not header:
+                # Counter 0 is never used: a record's version is its counter,
+                # and version 0 means "no record".
+                self.store_id = os.urandom(16)
+                self._write_header(key_id, 1)
+                stored_key_id, nonce_next = key_id, 1
+            else:
+                magic, stored_key_id, self.store_id, nonce_next = HEADER.unpack(header)
+                if magic != MAGIC:
+                    raise ValueError(f"{path} is not a uffd-pager catalog")
+            if stored_key_id != key_id:
                 raise PermissionError(errno.EACCES, f"wrong key for {path[:-len(SUFFIX)]}: it is encrypted under "
-                                                    f"key id {meta['key_id']}, this key's id is {key.key_id}")
+                                                    f"key id {stored_key_id.hex()}, this key's id is {key.key_id}")
+            self._key_id = key_id
+            self._pages = self._load()
         except BaseException:
-            self._db.close()
+            os.close(self._fd)
             raise
-        self.store_id = bytes.fromhex(meta["store_id"])
-        self._nonce_next = self._nonce_end = int(meta["nonce_next"])
-        self._pages: dict[int, PageMeta] = {
-            page: (version, nonce, tag) for page, version, nonce, tag in self._db.execute("SELECT * FROM pages")}
+        self._nonce_next = self._nonce_end = nonce_next
 
     @classmethod
     def beside(cls, store_path: str, key: Key) -> "Catalog":
         return cls(store_path + SUFFIX, key)
 
-    def get(self, page: int) -> PageMeta | None:
-        with self._lock:
-            return self._pages.get(page)
+    def _write_header(self, key_id: bytes, nonce_next: int) -> None:
+        os.pwrite(self._fd, HEADER.pack(MAGIC, key_id, self.store_id, nonce_next), 0)
+        os.fdatasync(self._fd)
 
-    def next_nonce(self) -> bytes:
+    def _load(self) -> dict[int, bytes]:
+        """Reads the records that exist, skipping the holes between them."""
+        pages: dict[int, bytes] = {}
+        end = os.fstat(self._fd).st_size
+        at = HEADER_BYTES
+        while at < end:
+            try:
+                at = os.lseek(self._fd, at, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # only a hole is left
+                raise
+            stop = min(os.lseek(self._fd, at, os.SEEK_HOLE), end)
+            first = (at - HEADER_BYTES) // RECORD.size
+            at = HEADER_BYTES + first * RECORD.size
+            data = os.pread(self._fd, stop - at, at)
+            for i in range(len(data) // RECORD.size):
+                record = data[i * RECORD.size:(i + 1) * RECORD.size]
+                if any(record[:8]):  # version 0: no record
+                    pages[first + i] = record
+            at = stop
+        return pages
+
+    def get(self, page: int) -> bytes | None:
+        """The page's record (see unpack_record), or None."""
+        return self._pages.get(page)
+
+    def take_nonces(self, count: int) -> int:
+        """Reserves count consecutive nonces; returns the first counter."""
         with self._lock:
-            if self._nonce_next == self._nonce_end:
-                end = self._nonce_end + NONCE_BLOCK
-                with self._db:
-                    self._db.execute("UPDATE meta SET value = ? WHERE name = 'nonce_next'", (end,))
+            if self._nonce_next + count > self._nonce_end:
+                end = self._nonce_next + count + NONCE_BLOCK
+                self._write_header(self._key_id, end)
                 self._nonce_end = end
-            nonce = nonce_of(self._nonce_next)
-            self._nonce_next += 1
-            return nonce
+            first = self._nonce_next
+            self._nonce_next += count
+            return first
 
-    def commit(self, entries: dict[int, PageMeta]) -> None:
+    def commit(self, entries: dict[int, bytes]) -> None:
         """Records pages whose ciphertext is durably in the store."""
         if not entries:
             return
         with self._lock:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?)",
-                                     [(page, *meta) for page, meta in entries.items()])
+            pages = sorted(entries)
+            start = 0
+            for i in range(1, len(pages) + 1):
+                if i == len(pages) or pages[i] != pages[i - 1] + 1:
+                    run = pages[start:i]
+                    os.pwrite(self._fd, b"".join([entries[p] for p in run]), HEADER_BYTES + run[0] * RECORD.size)
+                    start = i
+            os.fdatasync(self._fd)
             self._pages.update(entries)
 
     def forget(self, first: int, count: int) -> None:
         """Drops the pages of a discarded range (a portion slot being reused)."""
         with self._lock:
-            with self._db:
-                self._db.execute("DELETE FROM pages WHERE page >= ? AND page < ?", (first, first + count))
+            punch_hole(self._fd, HEADER_BYTES + first * RECORD.size, count * RECORD.size)
             for page in [p for p in self._pages if first <= p < first + count]:
                 del self._pages[page]
 
     def close(self) -> None:
-        self._db.close()
+        os.close(self._fd)
+
+
+def read_records(path: str) -> dict[int, PageMeta]:
+    """Every page record of a catalog file: {page: (version, nonce, tag)}
+    (for inspection and tests)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    body = data[HEADER_BYTES:]
+    body = body[: len(body) // RECORD.size * RECORD.size]
+    return {page: meta for page, meta in enumerate(RECORD.iter_unpack(body)) if meta[0]}

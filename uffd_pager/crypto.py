@@ -1,4 +1,4 @@
-"""Keys and page encryption: AES-256-GCM from `cryptography`.
+"""Keys and page encryption: AES-256-GCM.
 
 A page is encrypted on its way to the store and decrypted on its way back,
 in the pager. The store keeps the 4096 ciphertext bytes at the page's usual
@@ -10,9 +10,17 @@ version, so a store that flips bits, swaps pages between places or puts an
 old ciphertext back (a replay) is caught: the tag in the catalog no longer
 matches. Nonces come from a counter the catalog reserves durably in blocks,
 so no nonce is used twice under one key, across restarts too.
+
+The page loop runs in C on the system's libcrypto (native/aead.c), the
+OpenSSL that `cryptography` also wraps; `cryptography`'s AESGCM checks it
+once per process against a page it seals (`PageCipher` refuses to work if
+they disagree), so the format is plain AES-256-GCM that any implementation
+can open with the nonce, tag and associated data below.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import hmac
 import os
@@ -22,9 +30,13 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from uffd_pager.native import ffi, lib
+from uffd_pager.uffd import PAGE_SIZE
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+RECORD_BYTES: int = lib.UP_RECORD_SIZE  # version, nonce, tag: one page's line in the catalog
 _KEY_FILE_HEADER = "uffd-pager-key-v1 "
 
 
@@ -84,8 +96,8 @@ class Key:
         except ValueError:
             raise ValueError("the key sent is not 64 hex digits") from None
 
-    def cipher(self) -> AESGCM:
-        return AESGCM(self._secret)
+    def page_cipher(self, store_id: bytes) -> "PageCipher":
+        return PageCipher(self._secret, store_id)
 
     def __repr__(self) -> str:
         return f"<Key id {self.key_id}>"
@@ -102,14 +114,84 @@ def nonce_of(counter: int) -> bytes:
     return counter.to_bytes(NONCE_BYTES, "big")
 
 
-def encrypt_page(cipher: AESGCM, nonce: bytes, plaintext: bytes | memoryview, ad: bytes) -> tuple[bytes, bytes]:
-    """(ciphertext, tag): the ciphertext is as long as the page."""
-    sealed = cipher.encrypt(nonce, bytes(plaintext), ad)
-    return sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+class PageCipher:
+    """Seals and opens pages of one store under one key."""
+
+    def __init__(self, secret: bytes, store_id: bytes) -> None:
+        _check_against_reference()
+        self._aead, self._second = _aead(secret), _aead(secret)  # one context per sealing thread
+        self._store_id = store_id
+
+    def seal(self, pages: list[int], first_nonce: int,
+             plaintext: bytes | bytearray | memoryview) -> tuple[bytearray, bytes]:
+        """(ciphertext, records) of len(pages) pages, page i under counter
+        first_nonce + i (its nonce and its version): the ciphertext is
+        exactly as long as the pages, and records holds each page's catalog
+        record (RECORD_BYTES each). Big batches are split over two threads."""
+        n = len(pages)
+        ciphertext, records = bytearray(n * PAGE_SIZE), bytearray(n * RECORD_BYTES)
+        c_pages = ffi.new("uint64_t[]", pages)
+        src, dst, rec = ffi.from_buffer(plaintext), ffi.from_buffer(ciphertext), ffi.from_buffer(records)
+
+        def part(lo: int, hi: int, aead: object) -> int:
+            return lib.up_aead_seal_pages(aead, self._store_id, c_pages + lo, first_nonce + lo,
+                                          src + lo * PAGE_SIZE, dst + lo * PAGE_SIZE, rec + lo * RECORD_BYTES,
+                                          hi - lo)
+
+        if n < _PARALLEL_PAGES:
+            failed = part(0, n, self._aead) < 0
+        else:
+            other = _sealer().submit(part, n // 2, n, self._second)
+            failed = (part(0, n // 2, self._aead) < 0) | (other.result() < 0)
+        if failed:
+            raise RuntimeError("libcrypto failed to seal pages")
+        return ciphertext, bytes(records)
+
+    def open(self, page: int, version: int, nonce: bytes, tag: bytes, ciphertext: bytes) -> bytes:
+        plaintext = bytearray(PAGE_SIZE)
+        if lib.up_aead_open_page(self._aead, self._store_id, page, version, nonce, tag, ciphertext,
+                                 ffi.from_buffer(plaintext)) < 0:
+            raise PageAuthError("the page does not authenticate")
+        return bytes(plaintext)
 
 
-def decrypt_page(cipher: AESGCM, nonce: bytes, ciphertext: bytes, tag: bytes, ad: bytes) -> bytes:
+# AES-GCM runs in C without the GIL: a big batch is sealed half here, half
+# on this thread (a 16 MiB flush: 6.5 ms on one core, 3.5 ms on two).
+_PARALLEL_PAGES = 256
+
+
+@functools.cache
+def _sealer() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uffd-pager-seal")
+
+
+def _aead(secret: bytes) -> object:
+    aead = lib.up_aead_new(secret)
+    if aead == ffi.NULL:
+        raise RuntimeError("libcrypto could not set up AES-256-GCM")
+    return ffi.gc(aead, lib.up_aead_free)
+
+
+@functools.cache
+def _check_against_reference() -> None:
+    """A page sealed by the C path must open with `cryptography`'s AESGCM,
+    and a flipped bit must not."""
+    secret, store_id, page = os.urandom(KEY_BYTES), os.urandom(16), os.urandom(PAGE_SIZE)
+    ciphertext, record = bytearray(PAGE_SIZE), bytearray(RECORD_BYTES)
+    lib.up_aead_seal_pages(_aead(secret), store_id, ffi.new("uint64_t[]", [7]), 42, page,
+                           ffi.from_buffer(ciphertext), ffi.from_buffer(record), 1)
+    tag = record[8 + NONCE_BYTES: 8 + NONCE_BYTES + TAG_BYTES]
+    reference = AESGCM(secret)
+    ad = associated_data(store_id, 7, 42)
     try:
-        return cipher.decrypt(nonce, ciphertext + tag, ad)
+        ok = reference.decrypt(nonce_of(42), bytes(ciphertext + tag), ad) == page
     except InvalidTag:
-        raise PageAuthError("the page does not authenticate") from None
+        ok = False
+    ciphertext[0] ^= 1
+    try:
+        reference.decrypt(nonce_of(42), bytes(ciphertext + tag), ad)
+        ok = False
+    except InvalidTag:
+        pass
+    if not ok:
+        raise RuntimeError("the C AES-256-GCM path disagrees with cryptography's AESGCM; refusing to encrypt")

@@ -23,6 +23,8 @@ def open_store(url: str, key: Key | None = None) -> Store:
     if key is None:
         return store
     try:
+        if not isinstance(store, FileStore):
+            raise ValueError(f"{url}: encryption needs a file store (its catalog goes beside the file)")
         return EncryptedStore(store, key)
     except BaseException:
         store.close()

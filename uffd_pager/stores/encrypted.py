@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import threading
 
-from uffd_pager.catalog import Catalog, PageMeta
-from uffd_pager.crypto import Key, PageAuthError, associated_data, decrypt_page, encrypt_page
+from uffd_pager.catalog import Catalog, unpack_record
+from uffd_pager.crypto import RECORD_BYTES, Key, PageAuthError
 from uffd_pager.stores.base import Store
+from uffd_pager.stores.file import FileStore
 from uffd_pager.uffd import PAGE_SIZE, Run
 
 
 class EncryptedStore(Store):
     direct = False
 
-    def __init__(self, inner: Store, key: Key) -> None:
-        path = getattr(inner, "path", None)
-        if path is None:
-            raise ValueError(f"{inner.url}: encryption needs a store with a place for its catalog")
+    def __init__(self, inner: FileStore, key: Key) -> None:  # the catalog goes beside its file
         self._inner = inner
-        self._catalog = Catalog.beside(path, key)
-        self._cipher = key.cipher()
+        self._catalog = Catalog.beside(inner.path, key)
+        self._cipher = key.page_cipher(self._catalog.store_id)
         self._lock = threading.Lock()
-        self._pending: dict[int, PageMeta] = {}  # written, not yet durable
+        self._seal_lock = threading.Lock()  # write-back threads of several regions share the store
+        self._pending: dict[int, bytes] = {}  # catalog records of pages written, not yet durable
         self.url = inner.url
         self.key_id = key.key_id
 
@@ -59,46 +58,34 @@ class EncryptedStore(Store):
 
     def holds(self, offset: int) -> bool:
         with self._lock:
-            return self._meta(offset // PAGE_SIZE) is not None
+            return self._record(offset // PAGE_SIZE) is not None
 
-    def _meta(self, page: int) -> PageMeta | None:
+    def _record(self, page: int) -> bytes | None:
         return self._pending.get(page) or self._catalog.get(page)
 
     def read_page(self, offset: int) -> bytes:
         page = offset // PAGE_SIZE
         with self._lock:
-            meta = self._meta(page)
-            if meta is None:
+            record = self._record(page)
+            if record is None:
                 return bytes(PAGE_SIZE)  # never written through this key: a hole
             ciphertext = self._inner.read_page(offset)
-        version, nonce, tag = meta
+        version, nonce, tag = unpack_record(record)
         try:
-            return decrypt_page(self._cipher, nonce, ciphertext, tag,
-                                associated_data(self._catalog.store_id, page, version))
+            return self._cipher.open(page, version, nonce, tag, ciphertext)
         except PageAuthError:
             raise PageAuthError(f"{self.url}: page at offset {offset} fails authentication "
                                 "(altered, swapped or replayed)") from None
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        at = 0
-        for run in runs:
-            sealed = bytearray()
-            metas: dict[int, PageMeta] = {}
-            for k in range(run.length // PAGE_SIZE):
-                page = run.store_offset // PAGE_SIZE + k
-                with self._lock:
-                    old = self._meta(page)
-                version = (old[0] if old else 0) + 1
-                nonce = self._catalog.next_nonce()
-                ciphertext, tag = encrypt_page(self._cipher, nonce, view[at:at + PAGE_SIZE],
-                                               associated_data(self._catalog.store_id, page, version))
-                sealed += ciphertext
-                metas[page] = (version, nonce, tag)
-                at += PAGE_SIZE
-            with self._lock:
-                self._inner.write_runs([run], sealed)
-                self._pending.update(metas)
+        pages = [run.store_offset // PAGE_SIZE + k for run in runs for k in range(run.length // PAGE_SIZE)]
+        first = self._catalog.take_nonces(len(pages))
+        with self._seal_lock:
+            ciphertext, records = self._cipher.seal(pages, first, data)
+        with self._lock:
+            self._inner.write_runs(runs, ciphertext)
+            self._pending.update(zip(pages, (records[i:i + RECORD_BYTES]
+                                             for i in range(0, len(records), RECORD_BYTES))))
 
     def sync(self) -> None:
         with self._lock:
