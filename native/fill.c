@@ -95,13 +95,43 @@ static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, 
 
 static __thread uint8_t page_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
 
+static __thread uint8_t sealed_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
+
+/* Reads and opens an encrypted page into page_buf; returns the bytes of
+ * data (0: never written, a hole) or -1 with errno (EBADMSG: it does not
+ * authenticate, and page_buf holds nothing of it). */
+static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
+{
+    uint64_t page = src->offset / UP_PAGE_SIZE + idx;
+    uint8_t record[UP_RECORD_SIZE];
+    ssize_t n = pread(src->catalog_fd, record, sizeof(record), (off_t)(UP_PAGE_SIZE + page * UP_RECORD_SIZE));
+    if (n < 0)
+        return -1;
+    uint64_t version = 0;
+    for (int b = 0; n == UP_RECORD_SIZE && b < 8; b++)
+        version |= (uint64_t)record[b] << (8 * b);
+    if (version == 0)
+        return 0;
+    n = pread(src->fd, sealed_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
+    if (n < 0)
+        return -1;
+    if (n < UP_PAGE_SIZE)
+        memset(sealed_buf + n, 0, UP_PAGE_SIZE - (size_t)n); /* it will not authenticate */
+    if (up_aead_open_page(src->aead, src->store_id, page, version, record + 8, record + 20, sealed_buf, page_buf) < 0) {
+        errno = EBADMSG;
+        return -1;
+    }
+    return UP_PAGE_SIZE;
+}
+
 /* Fills a missing page from where the portion chain holds it. */
 static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
 {
     const struct up_portion *src = up_portion_source(f->portion, idx);
     if (src->fd < 0)
         return -EOPNOTSUPP;
-    ssize_t n = pread(src->fd, page_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
+    ssize_t n = src->aead ? read_sealed(src, idx)
+                          : pread(src->fd, page_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
     if (n < 0)
         return -errno;
     return place_page(uffd, f, addr, idx, write, page_buf, (size_t)n);
@@ -116,8 +146,7 @@ static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_
     return 0;
 }
 
-/* Serves one fault with the page's data from data (NULL: from the chain). */
-static int serve_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data)
+int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
 {
     uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
     if (addr < f->base || addr >= f->base + f->len)
@@ -131,21 +160,7 @@ static int serve_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t f
             return -errno;
         return 0;
     }
-    int write = (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
-    if (!data)
-        return fill_missing(uffd, f, addr, idx, write);
-    memcpy(page_buf, data, UP_PAGE_SIZE);
-    return place_page(uffd, f, addr, idx, write, page_buf, UP_PAGE_SIZE);
-}
-
-int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
-{
-    return serve_fault(uffd, f, address, flags, NULL);
-}
-
-int up_fill_with(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data)
-{
-    return serve_fault(uffd, f, address, flags, data);
+    return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
 }
 
 void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)

@@ -59,6 +59,12 @@ struct up_portion {
     uint64_t offset;            /* byte offset of the region's page 0 in fd */
     uint8_t *materialized;      /* children only: one bit per page held here */
     struct up_portion *parent;
+    /* An encrypted store's pages are sealed with aead; each page's catalog
+     * record (40 bytes: version, nonce, tag) is at 4096 + page * 40 in
+     * catalog_fd, page counted from the start of the store. */
+    struct up_aead *aead;       /* NULL: pages are stored as they are */
+    int catalog_fd;
+    uint8_t store_id[16];
 };
 
 /* One registered range of one uffd. Missing pages are filled by C from the
@@ -99,11 +105,9 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
              int *n_deferred);
 /* Serves one fault (flags as in the message): fills a missing page from
  * fill's source, wakes a page already filled, or records the first write to
- * a write-protected page and unprotects it. Returns 0, or -errno. */
+ * a write-protected page and unprotects it. Returns 0, or -errno: -EBADMSG
+ * for an encrypted page that fails authentication. */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
-/* The same, with the page's bytes (PAGE_SIZE of them) given: for pages that
- * come through Python (an encrypted store). */
-int up_fill_with(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags, const uint8_t *data);
 /* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
 void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 /* Sets the dirty bits of every page that is set in src (a parent's at fork). */

@@ -66,7 +66,6 @@ class Catalog:
                 raise PermissionError(errno.EACCES, f"wrong key for {path[:-len(SUFFIX)]}: it is encrypted under "
                                                     f"key id {stored_key_id.hex()}, this key's id is {key.key_id}")
             self._key_id = key_id
-            self._pages = self._load()
         except BaseException:
             os.close(self._fd)
             raise
@@ -80,32 +79,10 @@ class Catalog:
         os.pwrite(self._fd, HEADER.pack(MAGIC, key_id, self.store_id, nonce_next), 0)
         os.fdatasync(self._fd)
 
-    def _load(self) -> dict[int, bytes]:
-        """Reads the records that exist, skipping the holes between them."""
-        pages: dict[int, bytes] = {}
-        end = os.fstat(self._fd).st_size
-        at = HEADER_BYTES
-        while at < end:
-            try:
-                at = os.lseek(self._fd, at, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break  # only a hole is left
-                raise
-            stop = min(os.lseek(self._fd, at, os.SEEK_HOLE), end)
-            first = (at - HEADER_BYTES) // RECORD.size
-            at = HEADER_BYTES + first * RECORD.size
-            data = os.pread(self._fd, stop - at, at)
-            for i in range(len(data) // RECORD.size):
-                record = data[i * RECORD.size:(i + 1) * RECORD.size]
-                if any(record[:8]):  # version 0: no record
-                    pages[first + i] = record
-            at = stop
-        return pages
-
     def get(self, page: int) -> bytes | None:
         """The page's record (see unpack_record), or None."""
-        return self._pages.get(page)
+        record = os.pread(self._fd, RECORD.size, HEADER_BYTES + page * RECORD.size)
+        return record if len(record) == RECORD.size and any(record[:8]) else None
 
     def take_nonces(self, count: int) -> int:
         """Reserves count consecutive nonces; returns the first counter."""
@@ -118,27 +95,24 @@ class Catalog:
             self._nonce_next += count
             return first
 
-    def commit(self, entries: dict[int, bytes]) -> None:
-        """Records pages whose ciphertext is durably in the store."""
-        if not entries:
-            return
-        with self._lock:
-            pages = sorted(entries)
-            start = 0
-            for i in range(1, len(pages) + 1):
-                if i == len(pages) or pages[i] != pages[i - 1] + 1:
-                    run = pages[start:i]
-                    os.pwrite(self._fd, b"".join([entries[p] for p in run]), HEADER_BYTES + run[0] * RECORD.size)
-                    start = i
-            os.fdatasync(self._fd)
-            self._pages.update(entries)
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def write(self, first_pages: list[tuple[int, int]], records: bytes) -> None:
+        """Records the pages just written to the store (durable at sync()):
+        records holds the records of each (first page, count) run in turn."""
+        at = 0
+        for first, count in first_pages:
+            os.pwrite(self._fd, records[at:at + count * RECORD.size], HEADER_BYTES + first * RECORD.size)
+            at += count * RECORD.size
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
 
     def forget(self, first: int, count: int) -> None:
         """Drops the pages of a discarded range (a portion slot being reused)."""
-        with self._lock:
-            punch_hole(self._fd, HEADER_BYTES + first * RECORD.size, count * RECORD.size)
-            for page in [p for p in self._pages if first <= p < first + count]:
-                del self._pages[page]
+        punch_hole(self._fd, HEADER_BYTES + first * RECORD.size, count * RECORD.size)
 
     def close(self) -> None:
         os.close(self._fd)

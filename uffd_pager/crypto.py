@@ -119,7 +119,7 @@ class PageCipher:
 
     def __init__(self, secret: bytes, store_id: bytes) -> None:
         _check_against_reference()
-        self._aead, self._second = _aead(secret), _aead(secret)  # one context per sealing thread
+        self.aead, self._second = _aead(secret), _aead(secret)  # one context per sealing thread
         self._store_id = store_id
 
     def seal(self, pages: list[int], first_nonce: int,
@@ -139,17 +139,17 @@ class PageCipher:
                                           hi - lo)
 
         if n < _PARALLEL_PAGES:
-            failed = part(0, n, self._aead) < 0
+            failed = part(0, n, self.aead) < 0
         else:
             other = _sealer().submit(part, n // 2, n, self._second)
-            failed = (part(0, n // 2, self._aead) < 0) | (other.result() < 0)
+            failed = (part(0, n // 2, self.aead) < 0) | (other.result() < 0)
         if failed:
             raise RuntimeError("libcrypto failed to seal pages")
         return ciphertext, bytes(records)
 
     def open(self, page: int, version: int, nonce: bytes, tag: bytes, ciphertext: bytes) -> bytes:
         plaintext = bytearray(PAGE_SIZE)
-        if lib.up_aead_open_page(self._aead, self._store_id, page, version, nonce, tag, ciphertext,
+        if lib.up_aead_open_page(self.aead, self._store_id, page, version, nonce, tag, ciphertext,
                                  ffi.from_buffer(plaintext)) < 0:
             raise PageAuthError("the page does not authenticate")
         return bytes(plaintext)

@@ -138,6 +138,9 @@ class Portion:
 
     def place_at(self, offset: int) -> None:
         self.state.place(self.store.fill_fd, offset)
+        sealing = self.store.sealing()
+        if sealing is not None:
+            self.state.seal_with(*sealing)
 
     def place(self) -> None:
         """Chooses this (child's) portion's offset, once (claim 7: lazily)."""

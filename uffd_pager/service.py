@@ -483,12 +483,18 @@ class PagerService:
         return 0
 
     def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
-        """The page's data could not be produced (the store failed, or the
-        address is outside the region). It is never handed out as zeros:
-        poison it, so the access raises SIGBUS in the client."""
+        """The page's data could not be produced (the store failed, an
+        encrypted page did not authenticate, the address is outside the
+        region). It is never handed out as zeros or as unauthenticated
+        bytes: poison it, so the access raises SIGBUS in the client."""
         region.errors += 1
+        if rc == -errno.EBADMSG:
+            region.auth_failures += 1
+            reason = "its ciphertext fails authentication (altered, swapped or replayed in the store)"
+        else:
+            reason = os.strerror(-rc)
         log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
-                  region.id, fault.page, region.owner_pid, os.strerror(-rc))
+                  region.id, fault.page, region.owner_pid, reason)
         try:
             region.uffd.poison(fault.page, PAGE_SIZE)
             region.poisoned += 1
@@ -633,36 +639,29 @@ class PagerService:
                 region.copied_to_children += child.copy_in(region.page_index(run.addr), run.length // PAGE_SIZE)
 
     def _serve_deferred(self, region: ServedRegion, fault: PageFault) -> int:
-        """A missing page that needs Python: with fork_policy="on-access",
-        any access by either process first copies the page into the child's
-        portion (claim 4); an encrypted region's page is decrypted here."""
+        """fork_policy="on-access": any access by either process first
+        copies the page into the child's portion (claim 4)."""
         index = region.page_index(fault.page)
         if not 0 <= index < region.fill.length // PAGE_SIZE:
             return -errno.EFAULT
-        data = None
         try:
-            if region.fork_policy == "on-access":
-                if region.parent is not None:
-                    region.portion.copy_in(index, 1)
-                for child in region.portion.inheriting_children():
-                    region.copied_to_children += child.copy_in(index, 1)
-            if region.encrypted:
-                data = region.portion.read_page(index)
+            if region.parent is not None:
+                region.portion.copy_in(index, 1)
+            for child in region.portion.inheriting_children():
+                region.copied_to_children += child.copy_in(index, 1)
         except PageAuthError as exc:
-            region.auth_failures += 1
             log.error("region %d: %s", region.id, exc)
             return -errno.EBADMSG
         except OSError as exc:
             return -(exc.errno or errno.EIO)
-        return region.fill.fill_fault(region.uffd, fault, data)
+        return region.fill.fill_fault(region.uffd, fault)
 
     def _sync_defer_missing(self) -> None:
-        """Missing faults go through Python where the C fill path cannot
-        serve them: always for an encrypted region; for fork_policy
-        "on-access" while copies are due (a child until it holds every
-        page, a parent while a child inherits from it)."""
+        """fork_policy="on-access" regions route their missing faults
+        through Python while copies are due: a child until it holds every
+        page, a parent while a child inherits from it."""
         for region in self._regions.values():
-            region.fill.defer_missing = region.encrypted or bool(
+            region.fill.defer_missing = bool(
                 region.fork_policy == "on-access"
                 and ((region.parent is not None and region.portion.state.missing())
                      or region.portion.inheriting_children()))

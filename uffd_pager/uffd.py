@@ -306,6 +306,14 @@ class PortionState:
         self._c.fd = fd
         self._c.offset = offset
 
+    def seal_with(self, aead: Any, catalog_fd: int, store_id: bytes) -> None:
+        """The portion's pages are encrypted: the C fill path opens them with
+        aead and their records in catalog_fd (see native/fill.c)."""
+        self._aead = aead  # keeps the cdata alive as long as we point at it
+        self._c.aead = aead
+        self._c.catalog_fd = catalog_fd
+        ffi.memmove(self._c.store_id, store_id, 16)
+
     @property
     def placed(self) -> bool:
         return self._c.fd >= 0
@@ -419,12 +427,10 @@ class FillRange:
             Deferred(_decode(self._deferred[i]), self._deferred[i].status) for i in range(self._n_deferred[0])
         ]
 
-    def fill_fault(self, uffd: Uffd, fault: PageFault, data: bytes | None = None) -> int:
-        """Serves one fault (again, after EAGAIN), from the portion chain or
-        with the page's bytes given; returns 0 or -errno."""
-        if data is None:
-            return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
-        return lib.up_fill_with(uffd.fd, self._c, fault.address, fault.flags, data)
+    def fill_fault(self, uffd: Uffd, fault: PageFault) -> int:
+        """Serves one fault (again, after EAGAIN); returns 0 or -errno
+        (-EBADMSG: an encrypted page that fails authentication)."""
+        return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
 
     def forget(self, start: int, end: int) -> None:
         lib.up_fill_forget(self._c, start, end)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 from uffd_pager.uffd import Run
 
@@ -45,6 +46,12 @@ class Store(abc.ABC):
     def read_page(self, offset: int) -> bytes:
         """The page at byte offset: PAGE_SIZE bytes, zeros where the store
         has none. Raises PageAuthError for a page that fails authentication."""
+
+    def sealing(self) -> tuple[Any, int, bytes] | None:
+        """For an encrypted store: what the C fill path needs to open its
+        pages itself (the AES-GCM context, the catalog's descriptor, the
+        store's id); None for a store whose pages are stored as they are."""
+        return None
 
     def holds(self, offset: int) -> bool:
         """False only where the store knows it has no data (the page reads as

@@ -1,16 +1,21 @@
-"""A wrapper that encrypts every page of any store (see crypto.py).
+"""A wrapper that encrypts the pages of a file store (see crypto.py).
 
-The inner store only ever sees ciphertext, at the page's usual place; the
-per-page nonce, tag and version go to the catalog once the ciphertext is
-durable (after the inner store's sync). Reads and writes of pages hold one
-lock, so a reader never pairs new metadata with old bytes or the reverse.
+The inner store only ever sees ciphertext, at the page's usual place; each
+page's record (version, nonce, tag) goes to the catalog beside it. Pages are
+opened by the C fill path (native/fill.c) or, for copies between portions,
+by read_page here. Writes and Python reads of pages hold one lock, so they
+never pair a new record with old bytes or the reverse. A crash between a
+flush's writes and its sync can leave a page whose record and bytes
+disagree: that page then fails authentication (it is poisoned, never read
+as wrong data).
 """
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from uffd_pager.catalog import Catalog, unpack_record
-from uffd_pager.crypto import RECORD_BYTES, Key, PageAuthError
+from uffd_pager.crypto import Key, PageAuthError
 from uffd_pager.stores.base import Store
 from uffd_pager.stores.file import FileStore
 from uffd_pager.uffd import PAGE_SIZE, Run
@@ -25,7 +30,6 @@ class EncryptedStore(Store):
         self._cipher = key.page_cipher(self._catalog.store_id)
         self._lock = threading.Lock()
         self._seal_lock = threading.Lock()  # write-back threads of several regions share the store
-        self._pending: dict[int, bytes] = {}  # catalog records of pages written, not yet durable
         self.url = inner.url
         self.key_id = key.key_id
 
@@ -51,17 +55,17 @@ class EncryptedStore(Store):
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
             self._inner.discard(offset, length)
-            first, count = offset // PAGE_SIZE, length // PAGE_SIZE
-            for page in [p for p in self._pending if first <= p < first + count]:
-                del self._pending[page]
-            self._catalog.forget(first, count)
+            self._catalog.forget(offset // PAGE_SIZE, length // PAGE_SIZE)
 
     def holds(self, offset: int) -> bool:
         with self._lock:
             return self._record(offset // PAGE_SIZE) is not None
 
     def _record(self, page: int) -> bytes | None:
-        return self._pending.get(page) or self._catalog.get(page)
+        return self._catalog.get(page)
+
+    def sealing(self) -> tuple[Any, int, bytes]:
+        return self._cipher.aead, self._catalog.fd, self._catalog.store_id
 
     def read_page(self, offset: int) -> bytes:
         page = offset // PAGE_SIZE
@@ -84,18 +88,11 @@ class EncryptedStore(Store):
             ciphertext, records = self._cipher.seal(pages, first, data)
         with self._lock:
             self._inner.write_runs(runs, ciphertext)
-            self._pending.update(zip(pages, (records[i:i + RECORD_BYTES]
-                                             for i in range(0, len(records), RECORD_BYTES))))
+            self._catalog.write([(run.store_offset // PAGE_SIZE, run.length // PAGE_SIZE) for run in runs], records)
 
     def sync(self) -> None:
-        with self._lock:
-            written = dict(self._pending)
         self._inner.sync()
-        self._catalog.commit(written)
-        with self._lock:
-            for page, meta in written.items():
-                if self._pending.get(page) == meta:
-                    del self._pending[page]
+        self._catalog.sync()
 
     def close(self) -> None:
         self._catalog.close()
