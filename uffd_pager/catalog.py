@@ -20,6 +20,7 @@ the rest of a block rather than reuse a nonce.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 import threading
@@ -50,18 +51,21 @@ class Catalog:
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            header = os.pread(self._fd, HEADER.size, 0)
             key_id = bytes.fromhex(key.key_id)
-            if not header:
-                # Counter 0 is never used: a record's version is its counter,
-                # and version 0 means "no record".
-                self.store_id = os.urandom(16)
-                self._write_header(key_id, 1)
-                stored_key_id, nonce_next = key_id, 1
-            else:
-                magic, stored_key_id, self.store_id, nonce_next = HEADER.unpack(header)
-                if magic != MAGIC:
-                    raise ValueError(f"{path} is not a uffd-pager catalog")
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)  # another pager may be creating it too
+            try:
+                header = os.pread(self._fd, HEADER.size, 0)
+                if not header:
+                    # Counter 0 is never used: a record's version is its
+                    # counter, and version 0 means "no record".
+                    self.store_id = os.urandom(16)
+                    self._write_header(key_id, 1)
+                    header = os.pread(self._fd, HEADER.size, 0)
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            magic, stored_key_id, self.store_id, nonce_next = HEADER.unpack(header)
+            if magic != MAGIC:
+                raise ValueError(f"{path} is not a uffd-pager catalog")
             if stored_key_id != key_id:
                 raise PermissionError(errno.EACCES, f"wrong key for {path[:-len(SUFFIX)]}: it is encrypted under "
                                                     f"key id {stored_key_id.hex()}, this key's id is {key.key_id}")
@@ -69,6 +73,8 @@ class Catalog:
         except BaseException:
             os.close(self._fd)
             raise
+        # No block is held yet: the first nonce taken reserves one (under
+        # the file lock), whatever other pagers reserved since we read.
         self._nonce_next = self._nonce_end = nonce_next
 
     @classmethod
@@ -85,12 +91,22 @@ class Catalog:
         return record if len(record) == RECORD.size and any(record[:8]) else None
 
     def take_nonces(self, count: int) -> int:
-        """Reserves count consecutive nonces; returns the first counter."""
+        """Reserves count consecutive nonces; returns the first counter.
+
+        A new block is taken from the header under an exclusive lock of the
+        file, re-reading the counter there: two pagers (two daemons, or the
+        private pagers of two programs) may have the same store open."""
         with self._lock:
             if self._nonce_next + count > self._nonce_end:
-                end = self._nonce_next + count + NONCE_BLOCK
-                self._write_header(self._key_id, end)
-                self._nonce_end = end
+                fcntl.lockf(self._fd, fcntl.LOCK_EX)
+                try:
+                    _magic, _key_id, _store_id, stored = HEADER.unpack(os.pread(self._fd, HEADER.size, 0))
+                    start = max(stored, self._nonce_next)
+                    end = start + count + NONCE_BLOCK
+                    self._write_header(self._key_id, end)
+                finally:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                self._nonce_next, self._nonce_end = start, end
             first = self._nonce_next
             self._nonce_next += count
             return first
