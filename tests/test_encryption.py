@@ -1,0 +1,1008 @@
+"""Encryption at rest: `map(..., key_file=...)` / `map(..., key=Key)`.
+
+Pages are AES-256-GCM encrypted by the pager; the store holds only
+ciphertext, at each page's usual place; nonce, tag and version live in the
+catalog beside the store (`<store>.uffd-catalog`: SQLite in the contract,
+fixed records since commit d5a4249; the helpers read either). A page that does
+not authenticate (a flipped bit, two pages swapped, an old ciphertext put
+back) is never handed out: it is poisoned, so the access dies with SIGBUS.
+
+Every access to an encrypted region whose pages came from a store someone
+else wrote runs in a subprocess (`CLIENT_SCRIPT`, `FORK_SCRIPT`,
+`NONCE_SCRIPT`), waited for with a timeout: with a library bug, a page that
+fails authentication would otherwise kill the test run with SIGBUS. In this
+process an encrypted region is only ever written on pages never written
+before (they read as zero: nothing to authenticate).
+
+To see the pager's counters of a page that is expected to fail, the client
+first makes the *kernel* read the page (os.write from it into a pipe): the
+fault is served the same way, but on a poisoned page a kernel access fails
+with EFAULT instead of killing the process, so the client can still ask
+stats(); then it touches the page itself and must die with SIGBUS.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import uffd_pager
+from uffd_pager import Key
+
+PAGE = uffd_pager.PAGE_SIZE
+POLICIES = ("on-write", "at-fork", "on-access")
+CATALOG_SUFFIX = ".uffd-catalog"
+ZERO_PAGE_HASH = hashlib.sha256(bytes(PAGE)).hexdigest()
+
+_CONSOLE_SCRIPT = Path(sys.executable).with_name("uffd-pager")
+KEYGEN = [str(_CONSOLE_SCRIPT)] if _CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "uffd_pager"]
+
+
+# --- page contents, the same in this process and in every script ---------------------------
+
+PATTERNS_SRC = r'''
+import hashlib as _hashlib, struct as _struct
+PAGE = 4096
+
+def page_data(kind, tag, page, salt=""):
+    """A page of test data. kind "random": random-looking bytes; "counter":
+    all zeros but a distinctive counter in each 16-byte chunk; "ascii": one
+    16-byte ASCII line repeated, the same in every page of a tag (so any
+    block-wise leak of the plaintext would show)."""
+    if kind == "random":
+        return _hashlib.shake_256(f"{salt}:{tag}:{page}".encode()).digest(PAGE)
+    if kind == "counter":
+        base = (0xC0FFEE << 32) + (ord(tag[0]) << 24) + page * (PAGE // 16)
+        return b"".join(_struct.pack("<Q", base + i) + bytes(8) for i in range(PAGE // 16))
+    if kind == "ascii":
+        return ((tag[0] + "-ascii-pattern\n").encode() * (PAGE // 16))[:PAGE]
+    raise ValueError(kind)
+'''
+exec(PATTERNS_SRC)  # defines page_data here too
+
+# The catalog, read and altered the way a store's owner (or an attacker) could:
+# SQLite tables meta(name, value) and pages(page, version, nonce, tag) as the
+# contract has it, or the fixed-record file `uffd_pager.catalog` may use
+# instead (header, then one record per page); whichever the file is.
+CATALOG_SRC = r'''
+import contextlib as _contextlib, sqlite3 as _sqlite3
+
+def _is_sqlite(path):
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\0"
+
+def read_catalog_rows(path):
+    # {page: (version, nonce, tag)} of every page the catalog holds
+    if _is_sqlite(path):
+        with _contextlib.closing(_sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return {page: (version, bytes(nonce), bytes(tag))
+                    for page, version, nonce, tag in db.execute("SELECT page, version, nonce, tag FROM pages")}
+    from uffd_pager import catalog
+    return {page: (version, bytes(nonce), bytes(tag)) for page, (version, nonce, tag) in catalog.read_records(path).items()}
+
+def read_catalog_meta(path):
+    # {"key_id": hex, "store_id": hex, ...}
+    if _is_sqlite(path):
+        with _contextlib.closing(_sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return dict(db.execute("SELECT name, value FROM meta"))
+    from uffd_pager import catalog
+    with open(path, "rb") as f:
+        _magic, key_id, store_id, nonce_next = catalog.HEADER.unpack(f.read(catalog.HEADER.size))
+    return {"key_id": key_id.hex(), "store_id": store_id.hex(), "nonce_next": nonce_next}
+
+def write_catalog_row(path, page, version, nonce, tag):
+    if _is_sqlite(path):
+        with _contextlib.closing(_sqlite3.connect(path)) as db:
+            with db:
+                db.execute("INSERT OR REPLACE INTO pages (page, version, nonce, tag) VALUES (?, ?, ?, ?)",
+                           (page, version, nonce, tag))
+        return
+    from uffd_pager import catalog
+    with open(path, "r+b") as f:
+        f.seek(catalog.HEADER_BYTES + page * catalog.RECORD.size)
+        f.write(catalog.RECORD.pack(version, nonce, tag))
+'''
+exec(CATALOG_SRC)
+
+
+def url(path: Path | str) -> str:
+    return f"file://{path}"
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def view_of(kind: str, n: int, salt: str, overlays: dict[str, list[int]]) -> list[bytes]:
+    """Pages of tag "A", with the pages listed under each other tag replaced."""
+    pages = [page_data(kind, "A", p, salt) for p in range(n)]
+    for tag, which in overlays.items():
+        for p in which:
+            pages[p] = page_data(kind, tag, p, salt)
+    return pages
+
+
+# --- keys, stores and catalogs ----------------------------------------------------------------
+
+
+def write_key(path: Path, key: Key) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.to_text().encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+@pytest.fixture
+def key() -> Key:
+    return Key.generate()
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, key: Key) -> Path:
+    """The key, in a file of mode 0600 outside the data directory (tmp_path)."""
+    return write_key(tmp_path / "keys" / "main.key", key)
+
+
+def new_store(tmp_path: Path, name: str = "store.bin") -> Path:
+    path = tmp_path / name
+    path.touch()
+    return path
+
+
+def catalog_path(store: Path) -> Path:
+    return Path(str(store) + CATALOG_SUFFIX)
+
+
+def catalog_rows(store: Path) -> dict[int, tuple[int, bytes, bytes]]:
+    return read_catalog_rows(str(catalog_path(store)))
+
+
+def catalog_meta(store: Path) -> dict[str, Any]:
+    return read_catalog_meta(str(catalog_path(store)))
+
+
+def set_catalog_row(store: Path, page: int, version: int, nonce: bytes, tag: bytes) -> None:
+    write_catalog_row(str(catalog_path(store)), page, version, nonce, tag)
+
+
+def raw_page(store: Path, page: int) -> bytes:
+    with open(store, "rb") as f:
+        f.seek(page * PAGE)
+        return f.read(PAGE)
+
+
+def put_raw_page(store: Path, page: int, data: bytes) -> None:
+    assert len(data) == PAGE
+    with open(store, "r+b") as f:
+        f.seek(page * PAGE)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def flip_bit(data: bytes, at: int, bit: int = 0) -> bytes:
+    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1:]
+
+
+def write_encrypted(pager: uffd_pager.Pager, store: Path, size: int, pages: dict[int, bytes], *,
+                    key: Key | None = None, key_file: Path | None = None) -> dict[int, bytes]:
+    """Maps the store encrypted, writes pages that were never written before
+    (they read as zero: safe in this process), flushes and closes."""
+    region = pager.map(url(store), size, key=key, key_file=key_file, writeback_interval=0)
+    try:
+        view = region.view()
+        for p, data in pages.items():
+            view[p * PAGE:(p + 1) * PAGE] = data
+        del view
+        assert region.flush()["pages"] == len(pages)
+    finally:
+        region.close()
+    return pages
+
+
+def uffd_fd_count() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                count += 1
+    return count
+
+
+# --- a client in a subprocess ------------------------------------------------------------------
+
+# Maps (url, size, offset) with key_file; then, in this order:
+#   probe: for each page, makes the kernel read it (os.write into a pipe):
+#          "handed out" or the errno name (EFAULT: the page is poisoned)
+#   read:  sha256 of each page
+#   prints one JSON line: {"hashes", "probes", "stats"}
+#   touch: reads the page's first byte (expected to die with SIGBUS); prints {"touched"}.
+CLIENT_SCRIPT = r'''
+import errno, hashlib, json, os, sys
+import uffd_pager
+cfg = json.loads(sys.argv[1])
+PAGE = uffd_pager.PAGE_SIZE
+pager = uffd_pager.connect(cfg["socket"]) if cfg.get("socket") else uffd_pager.Pager()
+region = pager.map(cfg["url"], cfg["size"], cfg.get("offset", 0), key_file=cfg["key_file"], writeback_interval=0)
+view = region.view()
+probes = {}
+r, w = os.pipe()
+for p in cfg.get("probe", []):
+    try:
+        n = os.write(w, view[p * PAGE:(p + 1) * PAGE])
+        os.read(r, n)
+        probes[p] = "handed out"
+    except OSError as exc:
+        probes[p] = errno.errorcode.get(exc.errno, str(exc.errno))
+hashes = {p: hashlib.sha256(view[p * PAGE:(p + 1) * PAGE]).hexdigest() for p in cfg.get("read", [])}
+st = region.stats()
+print(json.dumps({"hashes": hashes, "probes": probes,
+                  "stats": {k: st.get(k) for k in ("auth_failures", "poisoned", "errors", "encrypted")}}), flush=True)
+touch = cfg.get("touch")
+if touch is not None:
+    value = view[touch * PAGE]
+    print(json.dumps({"touched": value}), flush=True)
+    os._exit(0)
+del view
+region.close()
+pager.close()
+'''
+
+
+def run_script(script: str, cfg: dict[str, Any], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", PATTERNS_SRC + CATALOG_SRC + script, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def lines_of(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    return f"status {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def client(store_url: str, size: int, key_file: Path, *, read: list[int] | range = (), probe: list[int] = (),
+           touch: int | None = None, offset: int = 0, sock: str | None = None,
+           timeout: float = 60) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """Runs CLIENT_SCRIPT; returns its report and the finished process."""
+    cfg = {"url": store_url, "size": size, "offset": offset, "key_file": str(key_file), "read": list(read),
+           "probe": list(probe), "touch": touch, "socket": sock}
+    result = run_script(CLIENT_SCRIPT, cfg, timeout=timeout)
+    reports = lines_of(result)
+    assert reports and "hashes" in reports[0], f"the client did not report:\n{describe(result)}"
+    return reports[0], result
+
+
+def assert_pages(report: dict[str, Any], expected: dict[int, bytes]) -> None:
+    wrong = [p for p, data in expected.items() if report["hashes"].get(str(p)) != digest(data)]
+    assert not wrong, f"pages {wrong} do not read as written"
+
+
+def assert_sigbus(store_url: str, size: int, key_file: Path, bad: int, good: dict[int, bytes], *,
+                  sock: str | None = None) -> dict[str, Any]:
+    """The bad page is never handed out (the kernel's read of it fails, the
+    pager counts an authentication failure and a poisoned page), every good
+    page reads as written, and the client's own access dies with SIGBUS."""
+    report, result = client(store_url, size, key_file, probe=[bad], read=sorted(good), touch=bad, sock=sock)
+    assert report["probes"][str(bad)] == "EFAULT", \
+        f"page {bad} was not poisoned: the kernel's read of it gave {report['probes'][str(bad)]}"
+    assert_pages(report, good)
+    stats = report["stats"]
+    assert stats["encrypted"] is True
+    assert stats["auth_failures"] >= 1, f"no authentication failure counted: {stats}"
+    assert stats["poisoned"] >= 1, f"no poisoned page counted: {stats}"
+    assert result.returncode == -signal.SIGBUS, \
+        f"touching page {bad} did not die with SIGBUS:\n{describe(result)}"
+    return report
+
+
+# --- 1. keygen -------------------------------------------------------------------------------------
+
+
+def _keygen_out(path: Path) -> None:
+    subprocess.run([*KEYGEN, "keygen", "--out", str(path)], check=True, timeout=30, umask=0o022,
+                   stdin=subprocess.DEVNULL)
+
+
+def _keygen_redirect(path: Path) -> None:
+    command = " ".join(f"'{word}'" for word in KEYGEN)
+    subprocess.run(["sh", "-c", f'umask 022; {command} keygen > "$1"', "sh", str(path)], check=True, timeout=30,
+                   stdin=subprocess.DEVNULL)
+
+
+def _keygen_redirect_existing(path: Path) -> None:
+    path.write_text("not a key yet\n")
+    path.chmod(0o644)
+    _keygen_redirect(path)
+
+
+@pytest.mark.timeout(60)
+def test_keygen_writes_distinct_private_keys(tmp_path: Path, pager: uffd_pager.Pager) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    texts, key_ids = [], []
+    for i, make in enumerate([_keygen_out, _keygen_out, _keygen_redirect, _keygen_redirect,
+                              _keygen_redirect_existing]):
+        path = keys_dir / f"{i}-{make.__name__.strip('_')}.key"
+        make(path)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode == 0o600, f"{make.__name__}: the key file has mode {mode:o}, not 600"
+        text = path.read_text()
+        assert text.endswith("\n") and text.count("\n") == 1 and text.strip(), \
+            f"{make.__name__}: not one line of text: {text!r}"
+        key = Key.from_file(path)
+        assert len(bytes.fromhex(key.to_wire())) == 32, "not a 256-bit key"
+        texts.append(text)
+        key_ids.append(key.key_id)
+    assert len(set(texts)) == len(texts) and len(set(key_ids)) == len(key_ids), "keygen wrote the same key twice"
+
+    # A key file from keygen turns encryption on; its key is the one the catalog names.
+    store = new_store(tmp_path)
+    keyfile = keys_dir / "0-keygen_out.key"
+    data = page_data("random", "A", 0, "keygen")
+    write_encrypted(pager, store, 2 * PAGE, {0: data}, key_file=keyfile)
+    assert catalog_meta(store)["key_id"] == Key.from_file(keyfile).key_id
+    assert data[:64] not in store.read_bytes()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=oct)
+def test_a_key_file_readable_by_others_is_refused(tmp_path: Path, pager: uffd_pager.Pager, key_file: Path,
+                                                  mode: int) -> None:
+    key_file.chmod(mode)
+    with pytest.raises(PermissionError):
+        Key.from_file(key_file)
+    store = new_store(tmp_path)
+    before = uffd_fd_count()
+    with pytest.raises(PermissionError, match="chmod"):
+        pager.map(url(store), 4 * PAGE, key_file=key_file)
+    assert uffd_fd_count() == before, "a userfaultfd was left behind"
+    assert pager.status()["regions"] == 0
+    assert not catalog_path(store).exists(), "the refused key made a catalog"
+
+
+# --- pages never written under the key ----------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_pages_never_written_under_the_key_read_as_zero(random_file, pager: uffd_pager.Pager, key: Key,
+                                                        key_file: Path) -> None:
+    n = 8
+    store = random_file(n * PAGE)  # plaintext that was never encrypted under the key
+    report, result = client(url(store), (n + 2) * PAGE, key_file, read=range(n + 2))
+    assert result.returncode == 0, describe(result)
+    assert report["hashes"] == {str(p): ZERO_PAGE_HASH for p in range(n + 2)}
+    assert report["stats"]["auth_failures"] == 0 and report["stats"]["poisoned"] == 0
+
+    data = page_data("random", "A", 3, "zero")
+    write_encrypted(pager, store, (n + 2) * PAGE, {3: data}, key=key)
+    report, result = client(url(store), (n + 2) * PAGE, key_file, read=range(n + 2))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, {p: (data if p == 3 else bytes(PAGE)) for p in range(n + 2)})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("by", ["close", "timer"])
+def test_write_back_by_close_and_by_the_timer_is_encrypted(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                          key_file: Path, by: str) -> None:
+    store = new_store(tmp_path)
+    n = 6
+    pages = {p: page_data("ascii" if p % 2 else "random", "W", p, by) for p in range(n)}
+    region = pager.map(url(store), n * PAGE, key=key, writeback_interval=0.2 if by == "timer" else 0)
+    try:
+        view = region.view()
+        for p, data in pages.items():
+            view[p * PAGE:(p + 1) * PAGE] = data
+        del view
+        if by == "timer":
+            deadline = time.monotonic() + 15
+            while region.stats()["pages_written"] < n:
+                assert time.monotonic() < deadline, f"the timer wrote nothing back: {region.stats()}"
+                time.sleep(0.05)
+            assert sorted(catalog_rows(store)) == list(range(n)), "the timed write-back left no catalog records"
+    finally:
+        region.close()
+    assert sorted(catalog_rows(store)) == list(range(n))
+    raw = store.read_bytes()
+    assert len(raw) == n * PAGE
+    assert not plaintext_found(store, plaintext_chunks(list(pages.values()))), "plaintext in the store"
+    report, result = client(url(store), n * PAGE, key_file, read=range(n))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, pages)
+
+
+@pytest.mark.timeout(60)
+def test_pages_are_bound_to_their_absolute_place_in_the_store(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                             key_file: Path) -> None:
+    """A region at offset 3 pages: its pages are store pages 3 and 4 (in the
+    catalog and in the file), and read the same through a region at offset 0."""
+    store = new_store(tmp_path)
+    pages = {0: page_data("random", "O", 0, "offset"), 1: page_data("random", "O", 1, "offset")}
+    region = pager.map(url(store), 2 * PAGE, offset=3 * PAGE, key=key, writeback_interval=0)
+    try:
+        view = region.view()
+        for p, data in pages.items():
+            view[p * PAGE:(p + 1) * PAGE] = data
+        del view
+        assert region.flush()["pages"] == 2
+    finally:
+        region.close()
+    assert sorted(catalog_rows(store)) == [3, 4]
+    assert store.stat().st_size == 5 * PAGE
+    report, result = client(url(store), 6 * PAGE, key_file, read=range(6))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, {0: bytes(PAGE), 1: bytes(PAGE), 2: bytes(PAGE), 3: pages[0], 4: pages[1], 5: bytes(PAGE)})
+    report, result = client(url(store), 2 * PAGE, key_file, offset=3 * PAGE, read=range(2))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, pages)
+
+
+# --- 2. only ciphertext in the backing files ----------------------------------------------------
+
+# Parent writes A everywhere, flushes, forks; the child writes B to its pages
+# (flushing first or last per "order"); the parent writes C to its pages and
+# flushes. Prints one JSON line: the child's report and the parent's.
+FORK_SCRIPT = r'''
+import hashlib, json, os, sys, traceback
+import uffd_pager
+cfg = json.loads(sys.argv[1])
+n = cfg["size"] // PAGE
+
+def data(tag, p):
+    return page_data(cfg["kind"], tag, p, cfg["salt"])
+
+def digests(view):
+    return [hashlib.sha256(view[p * PAGE:(p + 1) * PAGE]).hexdigest() for p in range(n)]
+
+pager = uffd_pager.Pager()
+region = pager.map(cfg["url"], cfg["size"], fork_policy=cfg["policy"], children=cfg["children"],
+                   keep_child_portions=cfg["keep"], writeback_interval=0, key_file=cfg["key_file"],
+                   dirty_tracking=cfg["tracking"])
+view = region.view()
+for p in range(n):
+    view[p * PAGE:(p + 1) * PAGE] = data("A", p)
+assert region.flush()["pages"] == n
+c2p_r, c2p_w = os.pipe()
+p2c_r, p2c_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        os.close(c2p_r)
+        os.close(p2c_w)
+        v = region.view()
+        at_fork = digests(v)
+        for p in cfg["child_pages"]:
+            v[p * PAGE:(p + 1) * PAGE] = data("B", p)
+        if cfg["order"] == "child-first":
+            region.flush()
+        os.write(c2p_w, b'{"what": "written"}\n')
+        assert os.read(p2c_r, 1) == b"g"
+        if cfg["order"] != "child-first":
+            region.flush()
+        b = region.backing()
+        st = region.stats()
+        msg = {"what": "done", "url": b.url, "offset": b.offset, "at_fork": at_fork, "view": digests(v),
+               "fork": st["fork"], "auth_failures": st["auth_failures"], "poisoned": st["poisoned"]}
+        del v
+        region.close()
+        os.write(c2p_w, (json.dumps(msg) + "\n").encode())
+        code = 0
+    except BaseException:
+        os.write(c2p_w, (json.dumps({"error": traceback.format_exc()}) + "\n").encode())
+    finally:
+        os._exit(code)
+os.close(c2p_w)
+os.close(p2c_r)
+from_child = os.fdopen(c2p_r)
+
+def from_the_child():
+    msg = json.loads(from_child.readline() or '{"error": "the child closed the pipe"}')
+    if "error" in msg:
+        print(json.dumps({"child_error": msg["error"]}), flush=True)
+        os.kill(pid, 9)
+        sys.exit(3)
+    return msg
+
+from_the_child()
+for p in cfg["parent_pages"]:
+    view[p * PAGE:(p + 1) * PAGE] = data("C", p)
+assert region.flush()["pages"] == len(cfg["parent_pages"])
+os.write(p2c_w, b"g")
+child = from_the_child()
+_, status = os.waitpid(pid, 0)
+b = region.backing()
+st = region.stats()
+parent = {"url": b.url, "offset": b.offset, "view": digests(view), "auth_failures": st["auth_failures"],
+          "poisoned": st["poisoned"]}
+del view
+region.close()
+pager.close()
+print(json.dumps({"child": child, "child_status": os.waitstatus_to_exitcode(status), "parent": parent}), flush=True)
+'''
+
+N_FORK = 16
+CHILD_PAGES = [1, 2, 5, 6, 9, 15]
+PARENT_PAGES = [2, 3, 6, 7, 10, 14]  # 2 and 6 are written by both
+
+
+def run_fork_scenario(tmp_path: Path, key_file: Path, *, kind: str = "random", policy: str = "on-write",
+                      order: str = "child-first", children: Path | None = None, keep: bool = True,
+                      tracking: str = "async", salt: str = "") -> dict[str, Any]:
+    store = tmp_path / "store.bin"
+    if not store.exists():
+        store.touch()
+    if children is not None and not children.exists():
+        children.touch()
+    cfg = {"url": url(store), "size": N_FORK * PAGE, "policy": policy, "order": order, "kind": kind,
+           "salt": salt or os.urandom(8).hex(), "children": url(children) if children is not None else None,
+           "keep": keep, "key_file": str(key_file), "child_pages": CHILD_PAGES, "parent_pages": PARENT_PAGES,
+           "tracking": tracking}
+    result = run_script(FORK_SCRIPT, cfg, timeout=60)
+    reports = lines_of(result)
+    assert result.returncode == 0 and reports, f"the fork scenario failed:\n{describe(result)}"
+    out = reports[-1]
+    assert "child_error" not in out, f"the forked child failed:\n{out.get('child_error')}"
+    assert out["child_status"] == 0, f"the forked child exited with {out['child_status']}"
+    out["cfg"] = cfg
+    out["store"] = store
+    return out
+
+
+def plaintext_chunks(pages: list[bytes]) -> set[bytes]:
+    """Every 16-byte-aligned chunk of the plaintext pages (all-zero chunks
+    excepted: a hole in a sparse file is zeros too)."""
+    return {page[i:i + 16] for page in pages for i in range(0, PAGE, 16) if any(page[i:i + 16])}
+
+
+def plaintext_found(path: Path, chunks: set[bytes]) -> list[int]:
+    """Offsets (any alignment) where a 16-byte run of the plaintext appears in the file."""
+    data = path.read_bytes()
+    return [i for i in range(len(data) - 15) if data[i:i + 16] in chunks][:10]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("second_file", [False, True], ids=["children-in-store", "children-in-second-file"])
+@pytest.mark.parametrize("kind", ["random", "counter", "ascii"])
+def test_backing_files_hold_no_plaintext(tmp_path: Path, key_file: Path, kind: str, second_file: bool) -> None:
+    children = tmp_path / "second.bin" if second_file else None
+    out = run_fork_scenario(tmp_path, key_file, kind=kind, children=children)
+    salt = out["cfg"]["salt"]
+    a = [page_data(kind, "A", p, salt) for p in range(N_FORK)]
+    b = [page_data(kind, "B", p, salt) for p in CHILD_PAGES]
+    c = [page_data(kind, "C", p, salt) for p in PARENT_PAGES]
+    # The scenario did what it should (else the scan below proves nothing).
+    assert out["parent"]["view"] == [digest(p) for p in view_of(kind, N_FORK, salt, {"C": PARENT_PAGES})]
+    assert out["child"]["view"] == [digest(p) for p in view_of(kind, N_FORK, salt, {"B": CHILD_PAGES})]
+    assert out["child"]["fork"]["pages_still_inherited"] == 0
+
+    chunks = plaintext_chunks(a + b + c)
+    files = sorted(p for p in tmp_path.iterdir() if p.is_file())
+    names = {p.name for p in files}
+    assert {"store.bin", "store.bin" + CATALOG_SUFFIX} <= names, names
+    if second_file:
+        assert {"second.bin", "second.bin" + CATALOG_SUFFIX} <= names, names
+    for path in files:
+        hits = plaintext_found(path, chunks)
+        assert not hits, f"plaintext of the region appears in {path.name} at offsets {hits}"
+
+    # Ciphertext at each page's usual place and nothing else: the files are
+    # exactly as long as the portions in them.
+    child_offset = out["child"]["offset"]
+    size = N_FORK * PAGE
+    store = out["store"]
+    if second_file:
+        assert out["child"]["url"] == url(children)
+        assert store.stat().st_size == size
+        assert children.stat().st_size == child_offset + size
+    else:
+        assert store.stat().st_size == child_offset + size
+    # Identical plaintext pages (every "ascii" page of a tag) still give distinct ciphertexts.
+    raw = [raw_page(store, p) for p in range(N_FORK)]
+    assert len(set(raw)) == N_FORK, "two pages have the same ciphertext"
+
+
+# --- 3-5. a store that flips bits, swaps pages or replays old ones -----------------------------
+
+N_TAMPER = 12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("target", ["ciphertext-first-byte", "ciphertext-middle", "ciphertext-last-byte",
+                                    "catalog-tag", "catalog-nonce", "catalog-version"])
+def test_a_flipped_bit_kills_only_the_access_to_that_page(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                         key_file: Path, target: str) -> None:
+    store = new_store(tmp_path)
+    size = N_TAMPER * PAGE
+    pages = write_encrypted(pager, store, size, {p: page_data("random", "A", p, target) for p in range(N_TAMPER)},
+                            key=key)
+    bad = 5
+    if target.startswith("ciphertext"):
+        at = {"ciphertext-first-byte": 0, "ciphertext-middle": 2049, "ciphertext-last-byte": PAGE - 1}[target]
+        put_raw_page(store, bad, flip_bit(raw_page(store, bad), at, bit=3))
+    else:
+        version, nonce, tag = catalog_rows(store)[bad]
+        if target == "catalog-tag":
+            tag = flip_bit(tag, 7)
+        elif target == "catalog-nonce":
+            nonce = flip_bit(nonce, len(nonce) - 1)
+        else:
+            version += 1
+        set_catalog_row(store, bad, version, nonce, tag)
+    good = {p: d for p, d in pages.items() if p != bad}
+    assert_sigbus(url(store), size, key_file, bad, good)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_catalog_rows", [False, True], ids=["ciphertexts", "ciphertexts-and-catalog-rows"])
+def test_two_swapped_pages_both_kill_the_access(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                key_file: Path, with_catalog_rows: bool) -> None:
+    """With the catalog rows swapped too, each ciphertext still matches its
+    nonce and tag: only its binding to its page position catches the swap."""
+    store = new_store(tmp_path)
+    size = N_TAMPER * PAGE
+    pages = write_encrypted(pager, store, size, {p: page_data("random", "A", p, "swap") for p in range(N_TAMPER)},
+                            key=key)
+    i, j = 2, 9
+    raw_i, raw_j = raw_page(store, i), raw_page(store, j)
+    put_raw_page(store, i, raw_j)
+    put_raw_page(store, j, raw_i)
+    if with_catalog_rows:
+        rows = catalog_rows(store)
+        set_catalog_row(store, i, *rows[j])
+        set_catalog_row(store, j, *rows[i])
+    good = {p: d for p, d in pages.items() if p not in (i, j)}
+    for bad in (i, j):
+        assert_sigbus(url(store), size, key_file, bad, good)
+
+
+@pytest.mark.timeout(60)
+def test_a_page_moved_between_stores_under_one_key_kills_the_access(tmp_path: Path, pager: uffd_pager.Pager,
+                                                                     key: Key, key_file: Path) -> None:
+    """Ciphertext and catalog row copied from the same page of another store
+    under the same key: only the binding to the store's id catches it."""
+    size = 4 * PAGE
+    first, second = new_store(tmp_path, "first.bin"), new_store(tmp_path, "second.bin")
+    write_encrypted(pager, first, size, {p: page_data("random", "F", p, "move") for p in range(4)}, key=key)
+    pages = write_encrypted(pager, second, size, {p: page_data("random", "S", p, "move") for p in range(4)}, key=key)
+    assert catalog_meta(first)["store_id"] != catalog_meta(second)["store_id"]
+    bad = 1
+    put_raw_page(second, bad, raw_page(first, bad))
+    set_catalog_row(second, bad, *catalog_rows(first)[bad])
+    assert_sigbus(url(second), size, key_file, bad, {p: d for p, d in pages.items() if p != bad})
+
+
+@pytest.mark.timeout(60)
+def test_an_old_ciphertext_put_back_kills_the_access(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                     key_file: Path) -> None:
+    store = new_store(tmp_path)
+    size = N_TAMPER * PAGE
+    first = {p: page_data("random", "A", p, "replay") for p in range(N_TAMPER)}
+    region = pager.map(url(store), size, key=key, writeback_interval=0)
+    try:
+        view = region.view()
+        for p, data in first.items():
+            view[p * PAGE:(p + 1) * PAGE] = data
+        assert region.flush()["pages"] == N_TAMPER
+        bad = 4
+        old = raw_page(store, bad)
+        old_version = catalog_rows(store)[bad][0]
+        second = {bad: page_data("random", "B", bad, "replay"), 7: page_data("random", "B", 7, "replay")}
+        for p, data in second.items():
+            view[p * PAGE:(p + 1) * PAGE] = data
+        del view
+        assert region.flush()["pages"] == len(second)
+    finally:
+        region.close()
+    assert catalog_rows(store)[bad][0] > old_version, "a rewritten page kept its version"
+    assert raw_page(store, bad) != old
+    put_raw_page(store, bad, old)
+    now = {**first, **second}
+    assert_sigbus(url(store), size, key_file, bad, {p: d for p, d in now.items() if p != bad})
+
+
+# --- 6. the wrong key --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["key", "key_file"])
+def test_the_wrong_key_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager, key: Key, key_file: Path,
+                                         how: str) -> None:
+    store = new_store(tmp_path)
+    size = 6 * PAGE
+    pages = write_encrypted(pager, store, size, {p: page_data("random", "A", p, "wrong") for p in range(6)}, key=key)
+    catalog_before = catalog_path(store).read_bytes()
+    wrong = Key.generate()
+    wrong_file = write_key(tmp_path / "keys" / "wrong.key", wrong)
+    fds, regions = uffd_fd_count(), pager.status()["regions"]
+    with pytest.raises(PermissionError) as info:
+        if how == "key":
+            pager.map(url(store), size, key=wrong, writeback_interval=0)
+        else:
+            pager.map(url(store), size, key_file=wrong_file, writeback_interval=0)
+    assert "wrong key" in str(info.value), f"not a clear message: {info.value}"
+    assert wrong.to_wire() not in str(info.value) and key.to_wire() not in str(info.value)
+    assert uffd_fd_count() == fds, "a userfaultfd was left in this process"
+    assert pager.status()["regions"] == regions, "a region was registered in the pager"
+    # Nothing changed: the store is still under the right key and reads as written.
+    assert catalog_path(store).read_bytes() == catalog_before
+    assert catalog_meta(store)["key_id"] == key.key_id
+    report, result = client(url(store), size, key_file, read=range(6))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, pages)
+
+
+# --- 7. nonces never repeat ------------------------------------------------------------------------
+
+# `restarts` times: a new Pager, map the store with the key, check every page
+# reads as last written, then `flushes` times: rewrite some pages (page 0
+# always, with unchanged bytes on odd restarts), flush, print the catalog rows.
+NONCE_SCRIPT = r'''
+import hashlib, json, sys
+import uffd_pager
+cfg = json.loads(sys.argv[1])
+n = cfg["size"] // PAGE
+model = {}
+
+def rows():
+    return {p: [v, nonce.hex(), tag.hex()] for p, (v, nonce, tag) in read_catalog_rows(cfg["catalog"]).items()}
+
+for r in range(cfg["restarts"]):
+    with uffd_pager.Pager() as pager:
+        region = pager.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
+        view = region.view()
+        wrong = [p for p in range(n) if bytes(view[p * PAGE:(p + 1) * PAGE]) != model.get(p, bytes(PAGE))]
+        print(json.dumps({"restart": r, "wrong_at_start": wrong}), flush=True)
+        for f in range(cfg["flushes"]):
+            pages = sorted({(r * 5 + f * 3 + k * 7) % n for k in range(3)} | {0})
+            for p in pages:
+                if p == 0 and r % 2 and 0 in model:
+                    data = model[0]
+                else:
+                    data = page_data("random", f"{r}.{f}", p, cfg["salt"])
+                view[p * PAGE:(p + 1) * PAGE] = data
+                model[p] = data
+            flushed = region.flush()["pages"]
+            print(json.dumps({"restart": r, "flush": f, "written": pages, "flushed": flushed, "rows": rows()}),
+                  flush=True)
+        del view
+        region.close()
+'''
+
+
+@pytest.mark.timeout(90)
+def test_no_nonce_repeats_across_pager_restarts(tmp_path: Path, key_file: Path) -> None:
+    store = new_store(tmp_path)
+    restarts, flushes, n = 20, 3, 10
+    cfg = {"url": url(store), "size": n * PAGE, "key_file": str(key_file), "catalog": str(catalog_path(store)),
+           "restarts": restarts, "flushes": flushes, "salt": os.urandom(8).hex()}
+    result = run_script(NONCE_SCRIPT, cfg, timeout=80)
+    assert result.returncode == 0, describe(result)
+    reports = lines_of(result)
+    assert len(reports) == restarts * (flushes + 1), describe(result)
+
+    last: dict[int, tuple[int, str, str]] = {}
+    nonces: list[str] = []  # the nonce of every (page, version) the catalog ever held
+    for report in reports:
+        if "wrong_at_start" in report:
+            assert report["wrong_at_start"] == [], \
+                f"restart {report['restart']}: pages {report['wrong_at_start']} do not read as last written"
+            continue
+        where = f"restart {report['restart']} flush {report['flush']}"
+        written = report["written"]
+        assert report["flushed"] == len(written), f"{where}: flushed {report['flushed']} pages, wrote {written}"
+        rows = {int(p): tuple(row) for p, row in report["rows"].items()}
+        for p in written:
+            version, nonce, _tag = rows[p]
+            previous = last.get(p)
+            assert version >= 1 and (previous is None or version > previous[0]), \
+                f"{where}: rewritten page {p} has version {version}, before {previous and previous[0]}"
+            assert previous is None or nonce != previous[1], f"{where}: page {p} was rewritten under its old nonce"
+            nonces.append(nonce)
+        for p, row in last.items():
+            if p not in written:
+                assert rows[p] == row, f"{where}: page {p} was not rewritten but its catalog row changed"
+        assert set(rows) == set(last) | set(written)
+        last.update({p: rows[p] for p in written})
+    repeated = {nonce for nonce in nonces if nonces.count(nonce) > 1}
+    assert not repeated, f"nonces used more than once: {sorted(repeated)[:5]}"
+    assert len(nonces) >= restarts * flushes
+
+
+@pytest.mark.timeout(60)
+def test_two_pagers_on_one_encrypted_store_never_share_a_nonce(tmp_path: Path, key: Key) -> None:
+    """Two processes may each map the same file with their own private
+    pager. Under one key they must not both use a nonce; refusing the second
+    map is fine too."""
+    store = new_store(tmp_path)
+    size = 8 * PAGE
+    with uffd_pager.Pager() as first, uffd_pager.Pager() as second:
+        one = first.map(url(store), size, key=key, writeback_interval=0)
+        try:
+            try:
+                two = second.map(url(store), size, key=key, writeback_interval=0)
+            except OSError:
+                return  # refused while the other pager has it: no nonce can be shared
+            try:
+                nonces = []
+                for region, pages, tag in ((one, range(0, 4), "one"), (two, range(4, 8), "two")):
+                    view = region.view()
+                    for p in pages:
+                        view[p * PAGE:(p + 1) * PAGE] = page_data("random", tag, p, "two-pagers")
+                    del view
+                    assert region.flush()["pages"] == 4
+                    rows = catalog_rows(store)
+                    nonces += [rows[p][1] for p in pages]
+            finally:
+                two.close()
+        finally:
+            one.close()
+    repeated = sorted({n.hex() for n in nonces if nonces.count(n) > 1})
+    assert not repeated, f"two pagers of one store encrypted pages under the same nonces: {repeated}"
+
+
+# --- 8. the key is written nowhere --------------------------------------------------------------
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the daemon exited with status {process.returncode}"
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
+        assert time.monotonic() < deadline, f"the daemon is not listening on {path} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def logging_daemon(socket_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """A `--log-level DEBUG serve` daemon whose stdout and stderr go to a log
+    file (outside the data directory); yields (socket path, log path, process)."""
+    sock = socket_dir / "pager.sock"
+    log_path = tmp_path / "keys" / "daemon.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uffd_pager", "--log-level", "DEBUG", "serve", "--socket", str(sock)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
+    try:
+        _wait_for_socket(sock, process)
+        yield str(sock), log_path, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def key_forms(key: Key) -> list[bytes]:
+    hexed = key.to_wire()
+    return [bytes.fromhex(hexed), hexed.lower().encode(), hexed.upper().encode()]
+
+
+@pytest.mark.timeout(60)
+def test_the_key_appears_in_no_file_and_no_log(tmp_path: Path, socket_dir: Path, key: Key, key_file: Path,
+                                               logging_daemon: tuple[str, Path, Any]) -> None:
+    sock, log_path, daemon = logging_daemon
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    store = new_store(data_dir)
+    size = 8 * PAGE
+    pages = {p: page_data("random", "A", p, "leak") for p in range(8)}
+    wrong = Key.generate()
+    pager = uffd_pager.connect(sock)
+    try:
+        write_encrypted(pager, store, size, pages, key=key)
+        with pytest.raises(PermissionError):
+            pager.map(url(store), size, key=wrong)
+        # An authentication failure, in a client of the same daemon.
+        bad = 6
+        put_raw_page(store, bad, flip_bit(raw_page(store, bad), 100))
+        assert_sigbus(url(store), size, key_file, bad, {p: d for p, d in pages.items() if p != bad}, sock=sock)
+        # Another region written and closed after the failure.
+        other = new_store(data_dir, "other.bin")
+        write_encrypted(pager, other, size, {0: page_data("random", "O", 0, "leak")}, key=key)
+    finally:
+        pager.close()
+    # Stop the daemon so that everything it logs is in the file.
+    daemon.terminate()
+    assert daemon.wait(timeout=10) == 0, "the daemon did not stop cleanly on SIGTERM"
+
+    log = log_path.read_bytes()
+    assert b"authentication" in log, f"the authentication failure was not logged:\n{log.decode(errors='replace')}"
+    for form in key_forms(key) + key_forms(wrong):
+        assert form not in log, "a key appears in the daemon's log"
+    files = [p for p in data_dir.rglob("*") if p.is_file()] + [p for p in socket_dir.iterdir() if p.is_file()]
+    assert any(p.name.endswith(CATALOG_SUFFIX) for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for form in key_forms(key) + key_forms(wrong):
+            assert form not in content, f"the key appears in {path}"
+
+
+# --- 9-10. encrypted regions and fork --------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tracking", ["async", "sync"])
+@pytest.mark.parametrize("order", ["child-first", "parent-first"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_encrypted_fork_portions_reproduce_each_view(tmp_path: Path, key_file: Path, policy: str,
+                                                     order: str, tracking: str) -> None:
+    out = run_fork_scenario(tmp_path, key_file, policy=policy, order=order, tracking=tracking)
+    salt = out["cfg"]["salt"]
+    size = N_FORK * PAGE
+    a = view_of("random", N_FORK, salt, {})
+    child_view = view_of("random", N_FORK, salt, {"B": CHILD_PAGES})
+    parent_view = view_of("random", N_FORK, salt, {"C": PARENT_PAGES})
+    child, parent = out["child"], out["parent"]
+    assert child["at_fork"] == [digest(p) for p in a], "the child does not see the data as of the fork"
+    assert child["view"] == [digest(p) for p in child_view], "the child's view is not A with its own writes"
+    assert parent["view"] == [digest(p) for p in parent_view], "the parent's view is not A with its own writes"
+    assert child["fork"]["policy"] == policy and child["fork"]["pages_still_inherited"] == 0
+    assert child["auth_failures"] == parent["auth_failures"] == 0
+    assert (parent["url"], parent["offset"]) == (url(out["store"]), 0)
+    assert child["url"] == url(out["store"]) and child["offset"] >= size and child["offset"] % PAGE == 0
+
+    for (where, offset), view in (((parent["url"], parent["offset"]), parent_view),
+                                  ((child["url"], child["offset"]), child_view)):
+        report, result = client(where, size, key_file, offset=offset, read=range(N_FORK))
+        assert result.returncode == 0, describe(result)
+        assert_pages(report, dict(enumerate(view)))
+        assert report["stats"]["auth_failures"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_encrypted_children_portions_in_a_second_file(tmp_path: Path, key_file: Path, policy: str) -> None:
+    second = tmp_path / "second.bin"
+    out = run_fork_scenario(tmp_path, key_file, policy=policy, children=second)
+    salt = out["cfg"]["salt"]
+    size = N_FORK * PAGE
+    child_view = view_of("random", N_FORK, salt, {"B": CHILD_PAGES})
+    parent_view = view_of("random", N_FORK, salt, {"C": PARENT_PAGES})
+    child, parent = out["child"], out["parent"]
+    assert child["view"] == [digest(p) for p in child_view]
+    assert parent["view"] == [digest(p) for p in parent_view]
+    assert child["url"] == url(second), f"the child's portion is in {child['url']}, not the second file"
+    assert (parent["url"], parent["offset"]) == (url(out["store"]), 0)
+
+    # The child's portion is all in the second file, encrypted, with its own catalog.
+    first_pages = sorted(catalog_rows(out["store"]))
+    assert first_pages == list(range(N_FORK)), f"the first store's catalog holds pages {first_pages}"
+    child_first = child["offset"] // PAGE
+    assert sorted(catalog_rows(second)) == list(range(child_first, child_first + N_FORK))
+    raw = second.read_bytes()[child["offset"]:child["offset"] + size]
+    assert len(raw) == size
+    assert not any(page in raw for page in child_view), "plaintext in the second file"
+
+    report, result = client(child["url"], size, key_file, offset=child["offset"], read=range(N_FORK))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, dict(enumerate(child_view)))
+    report, result = client(parent["url"], size, key_file, read=range(N_FORK))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, dict(enumerate(parent_view)))
