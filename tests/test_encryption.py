@@ -857,6 +857,61 @@ def test_two_pagers_on_one_encrypted_store_never_share_a_nonce(tmp_path: Path, k
     assert not repeated, f"two pagers of one store encrypted pages under the same nonces: {repeated}"
 
 
+# Two private pagers with the same store open: the first writes pages, the
+# second maps the store, the first rewrites pages 0 and 1; then the second's
+# region reads every page. Pages are read only through the kernel (os.write
+# into a pipe): a page that fails authentication shows as "EFAULT", it never
+# kills the script.
+TWO_PAGERS_SCRIPT = r'''
+import errno, hashlib, json, os, sys
+import uffd_pager
+cfg = json.loads(sys.argv[1])
+n = cfg["size"] // PAGE
+first, second = uffd_pager.Pager(), uffd_pager.Pager()
+one = first.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
+view = one.view()
+for p in range(n):
+    view[p * PAGE:(p + 1) * PAGE] = page_data("random", "old", p, cfg["salt"])
+one.flush()
+two = second.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
+for p in (0, 1):
+    view[p * PAGE:(p + 1) * PAGE] = page_data("random", "new", p, cfg["salt"])
+one.flush()
+other = two.view()
+r, w = os.pipe()
+seen = []
+for p in range(n):
+    try:
+        os.write(w, other[p * PAGE:(p + 1) * PAGE])
+        seen.append(hashlib.sha256(os.read(r, PAGE)).hexdigest())
+    except OSError as exc:
+        seen.append(errno.errorcode.get(exc.errno, str(exc.errno)))
+stats = two.stats()
+print(json.dumps({"seen": seen, "auth_failures": stats["auth_failures"]}), flush=True)
+del view, other
+two.close()
+one.close()
+second.close()
+first.close()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_second_pager_of_the_store_reads_the_first_pagers_rewrites(tmp_path: Path, key_file: Path) -> None:
+    """Not a tampered store: pages rewritten through another pager that has
+    the store open authenticate, and read as rewritten."""
+    store = new_store(tmp_path)
+    n = 4
+    cfg = {"url": url(store), "size": n * PAGE, "key_file": str(key_file), "salt": os.urandom(8).hex()}
+    result = run_script(TWO_PAGERS_SCRIPT, cfg, timeout=60)
+    reports = lines_of(result)
+    assert result.returncode == 0 and reports, describe(result)
+    expected = [digest(page_data("random", "new" if p < 2 else "old", p, cfg["salt"])) for p in range(n)]
+    assert reports[0]["seen"] == expected, \
+        f"the second pager's region does not read the pages as last written: {reports[0]['seen']}"
+    assert reports[0]["auth_failures"] == 0
+
+
 # --- 8. the key is written nowhere --------------------------------------------------------------
 
 
