@@ -122,6 +122,19 @@ def sparse_file(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (a disk that fills up), unmounted at teardown."""
+    mountpoint = tmp_path / "small-tmpfs"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True, timeout=30)
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)], timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], timeout=30)
+
+
+@pytest.fixture
 def socket_dir() -> Iterator[Path]:
     """A short directory for sockets (their paths are limited to 107 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="uffd-test-"))

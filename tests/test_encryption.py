@@ -2,8 +2,8 @@
 
 Pages are AES-256-GCM encrypted by the pager; the store holds only
 ciphertext, at each page's usual place; nonce, tag and version live in the
-catalog beside the store (`<store>.uffd-catalog`: SQLite in the contract,
-fixed records since commit d5a4249; the helpers read either). A page that does
+catalog beside the store (`<store>.uffd-catalog`: a header and one 40-byte
+record per page; the helpers read and alter it as an attacker could). A page that does
 not authenticate (a flipped bit, two pages swapped, an old ciphertext put
 back) is never handed out: it is poisoned, so the access dies with SIGBUS.
 
@@ -72,47 +72,26 @@ def page_data(kind, tag, page, salt=""):
 '''
 exec(PATTERNS_SRC)  # defines page_data here too
 
-# The catalog, read and altered the way a store's owner (or an attacker) could:
-# SQLite tables meta(name, value) and pages(page, version, nonce, tag) as the
-# contract has it, or the fixed-record file `uffd_pager.catalog` may use
-# instead (header, then one record per page); whichever the file is.
+# The catalog, read and altered the way a store's owner (or an attacker)
+# could: a header, then one 40-byte record per page (uffd_pager.catalog).
 CATALOG_SRC = r'''
-import contextlib as _contextlib, sqlite3 as _sqlite3
-
-def _is_sqlite(path):
-    with open(path, "rb") as f:
-        return f.read(16) == b"SQLite format 3\0"
+from uffd_pager import catalog as _catalog
 
 def read_catalog_rows(path):
     # {page: (version, nonce, tag)} of every page the catalog holds
-    if _is_sqlite(path):
-        with _contextlib.closing(_sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return {page: (version, bytes(nonce), bytes(tag))
-                    for page, version, nonce, tag in db.execute("SELECT page, version, nonce, tag FROM pages")}
-    from uffd_pager import catalog
-    return {page: (version, bytes(nonce), bytes(tag)) for page, (version, nonce, tag) in catalog.read_records(path).items()}
+    return {page: (version, bytes(nonce), bytes(tag))
+            for page, (version, nonce, tag) in _catalog.read_records(path).items()}
 
 def read_catalog_meta(path):
-    # {"key_id": hex, "store_id": hex, ...}
-    if _is_sqlite(path):
-        with _contextlib.closing(_sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return dict(db.execute("SELECT name, value FROM meta"))
-    from uffd_pager import catalog
+    # {"key_id": hex, "store_id": hex, "nonce_next": n}
     with open(path, "rb") as f:
-        _magic, key_id, store_id, nonce_next = catalog.HEADER.unpack(f.read(catalog.HEADER.size))
+        _magic, key_id, store_id, nonce_next = _catalog.HEADER.unpack(f.read(_catalog.HEADER.size))
     return {"key_id": key_id.hex(), "store_id": store_id.hex(), "nonce_next": nonce_next}
 
 def write_catalog_row(path, page, version, nonce, tag):
-    if _is_sqlite(path):
-        with _contextlib.closing(_sqlite3.connect(path)) as db:
-            with db:
-                db.execute("INSERT OR REPLACE INTO pages (page, version, nonce, tag) VALUES (?, ?, ?, ?)",
-                           (page, version, nonce, tag))
-        return
-    from uffd_pager import catalog
     with open(path, "r+b") as f:
-        f.seek(catalog.HEADER_BYTES + page * catalog.RECORD.size)
-        f.write(catalog.RECORD.pack(version, nonce, tag))
+        f.seek(_catalog.HEADER_BYTES + page * _catalog.RECORD.size)
+        f.write(_catalog.RECORD.pack(version, nonce, tag))
 '''
 exec(CATALOG_SRC)
 
@@ -213,15 +192,6 @@ def write_encrypted(pager: uffd_pager.Pager, store: Path, size: int, pages: dict
     finally:
         region.close()
     return pages
-
-
-def uffd_fd_count() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}"):
-                count += 1
-    return count
 
 
 # --- a client in a subprocess ------------------------------------------------------------------
@@ -364,15 +334,15 @@ def test_keygen_writes_distinct_private_keys(tmp_path: Path, pager: uffd_pager.P
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=oct)
 def test_a_key_file_readable_by_others_is_refused(tmp_path: Path, pager: uffd_pager.Pager, key_file: Path,
-                                                  mode: int) -> None:
+                                                  mode: int, this_process) -> None:
     key_file.chmod(mode)
     with pytest.raises(PermissionError):
         Key.from_file(key_file)
     store = new_store(tmp_path)
-    before = uffd_fd_count()
+    before = this_process.uffd_fds()
     with pytest.raises(PermissionError, match="chmod"):
         pager.map(url(store), 4 * PAGE, key_file=key_file)
-    assert uffd_fd_count() == before, "a userfaultfd was left behind"
+    assert this_process.uffd_fds() == before, "a userfaultfd was left behind"
     assert pager.status()["regions"] == 0
     assert not catalog_path(store).exists(), "the refused key made a catalog"
 
@@ -723,14 +693,14 @@ def test_an_old_ciphertext_put_back_kills_the_access(tmp_path: Path, pager: uffd
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["key", "key_file"])
 def test_the_wrong_key_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager, key: Key, key_file: Path,
-                                         how: str) -> None:
+                                         how: str, this_process) -> None:
     store = new_store(tmp_path)
     size = 6 * PAGE
     pages = write_encrypted(pager, store, size, {p: page_data("random", "A", p, "wrong") for p in range(6)}, key=key)
     catalog_before = catalog_path(store).read_bytes()
     wrong = Key.generate()
     wrong_file = write_key(tmp_path / "keys" / "wrong.key", wrong)
-    fds, regions = uffd_fd_count(), pager.status()["regions"]
+    fds, regions = this_process.uffd_fds(), pager.status()["regions"]
     with pytest.raises(PermissionError) as info:
         if how == "key":
             pager.map(url(store), size, key=wrong, writeback_interval=0)
@@ -738,7 +708,7 @@ def test_the_wrong_key_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager
             pager.map(url(store), size, key_file=wrong_file, writeback_interval=0)
     assert "wrong key" in str(info.value), f"not a clear message: {info.value}"
     assert wrong.to_wire() not in str(info.value) and key.to_wire() not in str(info.value)
-    assert uffd_fd_count() == fds, "a userfaultfd was left in this process"
+    assert this_process.uffd_fds() == fds, "a userfaultfd was left in this process"
     assert pager.status()["regions"] == regions, "a region was registered in the pager"
     # Nothing changed: the store is still under the right key and reads as written.
     assert catalog_path(store).read_bytes() == catalog_before

@@ -798,19 +798,6 @@ def test_a_flush_racing_a_fork_loses_no_page(pager, sparse_file, fork, tracking)
     region.close()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted at teardown."""
-    mountpoint = tmp_path / "small-tmpfs"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True, timeout=30)
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], timeout=30)
-
-
 N_FULL = 12
 
 

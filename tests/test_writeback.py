@@ -281,19 +281,6 @@ def test_a_client_killed_right_after_flush_leaves_what_it_flushed_in_the_file(ra
 # --- 4. a full disk -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted at teardown."""
-    mountpoint = tmp_path / "small-tmpfs"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], check=True, timeout=30)
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], timeout=30)
-
-
 class FullDisk:
     def __init__(self, directory: Path) -> None:
         self.filler = directory / "filler"
