@@ -22,8 +22,6 @@ stats(); then it touches the page itself and must die with SIGBUS.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
