@@ -3,14 +3,7 @@
 #include "uffd_native.h"
 
 #include <fcntl.h>
-
 #include <sys/mman.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#ifndef SYS_pidfd_getfd
-#define SYS_pidfd_getfd 438
-#endif
 
 int up_mprotect(uint64_t addr, uint64_t len, int prot)
 {
@@ -20,11 +13,6 @@ int up_mprotect(uint64_t addr, uint64_t len, int prot)
 int up_munmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, (size_t)len);
-}
-
-int up_pidfd_getfd(int pidfd, int targetfd)
-{
-    return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
 }
 
 int up_start_writeback(int fd, uint64_t offset, uint64_t len)

@@ -171,7 +171,6 @@ int up_aead_open_page(struct up_aead *aead, const uint8_t *store_id, uint64_t pa
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
 int up_munmap(uint64_t addr, uint64_t len);
-int up_pidfd_getfd(int pidfd, int targetfd);
 /* sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now. */
 int up_start_writeback(int fd, uint64_t offset, uint64_t len);
 /* fallocate(PUNCH_HOLE|KEEP_SIZE): the range reads as zero and frees its blocks. */

@@ -14,9 +14,6 @@ from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, Run, punch_hole, pwrite_runs, start_writeback
 
 
-_IOV_MAX = 1024
-
-
 def file_path(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
@@ -81,29 +78,6 @@ class FileStore(Store):
             raise PermissionError(errno.EACCES, f"store {self.url} was opened read-only: the pager may not write it")
         pwrite_runs(self._fd, runs, data)
         self._start_writeback(runs)
-
-    def write_pages(self, runs: list[Run], pages: list[bytes | memoryview]) -> None:
-        """Like write_runs with the runs' pages as separate buffers (pwritev:
-        no copy to join them)."""
-        if not self.writable:
-            raise PermissionError(errno.EACCES, f"store {self.url} was opened read-only: the pager may not write it")
-        at = 0
-        for run in runs:
-            count = run.length // PAGE_SIZE
-            for first in range(0, count, _IOV_MAX):
-                buffers = pages[at + first: at + min(count, first + _IOV_MAX)]
-                offset = run.store_offset + first * PAGE_SIZE
-                written = os.pwritev(self._fd, buffers, offset)
-                if written != len(buffers) * PAGE_SIZE:  # a short write: finish it page by page
-                    self._finish(buffers, offset, written)
-            at += count
-        self._start_writeback(runs)
-
-    def _finish(self, buffers: list[bytes | memoryview], offset: int, written: int) -> None:
-        data = b"".join(buffers)[written:]
-        while data:
-            n = os.pwrite(self._fd, data, offset + written)
-            written, data = written + n, data[n:]
 
     def _start_writeback(self, runs: list[Run]) -> None:
         # Start the disk on this batch now: the copy of the next batch then
