@@ -58,6 +58,7 @@ struct up_portion {
     int fd;                     /* -1: not allocated yet (a child's, chosen lazily) */
     uint64_t offset;            /* byte offset of the region's page 0 in fd */
     uint8_t *materialized;      /* children only: one bit per page held here */
+    uint64_t materialized_pages; /* bits set in materialized */
     struct up_portion *parent;
     /* An encrypted store's pages are sealed with aead; each page's catalog
      * record (40 bytes: version, nonce, tag) is at 4096 + page * 40 in

@@ -634,9 +634,13 @@ class PagerService:
         event loop, so a child's fault never reads a half-updated page."""
         if runs:
             self._prune_exited_children()  # copies for a dead child are wasted work
+        for run in runs:
+            self._copy_to_children(region, region.page_index(run.addr), run.length // PAGE_SIZE)
+
+    def _copy_to_children(self, region: ServedRegion, first: int, npages: int) -> None:
+        """Copies pages into every child that still inherits them from the region."""
         for child in region.portion.inheriting_children():
-            for run in runs:
-                region.copied_to_children += child.copy_in(region.page_index(run.addr), run.length // PAGE_SIZE)
+            region.copied_to_children += child.copy_in(first, npages)
 
     def _serve_deferred(self, region: ServedRegion, fault: PageFault) -> int:
         """fork_policy="on-access": any access by either process first
@@ -647,8 +651,7 @@ class PagerService:
         try:
             if region.parent is not None:
                 region.portion.copy_in(index, 1)
-            for child in region.portion.inheriting_children():
-                region.copied_to_children += child.copy_in(index, 1)
+            self._copy_to_children(region, index, 1)
         except PageAuthError as exc:
             log.error("region %d: %s", region.id, exc)
             return -errno.EBADMSG

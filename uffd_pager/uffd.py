@@ -58,11 +58,16 @@ _PERMISSION_FIX = (
 )
 
 
+def _os_error(err: int, what: str) -> OSError:
+    """OSError(errno, ...) picks the subclass (PermissionError, ...) itself."""
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
 def _error(err: int, what: str) -> OSError:
-    message = f"{what}: {os.strerror(err)}"
+    """A failed userfaultfd call: permission errors name the fix."""
     if err in (errno.EPERM, errno.EACCES):
-        message += f" ({_PERMISSION_FIX})"
-    return OSError(err, message)
+        return OSError(err, f"{what}: {os.strerror(err)} ({_PERMISSION_FIX})")
+    return _os_error(err, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +247,7 @@ def buffer_address(buffer: Any) -> int:
 def protect(address: int, length: int, prot: int) -> None:
     """mprotect(2), which the standard library does not wrap."""
     if lib.up_mprotect(address, length, prot) < 0:
-        raise _error(ffi.errno, f"mprotect {address:#x}+{length:#x}")
+        raise _os_error(ffi.errno, f"mprotect {address:#x}+{length:#x}")
 
 
 @functools.cache
@@ -286,6 +291,14 @@ class Run:
     length: int
 
 
+def _new_bitmap(npages: int) -> Any:
+    """One bit per page, costing memory only where bits are set (see up_bitmap_alloc)."""
+    bitmap = lib.up_bitmap_alloc(npages)
+    if bitmap == ffi.NULL:
+        raise _os_error(ffi.errno, f"page bitmap for {npages} pages")
+    return bitmap
+
+
 class PortionState:
     """The C view of a portion (see native/portion.c): the descriptor and
     offset that hold its pages, and for a forked child's portion which pages
@@ -298,9 +311,7 @@ class PortionState:
         self.parent = parent  # keeps the parent's struct alive while we point at it
         if parent is not None:
             self._c.parent = parent._c
-            self._c.materialized = lib.up_bitmap_alloc(npages)
-            if self._c.materialized == ffi.NULL:
-                raise _error(ffi.errno, f"page bitmap for {npages} pages")
+            self._c.materialized = _new_bitmap(npages)
 
     def place(self, fd: int, offset: int) -> None:
         self._c.fd = fd
@@ -355,6 +366,7 @@ class FillRange:
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
                  "resident_pages", "dirty_pages")
     _RUNS = 1024
+    _DEFERRED = 256
 
     def __init__(self, base: int, length: int, portion: PortionState,
                  tracking: Tracking = Tracking.NONE) -> None:
@@ -365,19 +377,16 @@ class FillRange:
         self.portion = portion
         self._c.portion = portion._c
         self._c.tracking = tracking
-        self._c.resident = self._bitmap()
+        self._c.resident = _new_bitmap(self._npages)
         if tracking == Tracking.SYNC_WP:
-            self._c.dirty = self._bitmap()
-        self._deferred = ffi.new("struct up_msg[]", 256)
+            try:
+                self._c.dirty = _new_bitmap(self._npages)
+            except OSError:
+                self.close()
+                raise
+        self._deferred = ffi.new("struct up_msg[]", self._DEFERRED)
         self._n_deferred = ffi.new("int *")
         self._runs = ffi.new("struct up_run[]", self._RUNS)
-
-    def _bitmap(self):
-        bitmap = lib.up_bitmap_alloc(self._npages)
-        if bitmap == ffi.NULL:
-            self.close()
-            raise _error(ffi.errno, f"page bitmap for {self._npages} pages")
-        return bitmap
 
     @property
     def base(self) -> int:
@@ -420,7 +429,7 @@ class FillRange:
 
     def serve(self, uffd: Uffd) -> tuple[int, list[Deferred]]:
         """Serves every pending fault it can; returns (served, what is left)."""
-        served = lib.up_serve(uffd.fd, self._c, self._deferred, 256, self._n_deferred)
+        served = lib.up_serve(uffd.fd, self._c, self._deferred, self._DEFERRED, self._n_deferred)
         if served < 0:
             raise _error(ffi.errno, "read(userfaultfd)")
         return served, [
@@ -485,23 +494,21 @@ def copy_out(pid: int, runs: list[Run], buf: bytearray) -> memoryview:
     if total > len(buf):
         raise ValueError(f"{total} bytes of runs do not fit a buffer of {len(buf)}")
     if lib.up_read_remote(pid, _c_runs(runs), len(runs), ffi.from_buffer(buf)) < 0:
-        raise _error(ffi.errno, f"process_vm_readv of {len(runs)} runs from pid {pid}")
+        raise _os_error(ffi.errno, f"process_vm_readv of {len(runs)} runs from pid {pid}")
     return memoryview(buf)[:total]
 
 
 def pwrite_runs(fd: int, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
     """Writes each run's bytes (back to back in data) at its store offset."""
     if lib.up_pwrite_runs(fd, _c_runs(runs), len(runs), ffi.from_buffer(data)) < 0:
-        err = ffi.errno
-        raise OSError(err, f"writing {len(runs)} page runs back: {os.strerror(err)}")
+        raise _os_error(ffi.errno, f"writing {len(runs)} page runs back")
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Starts writing [offset, offset+length) of fd to disk without waiting
     (sync_file_range), so the disk works while the next batch is copied."""
     if lib.up_start_writeback(fd, offset, length) < 0:
-        err = ffi.errno
-        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+        raise _os_error(ffi.errno, "sync_file_range")
 
 
 _PM_PRESENT = 1 << 63
@@ -523,14 +530,13 @@ def present_pages(pagemap_fd: int, base: int, pages: set[int]) -> set[int]:
 def unmap(address: int, length: int) -> None:
     """munmap(2) of a range the mmap module does not own."""
     if lib.up_munmap(address, length) < 0:
-        raise _error(ffi.errno, f"munmap {address:#x}+{length:#x}")
+        raise _os_error(ffi.errno, f"munmap {address:#x}+{length:#x}")
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Makes [offset, offset+length) of fd read as zero, freeing its blocks."""
     if lib.up_punch_hole(fd, offset, length) < 0:
-        err = ffi.errno
-        raise OSError(err, f"fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
+        raise _os_error(ffi.errno, f"fallocate(PUNCH_HOLE) at {offset}+{length}")
 
 
 def _c_runs(runs: list[Run]):

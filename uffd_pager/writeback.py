@@ -24,7 +24,6 @@ BATCH_BYTES = 4 << 20
 class WritebackResult:
     pages: int
     bytes: int
-    runs: int
 
 
 def merge_runs(runs: list[Run]) -> list[Run]:
@@ -68,7 +67,7 @@ def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
     if batch:
         store.write_runs(batch, copy_out(pid, batch, buf))
     store.sync()
-    return WritebackResult(pages=total // PAGE_SIZE, bytes=total, runs=len(runs))
+    return WritebackResult(pages=total // PAGE_SIZE, bytes=total)
 
 
 def _split(runs: list[Run]) -> list[Run]:

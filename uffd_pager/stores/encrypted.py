@@ -59,10 +59,7 @@ class EncryptedStore(Store):
 
     def holds(self, offset: int) -> bool:
         with self._lock:
-            return self._record(offset // PAGE_SIZE) is not None
-
-    def _record(self, page: int) -> bytes | None:
-        return self._catalog.get(page)
+            return self._catalog.get(offset // PAGE_SIZE) is not None
 
     def sealing(self) -> tuple[Any, int, bytes]:
         return self._cipher.aead, self._catalog.fd, self._catalog.store_id
@@ -70,7 +67,7 @@ class EncryptedStore(Store):
     def read_page(self, offset: int) -> bytes:
         page = offset // PAGE_SIZE
         with self._lock:
-            record = self._record(page)
+            record = self._catalog.get(page)
             if record is None:
                 return bytes(PAGE_SIZE)  # never written through this key: a hole
             ciphertext = self._inner.read_page(offset)
