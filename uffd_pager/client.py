@@ -7,12 +7,25 @@ creates the mapping and the userfaultfd (a uffd acts on the address space of
 the process that created it), registers the range, and passes the uffd to
 the pager. The client keeps its own copy of the uffd open, so that if the
 pager dies, a thread touching a missing page waits instead of reading zeros.
+
+fork() and the uffd
+-------------------
+A fork() of a process with a registered range queues a FORK event and
+blocks, GIL held, until the pager reads it. So no range may be registered
+while no pager reads its uffd: map() registers and hands the uffd over, and
+close() unregisters before the pager lets go of it, both under `fork_lock`,
+which every os.fork() of this process takes first (os.register_at_fork).
+A forked child's uffd is made by the kernel in the pager's fd table only: the
+child's at-fork hook claims it back at once (`Region._adopt_in_child`), and
+until it has, the pager does not serve the child's pages.
 """
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -30,7 +43,7 @@ from uffd_pager.layout import (
     parse_tracking,
     parse_writeback_interval,
 )
-from uffd_pager.region import Region, RegionMapping
+from uffd_pager.region import Region, RegionMapping, fork_lock
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -44,25 +57,34 @@ REGION_FEATURES = (
 TRACKING_FEATURES = {Tracking.ASYNC_WP: Feature.WP_ASYNC, Tracking.SYNC_WP: Feature(0)}
 REGION_REGISTER_MODE = RegisterMode.MISSING | RegisterMode.WP
 
-_EMBEDDED_START_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 60.0  # seconds a control request may wait for its answer
 
 
 class Connection:
     """A control connection. Thread-safe: one request at a time. After fork()
     the child gets its own connection on its first request."""
 
-    def __init__(self, address: str | bytes) -> None:
+    def __init__(self, address: str | bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.address = address
+        self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = -1
+        self._unanswered = 0  # requests that timed out: their late replies come first
         self.pager_pid = 0
         self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
         try:
             sock.connect(self.address)
+        except TimeoutError:
+            sock.close()
+            raise protocol.PagerTimeout(f"the pager at {_printable(self.address)} did not accept a connection "
+                                        f"within {self.timeout:g} s") from None
         except FileNotFoundError:
             sock.close()
             raise FileNotFoundError(
@@ -73,33 +95,77 @@ class Connection:
         except ConnectionRefusedError:
             sock.close()
             raise protocol.PagerGone(f"nothing is listening on {_printable(self.address)}: the pager is not running") from None
-        self._sock, self._pid = sock, os.getpid()
+        self._sock, self._pid, self._unanswered = sock, os.getpid(), 0
         return sock
 
     def request(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
+        reply, received = self.request_fds(op, fds, **fields)
+        for fd in received:
+            os.close(fd)
+        return reply
+
+    def request_fds(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        """A request whose answer carries descriptors: (reply, fds), the
+        caller owns the fds."""
         with self._lock:
             sock = self._sock if self._pid == os.getpid() else None
             if sock is None:
                 sock = self._connect()
                 if op != "hello":
                     self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}, ())
-            reply = self._exchange(sock, {"op": op, **fields}, fds)
+            reply, received = self._exchange(sock, {"op": op, **fields}, fds)
             if op == "hello":
                 self.pager_pid = reply.get("pid", 0)
-            return reply
+            return reply, received
 
-    def _exchange(self, sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
+    def _exchange(self, sock: socket.socket, message: dict[str, Any],
+                  fds: tuple[int, ...]) -> tuple[dict[str, Any], list[int]]:
         try:
+            while self._unanswered:
+                for fd in self._receive(sock, message)[1]:  # a late answer to a request that timed out
+                    os.close(fd)
+                self._unanswered -= 1
             protocol.send(sock, message, fds)
-            received = protocol.recv(sock)
+            reply, received = self._receive(sock, message)
+        except TimeoutError:
+            self._unanswered += 1
+            raise protocol.PagerTimeout(
+                f"the pager (pid {self.pager_pid or '?'}) did not answer {message.get('op')!r} within "
+                f"{self.timeout:g} s; it may be overloaded or stuck (Pager(timeout=...) sets the limit)") from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise protocol.PagerGone(f"the pager closed the connection: {exc}") from None
+        try:
+            return protocol.raise_for_error(reply), received
+        except BaseException:
+            for fd in received:
+                os.close(fd)
+            raise
+
+    @staticmethod
+    def _receive(sock: socket.socket, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        received = protocol.recv(sock)
         if received is None:
-            raise protocol.PagerGone("the pager closed the connection (it exited or was killed)")
-        reply, stray = received
-        for fd in stray:
-            os.close(fd)
-        return protocol.raise_for_error(reply)
+            raise protocol.PagerGone(f"the pager closed the connection during {message.get('op')!r} "
+                                     "(it exited or was killed)")
+        return received
+
+    def peer_alive(self) -> bool:
+        """Whether the pager is still there, as far as this process can tell
+        without a request: the connection is not hung up, its pid exists."""
+        sock = self._sock if self._pid == os.getpid() else None
+        if sock is not None and not self._unanswered:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLHUP)
+            if poller.poll(0):
+                return False  # no request is out: readable means end of stream
+        if self.pager_pid:
+            try:
+                os.kill(self.pager_pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+        return True
 
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's socket without a word on it."""
@@ -123,7 +189,7 @@ class Pager:
     Both are context managers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -142,21 +208,27 @@ class Pager:
         self._owner_pid = os.getpid()
         self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
         try:
-            self._conn = Connection(address)
+            self._conn = Connection(address, timeout)
         except BaseException:
             self._stop_process()
             raise
         _live_pagers.add(self)
 
     @classmethod
-    def _attach(cls, address: str) -> "Pager":
+    def _attach(cls, address: str, timeout: float) -> "Pager":
         pager = cls.__new__(cls)
         pager._process = None
         pager._owner_pid = os.getpid()
         pager._regions = weakref.WeakSet()
-        pager._conn = Connection(address)
+        pager._conn = Connection(address, timeout)
         _live_pagers.add(pager)
         return pager
+
+    def alive(self) -> bool:
+        """Whether the pager is still there (without asking it)."""
+        if self._process is not None and os.getpid() == self._owner_pid:
+            return self._process.poll() is None
+        return self._conn.peer_alive()
 
     @property
     def pid(self) -> int:
@@ -189,24 +261,28 @@ class Pager:
         uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
         mapped = size + PAGE_SIZE  # and the tag page (see Region)
         try:
-            memory = RegionMapping.create(mapped)
+            memory = RegionMapping.create(mapped, self.alive)
         except BaseException:
             uffd.close()
             raise
         address = buffer_address(memory)
-        try:
-            uffd.register(address, mapped, REGION_REGISTER_MODE)
-            memory.uffd, memory.registered = uffd, mapped
-            reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset, address=address,
-                                       tracking=dirty_tracking, writeback_interval=interval,
-                                       fork_policy=fork_policy, children=children,
-                                       keep_child_portions=bool(keep_child_portions),
-                                       key=key.to_wire() if key is not None else None)
-        except BaseException:
-            memory.uffd = uffd
-            memory.release_uffd()
-            memory.close()
-            raise
+        with fork_lock:  # registered, and not yet read by the pager
+            try:
+                uffd.register(address, mapped, REGION_REGISTER_MODE)
+                memory.uffd, memory.registered = uffd, mapped
+                reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset,
+                                           address=address, tracking=dirty_tracking, writeback_interval=interval,
+                                           fork_policy=fork_policy, children=children,
+                                           keep_child_portions=bool(keep_child_portions),
+                                           key=key.to_wire() if key is not None else None)
+            except protocol.PagerTimeout:
+                memory.orphan()  # the pager may be reading it by now: never unregistered under it
+                raise
+            except BaseException:
+                memory.uffd = uffd
+                memory.release_uffd()
+                memory.close()
+                raise
         region = Region(self, reply["region"], memory, address, size, store, offset)
         self._regions.add(region)
         return region
@@ -218,11 +294,24 @@ class Pager:
     def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         return self._conn.request(op, **fields)
 
+    def _request_fds(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        return self._conn.request_fds(op, **fields)
+
     def close(self) -> None:
         """Closes every region of this process, then the connection; stops a
-        private pager. In a forked child it ends the child's use only."""
+        private pager. In a forked child it ends the child's use only.
+
+        If the pager is gone, raises PagerGone after trying every region:
+        those regions stay open and mapped with their unflushed data, and
+        their threads waiting on missing pages keep waiting."""
+        gone: protocol.PagerGone | None = None
         for region in list(self._regions):
-            region.close()
+            try:
+                region.close()
+            except protocol.PagerGone as exc:
+                gone = exc
+        if gone is not None:
+            raise gone
         self._conn.close()
         if os.getpid() == self._owner_pid:
             self._stop_process()
@@ -245,9 +334,10 @@ class Pager:
         self.close()
 
 
-def connect(path: str) -> Pager:
-    """Attaches to a pager daemon listening on the Unix socket at `path`."""
-    return Pager._attach(path)
+def connect(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Pager:
+    """Attaches to a pager daemon listening on the Unix socket at `path`;
+    a request not answered within `timeout` seconds raises PagerTimeout."""
+    return Pager._attach(path, timeout)
 
 
 _live_pagers: "weakref.WeakSet[Pager]" = weakref.WeakSet()
@@ -259,24 +349,37 @@ def _printable(address: str | bytes) -> str:
     return address
 
 
+def _before_fork() -> None:
+    fork_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    fork_lock.release()
+
+
 def _after_fork_in_child() -> None:
+    fork_lock.release()  # the child's only thread is the one that took it
     # The child shares the parent's control socket and uffd descriptions; a
-    # word on either would reach the parent's pager state, so drop them here.
+    # word on either would reach the parent's pager state, so drop them, and
+    # claim the child's own uffds from the pager before anything touches them.
     for pager in list(_live_pagers):
         pager._conn.forget_after_fork()
         for region in list(pager._regions):
-            region._forget_after_fork()
+            region._adopt_in_child()
 
 
 def _close_at_exit() -> None:
     # A process that exits without closing its regions still gets its writes
-    # written back: closing flushes.
+    # written back: closing flushes. Regions whose pager is gone stay mapped
+    # (see Region.close) and go with the process.
     for pager in list(_live_pagers):
         try:
             pager.close()  # in a forked child, this closes the child's use only
-        except (OSError, KeyError, protocol.ProtocolError):
-            pass
+        except (OSError, KeyError, protocol.PagerError) as exc:
+            log.warning("uffd_pager: at exit: %s", exc)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+log = logging.getLogger("uffd_pager.client")
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 atexit.register(_close_at_exit)

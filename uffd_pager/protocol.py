@@ -23,12 +23,24 @@ MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
 
 
-class ProtocolError(Exception):
+class PagerError(Exception):
+    """The base of every error that is the pager's, not the caller's."""
+
+
+class ProtocolError(PagerError):
     """The peer sent something that is not this protocol."""
 
 
-class PagerGone(ConnectionError):
+class PagerGone(ConnectionError, PagerError):
     """The pager process went away (killed, crashed, or stopped)."""
+
+
+class PagerTimeout(TimeoutError, PagerError):
+    """The pager did not answer a request in time."""
+
+
+class DescriptorsDropped(OSError, PagerError):
+    """A message arrived without the descriptors it carried."""
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -55,11 +67,17 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """Receives one message and its fds; None at end of stream."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     if not data:
         for fd in fds:
             _close_quietly(fd)
         return None
+    if flags & socket.MSG_CTRUNC:
+        # The kernel drops descriptors that do not fit the receiver's table.
+        for fd in fds:
+            _close_quietly(fd)
+        raise DescriptorsDropped(errno.EMFILE, "descriptors sent with a message were dropped: the receiver is at its "
+                                    "limit of open files (RLIMIT_NOFILE)")
     return decode(data, fds)
 
 

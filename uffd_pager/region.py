@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from uffd_pager import protocol
 from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
@@ -23,21 +24,47 @@ _MAP_NORESERVE = 0x4000  # reserve no swap: a 1 TiB region costs only what is to
 # they were created at (which may hold the program's own memory by now).
 _abandoned: list[mmap.mmap] = []
 
+# Held across every step during which a range is registered but no pager
+# reads its uffd, and by every os.fork() of this process (client.py hooks
+# it): a fork then would queue a FORK event nobody reads, and fork() would
+# block forever with the GIL held.
+fork_lock = threading.RLock()
+
+log = logging.getLogger("uffd_pager.client")
+
 
 class RegionMapping(mmap.mmap):
     """The anonymous private mapping under a region, with the client's copy
     of its userfaultfd. Whatever drops the last reference (close(), or the
     garbage collector after a failed close()) unregisters the range first:
     an munmap of a registered range waits until someone reads the UNMAP
-    event, and once the pager is gone no one will."""
+    event, and once the pager is gone no one will.
+
+    An *orphaned* mapping (its pager is gone) is never unregistered nor
+    unmapped: unregistering would wake the threads waiting on its missing
+    pages into zeros, and the writes not yet flushed live only here. It
+    stays until the process exits (see `orphan`)."""
 
     uffd: Uffd | None = None
     registered: int = 0
+    orphaned: bool = False
+    pager_alive: Callable[[], bool] = staticmethod(lambda: True)
 
     @classmethod
-    def create(cls, length: int) -> "RegionMapping":
-        return cls(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    def create(cls, length: int, pager_alive: Callable[[], bool]) -> "RegionMapping":
+        memory = cls(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        memory.pager_alive = pager_alive
+        return memory
+
+    def orphan(self) -> None:
+        """Keeps the mapping, registered, for the rest of the process's life.
+        A reference is leaked on purpose: the interpreter's own teardown
+        would otherwise free the object and munmap the range, which blocks
+        forever on the UNMAP event (the range is registered, nobody reads)."""
+        if not self.orphaned:
+            self.orphaned = True
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))
 
     def release_uffd(self, spans: list[tuple[int, int]] | None = None) -> None:
         uffd, self.uffd = self.uffd, None
@@ -51,8 +78,12 @@ class RegionMapping(mmap.mmap):
         uffd.close()
 
     def __del__(self) -> None:
-        if not self.closed:
-            self.release_uffd()
+        if self.closed or self.orphaned:
+            return
+        if self.uffd is not None and not self.pager_alive():
+            self.orphan()  # resurrected and kept: see orphan()
+            return
+        self.release_uffd()
 
 
 @dataclass(frozen=True)
@@ -81,7 +112,6 @@ class Region:
         self._id = region_id
         self._memory: RegionMapping | None = memory
         self._owner_pid = os.getpid()  # the process whose pager state _id names
-        self._lock = threading.Lock()
         self.address = address
         self.size = size
         self.store = store
@@ -123,6 +153,12 @@ class Region:
         the write-back fails, raises and leaves the region open: nothing is
         lost, and close() can be called again.
 
+        If the pager is gone, raises PagerGone and leaves the region open
+        and mapped: its unflushed writes are still in memory, and threads
+        waiting on missing pages keep waiting (they would read zeros if the
+        range were unregistered). The mapping then stays until the process
+        exits.
+
         Memoryviews still alive at that point are made inaccessible (an access
         faults with SIGSEGV rather than reading stale memory); the address
         range is returned to the system when the last of them is released.
@@ -130,21 +166,27 @@ class Region:
         if self._memory is None:
             return
         spans: list[tuple[int, int]] | None = None
-        try:
-            reply = self._request("unmap")  # flushes first; raises if that fails
-            spans = [(start, end) for start, end in reply["spans"]]
-        except (protocol.PagerGone, KeyError):
-            pass  # nothing left to write back or release on the pager's side
-        memory, self._memory = self._memory, None
-        whole = [(self.address, self.address + self.size + PAGE_SIZE)]
-        if spans is not None and spans != whole:
+        # From the pager's last read of the uffd until the range is
+        # unregistered, a fork() would block forever: hold it off.
+        with fork_lock:
+            try:
+                reply = self._request("unmap")  # flushes first; raises if that fails
+                spans = [(start, end) for start, end in reply["spans"]]
+            except protocol.PagerGone:
+                self._memory.orphan()
+                raise
+            except KeyError:
+                pass  # the pager no longer serves it: nothing to write back or release there
+            memory, self._memory = self._memory, None
+            whole = [(self.address, self.address + self.size + PAGE_SIZE)]
+            moved = spans is not None and spans != whole
+            memory.release_uffd(spans if moved else None)
+        if moved:
             # The program moved or cut the mapping: unmap it where it is now.
-            memory.release_uffd(spans)
-            for start, end in spans:
+            for start, end in spans or ():
                 unmap(start, end - start)
             _abandoned.append(memory)
             return
-        memory.release_uffd()
         try:
             memory.close()
         except BufferError:
@@ -154,32 +196,48 @@ class Region:
     def _request(self, op: str) -> dict[str, Any]:
         if self._memory is None:
             raise ValueError("the region is closed")
-        with self._lock:
-            if self._owner_pid != os.getpid():
-                self._adopt()
+        if self._owner_pid != os.getpid():
+            raise protocol.PagerGone(f"this forked process could not claim its copy of the region from the pager "
+                                     f"at fork: {self._adopt_error}")
         return self._pager._request(op, region=self._id)
 
-    def _adopt(self) -> None:
-        """First call in a forked child: make the pager see this process's
-        pid on the child's uffd (a read of the tag page is a fault there,
-        which carries our thread id), then claim the child's region."""
-        assert self._memory is not None
-        ctypes.string_at(self.address + self.size, 1)
-        # Missing again, so that our own forked children fault on it too.
-        self._memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
-        reply = self._pager._request("adopt", region=self._id)
+    _adopt_error: str = ""
+
+    def _adopt_in_child(self) -> None:
+        """In a forked child, at once (an at-fork hook): the parent's uffd
+        must not act on the parent's memory from here (nor be unregistered:
+        that would act on the parent's range); the child's own uffd was made
+        by the kernel in the pager's fd table only, so claim it back, or the
+        child would read zeros if the pager died. The pager learns this
+        process's pid from the fault of a read of the tag page on the
+        child's uffd (it carries our thread id). If the claim fails the
+        region is made inaccessible: an access is a SIGSEGV, never zeros."""
+        memory = self._memory
+        if memory is None:
+            return
+        if memory.uffd is not None:
+            memory.uffd.close()
+            memory.uffd = None
+        try:
+            ctypes.string_at(self.address + self.size, 1)
+            # Missing again, so that our own forked children fault on it too.
+            memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
+            reply, fds = self._pager._request_fds("adopt", region=self._id)
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise protocol.ProtocolError(f"adopt answered with {len(fds)} descriptors, not the child's uffd")
+        except Exception as exc:  # an at-fork hook must not raise
+            self._adopt_error = f"{type(exc).__name__}: {exc}"
+            log.error("uffd_pager: forked pid %d cannot claim region %#x+%#x from its pager (%s); "
+                      "the region is made inaccessible in this process", os.getpid(), self.address, self.size,
+                      self._adopt_error)
+            protect(self.address, self.size + PAGE_SIZE, _PROT_NONE)
+            memory.orphan()
+            return
+        memory.uffd = Uffd(fds[0])
         self._id = reply["region"]
         self._owner_pid = os.getpid()
-
-    def _forget_after_fork(self) -> None:
-        """In a forked child: the parent's uffd must not act on the parent's
-        memory from here (and must not be unregistered: that would act on the
-        parent's range), and the child's pages are served through the uffd
-        the kernel made for the child, which only the pager holds."""
-        self._lock = threading.Lock()
-        if self._memory is not None and self._memory.uffd is not None:
-            self._memory.uffd.close()
-            self._memory.uffd = None
 
     def __enter__(self) -> "Region":
         return self

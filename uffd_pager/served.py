@@ -60,6 +60,21 @@ class ServedRegion:
     # where: the program's own munmap/mremap change it (UNMAP/REMAP events).
     spans: list[Span] = field(default_factory=list)
     last_error: str = ""
+    # A forked child's pages are served only once its own process holds its
+    # uffd (see PagerService._op_adopt): if the pager died before, the
+    # child's last reference would be gone with it, the kernel would
+    # unregister the range, and the child would read zeros.
+    handed: bool = True
+    forked_at: float = 0.0  # loop time of the FORK event (children)
+    # Teardown waits while an operation that awaits (a flush) uses the region:
+    # see PagerService._holding.
+    holds: int = 0
+    released: bool = False
+    # Faults deferred by EAGAIN are retried on a timer until served.
+    retry_timer: "asyncio.TimerHandle | None" = None
+    retry_delay: float = 0.0
+    # Pages whose poisoning failed with EAGAIN: poisoned on the next retry.
+    unfillable: dict[int, int] = field(default_factory=dict)
 
     @property
     def tag_address(self) -> int:

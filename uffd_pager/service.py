@@ -12,12 +12,16 @@ holding whatever it held (the GIL included), so nothing here may ever wait
 for a client.
 
 ``read()`` on a uffd returns pending page faults before events (FORK, REMAP,
-REMOVE, UNMAP). While an event is unread, every ioctl on that uffd fails with
-EAGAIN, and the client that caused the event (forking, mremapping, unmapping)
-is blocked until the event is read. So a fault that fails with EAGAIN is
-kept, the uffd is drained, the events are applied, and the fault is retried;
-events never wait behind a slow fetch. The descriptors are level-triggered in
-the event loop, so anything still unread brings us back.
+REMOVE, UNMAP). While an event is unread, UFFDIO_COPY, ZEROPAGE,
+WRITEPROTECT, CONTINUE, POISON and MOVE fail with EAGAIN (the kernel's
+``mmap_changing``); WAKE and (UN)REGISTER do not. The client that caused the
+event (forking, mremapping, unmapping) is blocked until the event is read.
+So a fault that fails with EAGAIN is kept, the uffd is drained, the events
+are applied, and the fault is retried; events never wait behind a slow
+fetch. After a FORK event is read, ``mmap_changing`` stays raised until the
+forking thread itself runs again, and nothing new need arrive on the uffd to
+bring us back: a fault deferred by EAGAIN is therefore retried on a timer
+(backing off to a few milliseconds) until it is served.
 
 A FORK event carries the child's new uffd, already installed in *our* fd
 table when we read it, but no pid; the forking parent is blocked until we
@@ -36,6 +40,7 @@ this module handles what C hands back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -43,7 +48,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from uffd_pager import protocol
 from uffd_pager.layout import (
@@ -86,6 +91,14 @@ _STALE_FAULT = (-errno.ESRCH, -errno.ENOENT)
 # How often forked children not yet known by pid are probed for exit.
 _CHILD_PROBE_INTERVAL = 1.0
 
+# How long a forked child's faults wait for it to claim its uffd (see
+# PagerService._wait_for_hand).
+_HAND_TIMEOUT = 30.0
+
+
+# A request's answer, with the descriptors it hands over (adopt: a uffd).
+Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
+
 
 @dataclass(eq=False)
 class Connection:
@@ -93,7 +106,8 @@ class Connection:
     pid: int
     uid: int
     regions: dict[int, ServedRegion] = field(default_factory=dict)
-    inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | None]" = field(default_factory=asyncio.Queue)
+    # Requests with their descriptors; an exception to answer with; None at EOF.
+    inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | Exception | None]" = field(default_factory=asyncio.Queue)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -115,7 +129,7 @@ class PagerService:
         self._done = self._loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
         self._child_probe: asyncio.TimerHandle | None = None
-        self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[dict[str, Any]]]] = {
+        self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
             "hello": self._op_hello,
             "map": self._op_map,
             "unmap": self._op_unmap,
@@ -174,6 +188,10 @@ class PagerService:
             message = protocol.recv(conn.sock)
         except (BlockingIOError, InterruptedError):
             return
+        except protocol.DescriptorsDropped as exc:
+            log.warning("connection from pid %d: %s", conn.pid, exc)
+            conn.inbox.put_nowait(exc)  # answered with the error; the connection stays
+            return
         except (OSError, protocol.ProtocolError) as exc:
             log.warning("connection from pid %d: %s", conn.pid, exc)
             message = None
@@ -184,9 +202,11 @@ class PagerService:
     async def _serve_connection(self, conn: Connection) -> None:
         try:
             while (item := await conn.inbox.get()) is not None:
-                request, fds = item
+                request, fds = item if not isinstance(item, Exception) else ({"op": None}, [])
                 handler = self._handlers.get(str(request.get("op")))
                 try:
+                    if isinstance(item, Exception):
+                        raise item
                     if handler is None:
                         raise protocol.ProtocolError(f"unknown request {request.get('op')!r}")
                     reply = await handler(conn, request, fds)
@@ -196,11 +216,15 @@ class PagerService:
                     if not isinstance(exc, (OSError, ValueError, KeyError, protocol.ProtocolError)):
                         log.exception("request %r failed", request.get("op"))
                     reply = protocol.error_reply(exc)
+                reply, out_fds = reply if isinstance(reply, tuple) else (reply, [])
                 try:
-                    protocol.send(conn.sock, reply)
+                    protocol.send(conn.sock, reply, out_fds)
                 except OSError as exc:
                     log.warning("cannot reply to pid %d: %s", conn.pid, exc)
                     break
+                finally:
+                    for fd in out_fds:
+                        os.close(fd)
         finally:
             self._drop_connection(conn)
 
@@ -290,9 +314,13 @@ class PagerService:
         region = self._own_region(conn, request)
         return {"ok": True, "url": region.portion.store.url, "offset": region.portion.offset}
 
-    async def _op_adopt(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    async def _op_adopt(self, conn: Connection, request: dict[str, Any],
+                        fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A forked child claims its copy of a region its parent held (by
-        that region's id). Its tag-page fault has told us its pid already."""
+        that region's id), and gets a descriptor of its own uffd back: the
+        kernel made that uffd in our fd table only, and a child that does
+        not hold it would read zeros once we are gone. Its tag-page fault
+        has told us its pid already."""
         ancestor_id = _require_int(request, "region")
         for region in self._regions.values():
             if region.owner_pid == conn.pid and region.parent is not None and self._descends(region, ancestor_id):
@@ -300,7 +328,13 @@ class PagerService:
                     region.connection.regions.pop(region.id, None)
                 region.connection = conn
                 conn.regions[region.id] = region
-                return {"ok": True, "region": region.id}
+                handed_fd = os.dup(region.uffd.fd)
+                if not region.handed:
+                    region.handed = True
+                    self._sync_defer_missing()
+                    if region.pending:
+                        self._loop.call_soon(self._retry_now, region)
+                return {"ok": True, "region": region.id}, [handed_fd]
         raise KeyError(f"pid {conn.pid} holds no forked copy of region {ancestor_id}")
 
     async def _op_status(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -375,27 +409,52 @@ class PagerService:
         self._loop.add_reader(uffd.fd, self._on_faults, region)
         return region
 
+    @contextlib.contextmanager
+    def _holding(self, region: ServedRegion) -> Iterator[None]:
+        """Keeps the region's descriptors, native state and portions alive
+        while an operation uses them across an await (or a worker thread):
+        a region released meanwhile (its process exited; a child pruned by
+        its own flush) is torn down when the last holder lets go, so nothing
+        ever acts on freed state or on a descriptor number reused since."""
+        region.holds += 1
+        try:
+            yield
+        finally:
+            region.holds -= 1
+            if region.released and region.holds == 0:
+                self._tear_down(region)
+
     def _release_region(self, region: ServedRegion) -> None:
+        """Stops serving the region at once; its state goes when unused."""
         if self._regions.pop(region.id, None) is None:
             return
+        region.released = True
         self._loop.remove_reader(region.uffd.fd)
         if region.pidfd >= 0:
             self._loop.remove_reader(region.pidfd)
-            os.close(region.pidfd)
-        if region.pagemap_fd >= 0:
-            os.close(region.pagemap_fd)
         if region.timer is not None:
             region.timer.cancel()
+        if region.retry_timer is not None:
+            region.retry_timer.cancel()
+            region.retry_timer = None
         if region.connection is not None:
             region.connection.regions.pop(region.id, None)
+        if region.holds == 0:
+            self._tear_down(region)
+        self._sync_defer_missing()
+        self._stop_if_idle()
+
+    def _tear_down(self, region: ServedRegion) -> None:
+        for fd in (region.pidfd, region.pagemap_fd):
+            if fd >= 0:
+                os.close(fd)
+        region.pidfd = region.pagemap_fd = -1
         region.uffd.close()
         region.fill.close()
         region.portion.in_use_by_region = False
         self._free_portions(region.portion, keep=region.parent is not None and region.keep_child_portions)
         if region.parent is None and region.child_store.store is not region.portion.store:
             self._release_store(region.child_store)  # the use map(children=...) took
-        self._sync_defer_missing()
-        self._stop_if_idle()
 
     def _free_portions(self, portion: Portion | None, *, keep: bool) -> None:
         """Frees a portion no region uses and no child inherits from, then
@@ -412,6 +471,10 @@ class PagerService:
             portion, keep = parent, False
 
     def _on_faults(self, region: ServedRegion) -> None:
+        with self._holding(region):
+            self._serve_faults(region)
+
+    def _serve_faults(self, region: ServedRegion) -> None:
         try:
             _served, deferred = region.fill.serve(region.uffd)
         except OSError as exc:
@@ -420,15 +483,17 @@ class PagerService:
             return
         for item in deferred:
             self._take(region, item)
-            if region.id not in self._regions:
+            if region.released:
+                return
+        if region.parent is not None and region.pidfd < 0:
+            self._learn_child_pid(region)
+            if region.released:
                 return
         if region.pending:
             self._retry_pending(region)
-        if region.parent is not None and region.id in self._regions:
-            if region.pidfd < 0:
-                self._learn_child_pid(region)
-            if not region.portion.placed and region.fill.counters()["faults"] > region.tag_faults:
-                region.portion.place()  # claim 7: the child's offset is chosen at its first access
+        if region.parent is not None and not region.released and not region.portion.placed \
+                and region.fill.counters()["faults"] > region.tag_faults:
+            region.portion.place()  # claim 7: the child's offset is chosen at its first access
 
     def _take(self, region: ServedRegion, item: Deferred) -> None:
         event = item.event
@@ -454,22 +519,62 @@ class PagerService:
 
     def _retry_pending(self, region: ServedRegion) -> None:
         still: list[PageFault] = []
+        waiting_for_hand = False
         for fault in region.pending:
-            if fault.page == region.tag_address:
+            if fault.page in region.unfillable:
+                rc = self._fail_page(region, fault, region.unfillable[fault.page])
+            elif fault.page == region.tag_address:
                 rc = self._serve_tag_page(region, fault)
-            elif region.fill.defer_missing and not fault.wp:
+            elif not region.handed and not fault.wp:
+                rc = self._wait_for_hand(region, fault)
+                waiting_for_hand = waiting_for_hand or rc == -errno.EAGAIN
+            elif region.fork_policy == "on-access" and region.fill.defer_missing and not fault.wp:
                 rc = self._serve_deferred(region, fault)
             else:
                 rc = region.fill.fill_fault(region.uffd, fault)
             if rc == 0:
                 continue
             if rc == -errno.EAGAIN:
-                still.append(fault)  # an event is unread; its readiness brings us back
+                still.append(fault)
             elif rc in _STALE_FAULT:
                 _wake_quietly(region.uffd, fault.page)
             else:
-                self._fail_page(region, fault, rc)
+                rc = self._fail_page(region, fault, rc)
+                if rc == -errno.EAGAIN:
+                    still.append(fault)
         region.pending = still
+        if still:
+            self._schedule_retry(region, slow=waiting_for_hand)
+        else:
+            region.retry_delay = 0.0
+
+    def _schedule_retry(self, region: ServedRegion, *, slow: bool = False) -> None:
+        """EAGAIN after a FORK event lasts until the forking thread runs
+        again, with nothing new to read on the uffd: retry on a timer, from
+        50 us backing off to 5 ms (100 ms while a child is not handed its
+        uffd yet: its adopt request brings us back sooner)."""
+        if region.retry_timer is not None or region.released:
+            return
+        region.retry_delay = 0.1 if slow else min(max(region.retry_delay * 2, 50e-6), 5e-3)
+        region.retry_timer = self._loop.call_later(region.retry_delay, self._retry_now, region)
+
+    def _retry_now(self, region: ServedRegion) -> None:
+        region.retry_timer = None
+        if not region.released:
+            with self._holding(region):
+                self._serve_faults(region)
+
+    def _wait_for_hand(self, region: ServedRegion, fault: PageFault) -> int:
+        """A forked child's fault before its library took its own uffd back
+        (see ServedRegion.handed) waits; after _HAND_TIMEOUT it fails loudly
+        (the page is poisoned: SIGBUS), since a process forked without
+        os.fork() never claims it, and serving it would leave the child
+        reading zeros if this pager died."""
+        if self._loop.time() - region.forked_at < _HAND_TIMEOUT:
+            return -errno.EAGAIN
+        log.error("region %d: pid %d touched its forked copy without claiming it from the pager for %.0f s "
+                  "(forked without os.fork()?); failing the access", region.id, region.owner_pid, _HAND_TIMEOUT)
+        return -errno.ENOLCK
 
     def _serve_tag_page(self, region: ServedRegion, fault: PageFault) -> int:
         """The tag page reads as zeros; its fault has served its purpose."""
@@ -482,24 +587,35 @@ class PagerService:
             _wake_quietly(region.uffd, fault.page)
         return 0
 
-    def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
+    def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> int:
         """The page's data could not be produced (the store failed, an
         encrypted page did not authenticate, the address is outside the
         region). It is never handed out as zeros or as unauthenticated
-        bytes: poison it, so the access raises SIGBUS in the client."""
-        region.errors += 1
-        if rc == -errno.EBADMSG:
-            region.auth_failures += 1
-            reason = "its ciphertext fails authentication (altered, swapped or replayed in the store)"
-        else:
-            reason = os.strerror(-rc)
-        log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
-                  region.id, fault.page, region.owner_pid, reason)
+        bytes: poison it, so the access raises SIGBUS in the client.
+        Returns -EAGAIN while an event keeps the poisoning from happening."""
+        if fault.page not in region.unfillable:
+            region.errors += 1
+            if rc == -errno.EBADMSG:
+                region.auth_failures += 1
+                reason = "its ciphertext fails authentication (altered, swapped or replayed in the store)"
+            else:
+                reason = os.strerror(-rc)
+            log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
+                      region.id, fault.page, region.owner_pid, reason)
         try:
             region.uffd.poison(fault.page, PAGE_SIZE)
-            region.poisoned += 1
         except OSError as exc:
-            log.error("region %d: UFFDIO_POISON failed too: %s", region.id, exc)
+            if exc.errno == errno.EAGAIN:
+                region.unfillable[fault.page] = rc
+                return -errno.EAGAIN
+            if exc.errno == errno.EEXIST:
+                _wake_quietly(region.uffd, fault.page)  # filled meanwhile (a stale fault)
+            elif exc.errno not in (errno.ESRCH, errno.ENOENT):
+                log.error("region %d: UFFDIO_POISON failed too: %s", region.id, exc)
+        else:
+            region.poisoned += 1
+        region.unfillable.pop(fault.page, None)
+        return 0
 
     def _apply_remap(self, region: ServedRegion, event: RemapEvent) -> None:
         fill = region.fill
@@ -525,37 +641,41 @@ class PagerService:
         inherits is copied in, so that the portion alone holds the child's
         view. Before pages of a portion change, children that still inherit
         them get a copy of the old bytes first (claim 2)."""
-        async with region.flush_lock:
-            if region.fill.tracking == Tracking.NONE or region.id not in self._regions:
-                return {"pages": 0, "bytes": 0}
-            portion = region.portion
+        with self._holding(region):
+            async with region.flush_lock:
+                return await self._flush_held(region)
+
+    async def _flush_held(self, region: ServedRegion) -> dict[str, int]:
+        if region.fill.tracking == Tracking.NONE or region.released:
+            return {"pages": 0, "bytes": 0}
+        portion = region.portion
+        if region.parent is not None:
+            portion.place()
+        runs = await self._take_dirty(region)
+        # From here until written, these pages are clean in the kernel's
+        # eyes but not in the store: a fork meanwhile must know (see
+        # _adopt_fork_child), and a failure puts them back.
+        region.in_flight = pages_of(runs, region.fill.base)
+        try:
+            self._preserve_for_children(region, runs)
             if region.parent is not None:
-                portion.place()
-            runs = await self._take_dirty(region)
-            # From here until written, these pages are clean in the kernel's
-            # eyes but not in the store: a fork meanwhile must know (see
-            # _adopt_fork_child), and a failure puts them back.
-            region.in_flight = pages_of(runs, region.fill.base)
-            try:
-                self._preserve_for_children(region, runs)
-                if region.parent is not None:
-                    portion.complete()
-                if not runs and region.parent is None:
-                    return {"pages": 0, "bytes": 0}
-                result = await self._loop.run_in_executor(None, write_back, portion.store, region.owner_pid, runs)
-            except OSError as exc:
-                region.retry_pages |= region.in_flight
-                region.writeback["writeback_errors"] += 1
-                region.last_error = str(exc)
-                raise
-            finally:
-                region.in_flight = set()
-            for run in runs:
-                portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
-            region.writeback["flushes"] += 1
-            region.writeback["pages_written"] += result.pages
-            region.writeback["bytes_written"] += result.bytes
-            return {"pages": result.pages, "bytes": result.bytes}
+                portion.complete()
+            if not runs and region.parent is None:
+                return {"pages": 0, "bytes": 0}
+            result = await self._loop.run_in_executor(None, write_back, portion.store, region.owner_pid, runs)
+        except OSError as exc:
+            region.retry_pages |= region.in_flight
+            region.writeback["writeback_errors"] += 1
+            region.last_error = str(exc)
+            raise
+        finally:
+            region.in_flight = set()
+        for run in runs:
+            portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
+        region.writeback["flushes"] += 1
+        region.writeback["pages_written"] += result.pages
+        region.writeback["bytes_written"] += result.bytes
+        return {"pages": result.pages, "bytes": result.bytes}
 
     async def _take_dirty(self, region: ServedRegion) -> list[Run]:
         """The dirty pages, write-protected again in the same step; pages a
@@ -575,6 +695,10 @@ class PagerService:
                     raise OSError(err, f"UFFDIO_WRITEPROTECT of dirty pages: {os.strerror(err)}")
                 # An event (a fork, say) is unread: let the loop read it first.
                 await asyncio.sleep(0.001)
+                if region.released:
+                    region.retry_pages |= region.in_flight
+                    region.in_flight = set()
+                    raise ProcessLookupError(errno.ESRCH, f"region {region.id}: its process exited during the flush")
         else:
             runs = fill.scan_written(self._pagemap_fd(region), region.paged_spans, protect=True)
         if region.retry_pages:
@@ -619,6 +743,7 @@ class PagerService:
         child = self._add_region(child_uffd, fill, portion, owner_pid=0, fork_policy=parent.fork_policy,
                                  child_store=child_store, keep_child_portions=parent.keep_child_portions,
                                  parent=parent)
+        child.handed, child.forked_at = False, self._loop.time()
         # Pages the parent's write-back has taken but not yet stored are clean
         # in the child's page tables too: the child writes them itself.
         child.retry_pages |= parent.in_flight | parent.retry_pages
@@ -631,7 +756,14 @@ class PagerService:
     def _preserve_for_children(self, region: ServedRegion, runs: list[Run]) -> None:
         """Before these pages of the region's portion are rewritten, every
         child still inheriting them gets the old bytes (claim 2). Runs in the
-        event loop, so a child's fault never reads a half-updated page."""
+        event loop, so a child's fault never reads a half-updated page.
+
+        This places a child's portion that is not placed yet: the old bytes
+        must be kept before they are overwritten, and the child's own portion
+        is where claim 2 puts them; a child that never touched the region
+        gets its portion at its parent's first write-back of a page it
+        inherits, never earlier (claim 7's "accessed" is the child's view
+        of the page changing place)."""
         if runs:
             self._prune_exited_children()  # copies for a dead child are wasted work
         for run in runs:
@@ -664,7 +796,7 @@ class PagerService:
         through Python while copies are due: a child until it holds every
         page, a parent while a child inherits from it."""
         for region in self._regions.values():
-            region.fill.defer_missing = bool(
+            region.fill.defer_missing = not region.handed or bool(
                 region.fork_policy == "on-access"
                 and ((region.parent is not None and region.portion.state.missing())
                      or region.portion.inheriting_children()))
