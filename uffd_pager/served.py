@@ -50,6 +50,9 @@ class ServedRegion:
     retry_pages: set[int] = field(default_factory=set)
     in_flight: set[int] = field(default_factory=set)  # taken by a flush, not yet stored
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One per lineage (a root region and every region forked from it): held
+    # while pages are copied between its portions in a worker thread.
+    copy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: "asyncio.Task[None] | None" = None
     writeback: dict[str, int] = field(default_factory=lambda: {
         "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})

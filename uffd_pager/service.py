@@ -44,6 +44,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import select
 import socket
 import struct
@@ -95,6 +96,9 @@ _CHILD_PROBE_INTERVAL = 1.0
 # PagerService._wait_for_hand).
 _HAND_TIMEOUT = 30.0
 
+# How long accept() pauses when the pager is out of descriptors.
+_ACCEPT_PAUSE = 0.5
+
 
 # A request's answer, with the descriptors it hands over (adopt: a uffd).
 Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
@@ -129,6 +133,9 @@ class PagerService:
         self._done = self._loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()
         self._child_probe: asyncio.TimerHandle | None = None
+        self._accept_paused = False
+        _raise_descriptor_limit()
+        self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
             "hello": self._op_hello,
             "map": self._op_map,
@@ -149,7 +156,10 @@ class PagerService:
         try:
             await self._done
         finally:
-            self._loop.remove_reader(self._listener.fileno())
+            if not self._accept_paused:
+                self._loop.remove_reader(self._listener.fileno())
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
             for region in list(self._regions.values()):
                 self._release_region(region)
             for conn in list(self._connections):
@@ -170,6 +180,11 @@ class PagerService:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_for_want_of_descriptors()
+            return
         pid, uid, _gid = peer_credentials(sock)
         if uid not in (0, os.getuid()):
             log.warning("refused connection from pid %d: uid %d is neither root nor %d", pid, uid, os.getuid())
@@ -179,9 +194,44 @@ class PagerService:
         conn = Connection(sock=sock, pid=pid, uid=uid)
         self._connections.add(conn)
         self._loop.add_reader(sock.fileno(), self._on_control_readable, conn)
-        task = self._loop.create_task(self._serve_connection(conn))
+        self._spawn(self._serve_connection(conn))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _refuse_for_want_of_descriptors(self) -> None:
+        """Out of descriptors: the waiting client would hang in the backlog
+        and accept() would be ready again at once (a busy loop). The spare
+        descriptor kept for this moment lets us accept it and say why, then
+        accepting pauses briefly."""
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                pass
+            else:
+                with contextlib.suppress(OSError):
+                    protocol.send(sock, protocol.error_reply(OSError(
+                        errno.EMFILE, "the pager is at its limit of open files (RLIMIT_NOFILE); "
+                                      "close regions or raise the limit (LimitNOFILE=, ulimit -n)")))
+                sock.close()
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        if not self._accept_paused:
+            log.warning("out of file descriptors (%s open); pausing accept() for %.1f s",
+                        len(os.listdir("/proc/self/fd")), _ACCEPT_PAUSE)
+            self._accept_paused = True
+            self._loop.remove_reader(self._listener.fileno())
+            self._loop.call_later(_ACCEPT_PAUSE, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        self._accept_paused = False
+        if not self._done.done():
+            self._loop.add_reader(self._listener.fileno(), self._accept)
 
     def _on_control_readable(self, conn: Connection) -> None:
         try:
@@ -308,10 +358,13 @@ class PagerService:
         return {"ok": True, **(await self.flush(self._own_region(conn, request)))}
 
     async def _op_stats(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        return {"ok": True, "stats": self._own_region(conn, request).stats()}
+        region = self._own_region(conn, request)
+        await self._settled(region)
+        return {"ok": True, "stats": region.stats()}
 
     async def _op_backing(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         region = self._own_region(conn, request)
+        await self._settled(region)
         return {"ok": True, "url": region.portion.store.url, "offset": region.portion.offset}
 
     async def _op_adopt(self, conn: Connection, request: dict[str, Any],
@@ -657,9 +710,7 @@ class PagerService:
         # _adopt_fork_child), and a failure puts them back.
         region.in_flight = pages_of(runs, region.fill.base)
         try:
-            self._preserve_for_children(region, runs)
-            if region.parent is not None:
-                portion.complete()
+            await self._preserve_for_children(region, runs)
             if not runs and region.parent is None:
                 return {"pages": 0, "bytes": 0}
             result = await self._loop.run_in_executor(None, write_back, portion.store, region.owner_pid, runs)
@@ -747,16 +798,22 @@ class PagerService:
         # Pages the parent's write-back has taken but not yet stored are clean
         # in the child's page tables too: the child writes them itself.
         child.retry_pages |= parent.in_flight | parent.retry_pages
+        child.copy_lock = parent.copy_lock
         if parent.fork_policy == "at-fork":
-            parent.copied_to_children += portion.complete()
+            portion.place()  # claim 3: the copy is made at fork, so the portion is placed then
+            self._spawn(self._copy_at_fork(parent, child))
         self._sync_defer_missing()
         self._schedule_child_probe()
         log.debug("region %d: forked child region %d", parent.id, child.id)
 
-    def _preserve_for_children(self, region: ServedRegion, runs: list[Run]) -> None:
+    async def _preserve_for_children(self, region: ServedRegion, runs: list[Run]) -> None:
         """Before these pages of the region's portion are rewritten, every
-        child still inheriting them gets the old bytes (claim 2). Runs in the
-        event loop, so a child's fault never reads a half-updated page.
+        child still inheriting them gets the old bytes (claim 2); a child's
+        own portion is completed with every page it still inherits, so that
+        it alone holds the child's view. The copies run in a worker thread
+        under the lineage's copy lock, before the write-back starts: until a
+        page is copied (and marked materialized, after its bytes) a child's
+        fault reads it through the parent's portion, which still holds it.
 
         This places a child's portion that is not placed yet: the old bytes
         must be kept before they are overwritten, and the child's own portion
@@ -766,13 +823,44 @@ class PagerService:
         of the page changing place)."""
         if runs:
             self._prune_exited_children()  # copies for a dead child are wasted work
-        for run in runs:
-            self._copy_to_children(region, region.page_index(run.addr), run.length // PAGE_SIZE)
+        children = region.portion.inheriting_children() if runs else []
+        if not children and region.parent is None:
+            return
+        spans = [(region.page_index(run.addr), run.length // PAGE_SIZE) for run in runs]
+        for child in children:
+            child.place()  # the allocator is the loop's
+        async with region.copy_lock:
+            copied = await self._loop.run_in_executor(None, _copy_pages, children, spans,
+                                                      region.portion if region.parent is not None else None)
+        region.copied_to_children += copied
 
     def _copy_to_children(self, region: ServedRegion, first: int, npages: int) -> None:
         """Copies pages into every child that still inherits them from the region."""
         for child in region.portion.inheriting_children():
             region.copied_to_children += child.copy_in(first, npages)
+
+    async def _copy_at_fork(self, parent: ServedRegion, child: ServedRegion) -> None:
+        """fork_policy="at-fork": the child's portion gets every page at once
+        (claim 3), in a worker thread: the forking parent and every other
+        client go on meanwhile. Requests that report on the copy wait for it
+        (see _settled)."""
+        with self._holding(parent), self._holding(child):
+            async with child.copy_lock:
+                if child.released:
+                    return
+                try:
+                    copied = await self._loop.run_in_executor(None, child.portion.complete)
+                except OSError as exc:
+                    log.error("region %d: copying the forked child's portion at fork failed (its flush "
+                              "completes it): %s", child.id, exc)
+                    return
+            parent.copied_to_children += copied
+
+    async def _settled(self, region: ServedRegion) -> None:
+        """Waits for copies under way in the region's lineage."""
+        if region.copy_lock.locked():
+            async with region.copy_lock:
+                pass
 
     def _serve_deferred(self, region: ServedRegion, fault: PageFault) -> int:
         """fork_policy="on-access": any access by either process first
@@ -780,6 +868,8 @@ class PagerService:
         index = region.page_index(fault.page)
         if not 0 <= index < region.fill.length // PAGE_SIZE:
             return -errno.EFAULT
+        if region.copy_lock.locked():
+            return -errno.EAGAIN  # a worker is copying in this lineage: retried on the timer
         try:
             if region.parent is not None:
                 region.portion.copy_in(index, 1)
@@ -840,6 +930,32 @@ class PagerService:
                     exited = exc.errno == errno.ESRCH
             if exited:
                 self._release_region(region)
+
+
+def _copy_pages(children: list[Portion], spans: list[tuple[int, int]], own: Portion | None) -> int:
+    """In a worker thread: copies the pages of spans [(first, npages)] into
+    each child that still inherits them, then completes `own` (a child's
+    portion) with every page it inherits. Returns the pages copied into the
+    children."""
+    copied = 0
+    for child in children:
+        for first, npages in spans:
+            copied += child.copy_in(first, npages)
+    if own is not None:
+        own.complete()
+    return copied
+
+
+def _raise_descriptor_limit() -> None:
+    """Each region costs the pager three descriptors (uffd, pagemap, pidfd)
+    besides its connection: lift the soft RLIMIT_NOFILE (often 1024) to the
+    hard one, which is what the hard limit is for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
 
 
 def _require_int(request: dict[str, Any], key: str) -> int:
