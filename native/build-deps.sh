@@ -2,11 +2,16 @@
 # Installs, from Debian's packages, what building native/ needs and this
 # machine lacks: a C compiler and the system's libcrypto (OpenSSL 3, for
 # native/aead.c). Extra package names given as arguments are installed too
-# when their command is missing: "setpriv:util-linux".
+# when their command is missing: "setpriv:util-linux". Nothing present is
+# installed again or upgraded, and nothing needs root when nothing is missing.
 set -euo pipefail
 wanted=()
 command -v gcc >/dev/null || wanted+=(gcc)
-ldconfig -p 2>/dev/null | grep -q 'libcrypto\.so\.3 ' || wanted+=(libssl3)
+# ldconfig's whole output first: piped into `grep -q`, which quits at the first
+# match, ldconfig dies of SIGPIPE and pipefail reports the library missing.
+# ldconfig lives in sbin, which a user's PATH on Debian lacks.
+libraries=$(PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null) || libraries=
+[[ $libraries == *'libcrypto.so.3 '* ]] || wanted+=(libssl3)
 for pair in "$@"; do
     command -v "${pair%%:*}" >/dev/null || wanted+=("${pair#*:}")
 done
@@ -16,4 +21,4 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade "${wanted[@]}"

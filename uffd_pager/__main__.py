@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+from typing import Callable
 
 
 def _listen(path: str) -> socket.socket:
@@ -85,7 +86,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     else:
         fd = sys.stdout.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size:
+                # `keygen >> FILE`: a second key after the first makes a file no reader accepts
+                print("uffd-pager: stdout is a file that is not empty; not adding a key to it "
+                      "(a key file holds one key: use `>` or --out NEW_FILE)", file=sys.stderr)
+                return 2
             os.fchmod(fd, 0o600)  # `keygen > FILE`: the shell made FILE with the umask's mode
         elif os.isatty(fd):
             print("uffd-pager: not writing a key to a terminal; redirect it to a file or use --out", file=sys.stderr)
@@ -104,39 +111,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(quick=args.quick, pages=args.pages, directory=args.dir, json_path=args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uffd-pager", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-    serve = sub.add_parser("serve", help="run a pager daemon on a Unix socket")
+
+def _page_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pages above 0, not {text!r}")
+    return value
+
+
+def _writable_directory(path: str) -> str:
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"directory {path!r} does not exist")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {path!r} is not writable")
+    return path
+
+
+def _output_file(path: str) -> str:
+    # Checked before the run: the benchmark takes minutes, then would fail to save.
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is a directory, not a file")
+    _writable_directory(os.path.dirname(path) or ".")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path!r} is not writable")
+    return path
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default, metavar="LEVEL",
+                        help="how much the pager logs: DEBUG, INFO, WARNING (default) or ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uffd-pager",
+        description="A user-space pager: file-backed, fork-safe memory regions served by userfaultfd.")
+    _add_log_level(parser, "WARNING")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub_parser = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+        # --log-level after the command too; SUPPRESS keeps one given before it.
+        _add_log_level(sub_parser, argparse.SUPPRESS)
+        sub_parser.set_defaults(func=func)
+        return sub_parser
+
+    serve = command("serve", "run a pager daemon on a Unix socket", cmd_serve)
     where = serve.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="path of the Unix socket to listen on")
     where.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # embedded pager: inherited listener
     serve.add_argument("--exit-when-idle", action="store_true",
                        help="exit once no client and no region is left")
-    serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="fault-latency benchmark beside the kernel and a C reference")
+    bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
     bench.add_argument("--quick", action="store_true", help="fewer pages: the run of ./run.sh")
-    bench.add_argument("--pages", type=int, help="faults per row (default 16384, quick 4096)")
-    bench.add_argument("--dir", help="where to put the benchmark file (default: a new temp dir)")
-    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
-    bench.set_defaults(func=cmd_bench)
+    bench.add_argument("--pages", type=_page_count, metavar="N", help="faults per row (default 16384, quick 4096)")
+    bench.add_argument("--dir", type=_writable_directory,
+                       help="where to put the benchmark file (default: a new temp dir)")
+    bench.add_argument("--json", type=_output_file, metavar="FILE", help="also write the figures as JSON to FILE")
 
-    keygen = sub.add_parser("keygen", help="write a new 256-bit key (mode 0600) for map(key_file=...)")
+    keygen = command("keygen", "write a new 256-bit key (mode 0600) for map(key_file=...)", cmd_keygen)
     keygen.add_argument("--out", help="create this file (it must not exist) instead of writing to stdout")
-    keygen.set_defaults(func=cmd_keygen)
 
-    status = sub.add_parser("status", help="print a daemon's connections, regions, fds and memory")
+    status = command("status", "print a daemon's connections, regions, fds and memory", cmd_status)
     status.add_argument("--socket", required=True, help="the daemon's socket path")
-    status.set_defaults(func=cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="uffd-pager[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="uffd-pager[%(process)d] %(levelname)s %(message)s")
     try:
         return args.func(args)
     except OSError as exc:

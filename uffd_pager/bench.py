@@ -19,11 +19,13 @@ from __future__ import annotations
 import array
 import contextlib
 import json
+import math
 import mmap
 import os
 import platform
 import random
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -281,7 +283,10 @@ def _child_touch(address: int, offsets: array.array) -> list[int]:
     os.close(wfd)
     with os.fdopen(rfd, "rb") as pipe:
         result = array.array("q", pipe.read())
-    os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if len(result) != len(offsets):
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        raise RuntimeError(f"the forked child sent {len(result)} of {len(offsets)} latencies ({how})")
     return list(result)
 
 
@@ -342,17 +347,69 @@ def summarize(case: Case, latencies_ns: list[int]) -> Row:
     )
 
 
-def _print_table(rows: list[Row]) -> None:
-    print(f"{'row':<42} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'rate':>14} {'vs floor':>9}")
+def ratio(value: float, floor: float) -> float:
+    """value / floor; NaN when the floor figure is 0, which leaves nothing to compare with."""
+    return value / floor if floor else math.nan
+
+
+def format_ratio(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if value < 0.01:
+        return "<0.01x"  # "0.00x" would read as "costs nothing"
+    return f"{value:.2f}x"
+
+
+def format_difference(us: float) -> str:
+    """A signed difference: "+2.41 us", "-1.06 us"."""
+    return f"{us:+.2f} us"
+
+
+# (header, alignment): names and units read from the left, numbers line up on the right.
+COLUMNS = (("row", "<"), ("p50 us", ">"), ("p99 us", ">"), ("mean us", ">"), ("rate", ">"), ("", "<"),
+           ("vs floor", ">"))
+
+
+def format_table(rows: list[Row]) -> list[str]:
+    """The table's lines, each column as wide as its widest cell."""
+    table = [tuple(header for header, _ in COLUMNS)]
     for row in rows:
-        floor_mark = "  (floor)" if row.name == row.floor else f"{row.ratio:>8.2f}x"
-        print(f"{row.name:<42} {row.p50_us:>8.2f} {row.p99_us:>8.2f} {row.mean_us:>8.2f} "
-              f"{row.per_s:>9.0f} {row.unit:<4} {floor_mark}")
+        table.append((row.name, f"{row.p50_us:.2f}", f"{row.p99_us:.2f}", f"{row.mean_us:.2f}",
+                      f"{row.per_s:.0f}", row.unit,
+                      "(floor)" if row.name == row.floor else format_ratio(row.ratio)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return ["  ".join(f"{cell:{align}{width}}" for cell, (_, align), width in zip(line, COLUMNS, widths))
+            for line in table]
+
+
+def format_summary(by_name: dict[str, Row]) -> list[str]:
+    """The ratios the README quotes, each figure beside its floor."""
+    fork_row = by_name["fork: with region, on-write"]
+    encrypted = by_name["read: uffd_pager encrypted"]
+    encrypted_flush = by_name["write-back: uffd_pager flush, encrypted"]
+    msync = by_name[WRITEBACK_FLOOR]
+    lines = [
+        f"{OURS} / {READ_FLOOR}: p50 {format_ratio(by_name[OURS].ratio)}",
+        f"fork with a 1 GiB region (10% resident), on-write: p50 {format_ratio(fork_row.ratio)} fork without it, "
+        f"{format_ratio(ratio(fork_row.p50_us, by_name[FORK_ANON].p50_us))} fork with plain anonymous memory "
+        f"of that size and residency; child first touch: p50 "
+        f"{format_ratio(by_name['fork: child first-touch read fault'].ratio)} the parent's",
+        f"encrypted read fault: p50 {format_difference(encrypted.p50_us - by_name[OURS].p50_us)} over unencrypted; "
+        f"encrypted write-back: {encrypted_flush.per_s:.0f} MB/s = "
+        f"{format_ratio(ratio(encrypted_flush.per_s, by_name['write-back: uffd_pager flush, async'].per_s))} "
+        "unencrypted",
+    ]
+    for tracking in ("async", "sync"):
+        ours = by_name[f"write-back: uffd_pager flush, {tracking}"]
+        lines.append(f"write-back {tracking}: {ours.per_s:.0f} MB/s vs msync {msync.per_s:.0f} MB/s "
+                     f"= {format_ratio(ratio(ours.per_s, msync.per_s))} the kernel's throughput")
+    return lines
 
 
 def run_bench(*, quick: bool = False, pages: int | None = None, directory: str | None = None,
               json_path: str | None = None) -> int:
-    pages = pages or (4096 if quick else 16384)
+    if pages is None:
+        pages = 4096 if quick else 16384
     rounds = 3 if quick else 5
     size = pages * PAGE_SIZE
     samples: dict[str, list[int]] = {case.name: [] for case in CASES}
@@ -376,29 +433,14 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
     rows = [summarize(case, samples[case.name]) for case in CASES + FORK_CASES]
     by_name = {row.name: row for row in rows}
     for row in rows:
-        floor = by_name[row.floor]
         # Latency: lower is better, ratio = ours / floor. Throughput rows keep
         # the same sense (time per page), so 1.0x or less is at least as fast.
-        row.ratio = row.p50_us / floor.p50_us if floor.p50_us else 0.0
+        row.ratio = ratio(row.p50_us, by_name[row.floor].p50_us)
     print(f"uffd-pager bench: {pages} random 4 KiB pages x {rounds} rounds, "
           f"Linux {platform.release()}, {os.cpu_count()} cpus")
-    _print_table(rows)
-    print(f"\n{OURS} / {READ_FLOOR}: p50 {by_name[OURS].ratio:.2f}x")
-    fork_row = by_name["fork: with region, on-write"]
-    print(f"fork with a 1 GiB region (10% resident), on-write: p50 {fork_row.ratio:.2f}x fork without it, "
-          f"{fork_row.p50_us / by_name[FORK_ANON].p50_us:.2f}x fork with plain anonymous memory of that size "
-          f"and residency; child first touch: p50 {by_name['fork: child first-touch read fault'].ratio:.2f}x "
-          "the parent's")
-    encrypted = by_name["read: uffd_pager encrypted"]
-    print(f"encrypted read fault: p50 +{encrypted.p50_us - by_name[OURS].p50_us:.2f} us over unencrypted; "
-          f"encrypted write-back: {by_name['write-back: uffd_pager flush, encrypted'].per_s:.0f} MB/s = "
-          f"{by_name['write-back: uffd_pager flush, encrypted'].per_s / by_name['write-back: uffd_pager flush, async'].per_s:.2f}"
-          "x unencrypted")
-    for tracking in ("async", "sync"):
-        ours = by_name[f"write-back: uffd_pager flush, {tracking}"]
-        floor = by_name[WRITEBACK_FLOOR]
-        print(f"write-back {tracking}: {ours.per_s:.0f} MB/s vs msync {floor.per_s:.0f} MB/s "
-              f"= {ours.per_s / floor.per_s:.2f}x the kernel's throughput")
+    print("\n".join(format_table(rows)))
+    print()
+    print("\n".join(format_summary(by_name)))
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"kernel": platform.release(), "pages": pages, "rounds": rounds,
