@@ -49,7 +49,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from uffd_pager import protocol
 from uffd_pager.layout import (
@@ -82,6 +82,8 @@ from uffd_pager.uffd import (
 from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
 
 log = logging.getLogger("uffd_pager.pager")
+
+T = TypeVar("T")
 
 # Faults that lost their target (the process exited, or the page's mapping
 # changed under the copy): wake the range so any thread still waiting
@@ -713,7 +715,7 @@ class PagerService:
             await self._preserve_for_children(region, runs)
             if not runs and region.parent is None:
                 return {"pages": 0, "bytes": 0}
-            result = await self._loop.run_in_executor(None, write_back, portion.store, region.owner_pid, runs)
+            result = await self._in_worker(write_back, portion.store, region.owner_pid, runs)
         except OSError as exc:
             region.retry_pages |= region.in_flight
             region.writeback["writeback_errors"] += 1
@@ -830,8 +832,8 @@ class PagerService:
         for child in children:
             child.place()  # the allocator is the loop's
         async with region.copy_lock:
-            copied = await self._loop.run_in_executor(None, _copy_pages, children, spans,
-                                                      region.portion if region.parent is not None else None)
+            copied = await self._in_worker(_copy_pages, children, spans,
+                                             region.portion if region.parent is not None else None)
         region.copied_to_children += copied
 
     def _copy_to_children(self, region: ServedRegion, first: int, npages: int) -> None:
@@ -849,12 +851,31 @@ class PagerService:
                 if child.released:
                     return
                 try:
-                    copied = await self._loop.run_in_executor(None, child.portion.complete)
+                    copied = await self._in_worker(child.portion.complete)
                 except OSError as exc:
                     log.error("region %d: copying the forked child's portion at fork failed (its flush "
                               "completes it): %s", child.id, exc)
                     return
             parent.copied_to_children += copied
+
+    async def _in_worker(self, work: Callable[..., T], *args: Any) -> T:
+        """Runs blocking work in a worker thread. A thread cannot be stopped:
+        if the awaiting task is cancelled (a region's timer, at shutdown),
+        it still waits for the thread to end, so that the holds it keeps
+        (see _holding) outlive every use of the descriptors and state."""
+        future = self._loop.run_in_executor(None, work, *args)
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                if future.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
     async def _settled(self, region: ServedRegion) -> None:
         """Waits for copies under way in the region's lineage."""
