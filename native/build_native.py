@@ -27,7 +27,7 @@ ffibuilder.set_source(
     '#include "uffd_native.h"',
     sources=sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c")),
     include_dirs=[str(HERE.relative_to(HERE.parent))],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration", "-std=gnu11"],
     libraries=["pthread"],
     # libcrypto by its runtime name: no OpenSSL headers or dev symlink needed (see aead.c).
     extra_link_args=["-l:libcrypto.so.3"],

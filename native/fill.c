@@ -16,7 +16,6 @@
 
 #include <errno.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #define BATCH 64
@@ -39,17 +38,21 @@ static int all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
-static void mark_dirty(struct up_fill *f, uint64_t idx)
+static int fill_live(const struct up_fill *f)
 {
-    if (f->dirty && !bit_test(f->dirty, idx)) {
-        bit_set(f->dirty, idx);
-        f->dirty_pages++;
-    }
+    return f->live && up_portion_chain_live(f->portion);
 }
 
-/* Fills one missing page. A read fills it write-protected when writes are
- * tracked, so that the first write is seen; a write fills it writable and
- * dirty at once (else it would cost a second round trip, MISSING then WP). */
+static int mark_dirty(struct up_fill *f, uint64_t idx)
+{
+    if (!f->dirty)
+        return 0;
+    if (up_bits_set_range(f->dirty, idx, idx + 1) < 0)
+        return -1;
+    f->dirty_pages = up_bits_count(f->dirty);
+    return 0;
+}
+
 /* Maps buf (n bytes of data, the rest zeros) at the missing page addr. A
  * read maps it write-protected when writes are tracked, so that the first
  * write is seen; a write maps it writable and dirty at once (else it would
@@ -59,6 +62,9 @@ static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, 
     int zero = n == 0 || all_zero(buf, n);
     int64_t done;
     int rc;
+    /* Room for the page's bits first: once it is mapped, they must be set. */
+    if (up_bits_prepare(f->resident, idx) < 0 || (write && f->dirty && up_bits_prepare(f->dirty, idx) < 0))
+        return -errno;
     /* The shared zero page costs the client no memory until it writes. It
      * cannot be mapped write-protected, so it serves holes only where a write
      * to it needs no fault to be seen: no tracking, or WP_ASYNC (whose scan
@@ -86,8 +92,8 @@ static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, 
         if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
             return -errno;
     }
-    bit_set(f->resident, idx);
-    f->resident_pages++;
+    up_bits_set_range(f->resident, idx, idx + 1);
+    f->resident_pages = up_bits_count(f->resident);
     if (write)
         mark_dirty(f, idx);
     return 0;
@@ -107,9 +113,7 @@ static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
     ssize_t n = pread(src->catalog_fd, record, sizeof(record), (off_t)(UP_PAGE_SIZE + page * UP_RECORD_SIZE));
     if (n < 0)
         return -1;
-    uint64_t version = 0;
-    for (int b = 0; n == UP_RECORD_SIZE && b < 8; b++)
-        version |= (uint64_t)record[b] << (8 * b);
+    uint64_t version = n == UP_RECORD_SIZE ? up_record_version(record) : 0;
     if (version == 0)
         return 0;
     n = pread(src->fd, sealed_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
@@ -140,7 +144,8 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
 /* The first write to a page filled write-protected (synchronous tracking). */
 static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx)
 {
-    mark_dirty(f, idx);
+    if (mark_dirty(f, idx) < 0)
+        return -errno; /* the writer stays blocked; the fault is retried */
     if (up_uffd_writeprotect(uffd, addr, UP_PAGE_SIZE, 0) < 0)
         return -errno;
     return 0;
@@ -149,12 +154,14 @@ static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_
 int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
 {
     uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
+    if (!fill_live(f))
+        return -EBADF;
     if (addr < f->base || addr >= f->base + f->len)
         return -EFAULT;
     uint64_t idx = page_index(f, addr);
     if (flags & UFFD_PAGEFAULT_FLAG_WP)
         return unprotect_written(uffd, f, addr, idx);
-    if (bit_test(f->resident, idx)) {
+    if (up_bits_test(f->resident, idx)) {
         f->duplicates++;
         if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
             return -errno;
@@ -163,30 +170,84 @@ int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
     return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
 }
 
-void up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
+int up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
 {
+    if (!f->live) {
+        errno = EBADF;
+        return -1;
+    }
     if (start < f->base)
         start = f->base;
     if (end > f->base + f->len)
         end = f->base + f->len;
-    for (uint64_t a = start; a < end; a += UP_PAGE_SIZE) {
-        uint64_t idx = page_index(f, a);
-        if (bit_test(f->resident, idx)) {
-            bit_clear(f->resident, idx);
-            f->resident_pages--;
-        }
-        if (f->dirty && bit_test(f->dirty, idx)) {
-            bit_clear(f->dirty, idx);
-            f->dirty_pages--;
-        }
-    }
+    if (start >= end)
+        return 0;
+    uint64_t first = page_index(f, start), stop = page_index(f, end + UP_PAGE_SIZE - 1);
+    int rc = 0;
+    if (up_bits_clear_range(f->resident, first, stop) < 0)
+        rc = -1;
+    if (f->dirty && up_bits_clear_range(f->dirty, first, stop) < 0)
+        rc = -1;
+    f->resident_pages = up_bits_count(f->resident);
+    if (f->dirty)
+        f->dirty_pages = up_bits_count(f->dirty);
+    return rc;
 }
 
-int up_fill_is_dirty(struct up_fill *f, uint64_t addr)
+int up_fill_is_dirty(const struct up_fill *f, uint64_t addr)
 {
-    if (!f->dirty || addr < f->base || addr >= f->base + f->len)
+    if (!f->live || !f->dirty || addr < f->base || addr >= f->base + f->len)
         return 0;
-    return bit_test(f->dirty, page_index(f, addr));
+    return up_bits_test(f->dirty, page_index(f, addr));
+}
+
+int up_fill_inherit_dirty(struct up_fill *f, const struct up_fill *parent)
+{
+    if (!f->live || !parent->live) {
+        errno = EBADF;
+        return -1;
+    }
+    if (!f->dirty || !parent->dirty)
+        return 0;
+    int64_t rc = up_bits_or_into(f->dirty, parent->dirty);
+    f->dirty_pages = up_bits_count(f->dirty);
+    return rc < 0 ? -1 : 0;
+}
+
+int up_fill_init(struct up_fill *f, uint64_t base, uint64_t len, struct up_portion *portion, int tracking)
+{
+    if (!up_portion_chain_live(portion)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (len % UP_PAGE_SIZE || len / UP_PAGE_SIZE != portion->npages) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct up_bits *resident = up_bits_new(len / UP_PAGE_SIZE), *dirty = NULL;
+    if (!resident)
+        return -1;
+    if (tracking == UP_TRACK_SYNC_WP && !(dirty = up_bits_new(len / UP_PAGE_SIZE))) {
+        up_bits_free(resident);
+        return -1;
+    }
+    memset(f, 0, sizeof(*f));
+    f->base = base;
+    f->len = len;
+    f->portion = portion;
+    f->tracking = tracking;
+    f->resident = resident;
+    f->dirty = dirty;
+    f->live = 1;
+    return 0;
+}
+
+void up_fill_release(struct up_fill *f)
+{
+    f->live = 0;
+    up_bits_free(f->resident);
+    up_bits_free(f->dirty);
+    f->resident = f->dirty = NULL;
 }
 
 static void defer(struct up_msg *deferred, int *n, const struct uffd_msg *m, int status)
@@ -201,6 +262,10 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
     struct uffd_msg msgs[BATCH];
     int served = 0;
     *n_deferred = 0;
+    if (!fill_live(f)) {
+        errno = EBADF;
+        return -1;
+    }
     for (;;) {
         /* Never read more than can be handed back: a message read is gone. */
         int room = max_deferred - *n_deferred;
@@ -243,26 +308,4 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
         if (event_seen)
             return served;
     }
-}
-
-void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages)
-{
-    for (uint64_t i = 0; i < (npages + 7) / 8; i++)
-        if (src[i])
-            dst[i] |= src[i];
-}
-
-uint8_t *up_bitmap_alloc(uint64_t npages)
-{
-    size_t bytes = (size_t)((npages + 7) / 8);
-    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    return p == MAP_FAILED ? NULL : (uint8_t *)p;
-}
-
-void up_bitmap_free(uint8_t *bitmap, uint64_t npages)
-{
-    size_t bytes = (size_t)((npages + 7) / 8);
-    if (bitmap)
-        munmap(bitmap, bytes ? bytes : 1);
 }

@@ -9,40 +9,120 @@
  * this true by copying a page into every child that still inherits it
  * before the parent's portion changes (claim 2), so reading through the
  * chain always yields the data as of each fork.
+ *
+ * The invariant copy_in relies on: a child's portion reads as zero at every
+ * page not materialized in it. copy_in copies only the data segments its
+ * sources hold and writes nothing for their holes or past their end, so
+ * those pages of the destination must read as zero already. It holds
+ * because layout.PortionAllocator.allocate places a child's portion either
+ * past the end of the store and of every portion in use or kept, or in the
+ * slot of an exited child's portion that it has just discarded (punched to a
+ * hole; an encrypted store drops the slot's catalog records too), and
+ * because a child's portion is written only at pages that are materialized
+ * by then: by copy_in here, or by its own write-back, which completes the
+ * portion first. (A root portion is the user's data and is never copied
+ * into.) Without it a 1 GiB region over a 4 KiB file would write 1 GiB of
+ * zeros at every fork.
  */
 #define _GNU_SOURCE
 #include "uffd_native.h"
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+int up_portion_chain_live(const struct up_portion *p)
+{
+    for (; p; p = p->parent)
+        if (!p->live)
+            return 0;
+    return 1;
+}
+
+int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *parent)
+{
+    if (parent && !up_portion_chain_live(parent)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (parent && parent->npages != npages) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct up_bits *materialized = NULL;
+    if (parent && !(materialized = up_bits_new(npages)))
+        return -1;
+    memset(p, 0, sizeof(*p));
+    p->fd = -1;
+    p->catalog_fd = -1;
+    p->npages = npages;
+    p->parent = parent;
+    p->materialized = materialized;
+    p->live = 1;
+    return 0;
+}
+
+void up_portion_release(struct up_portion *p)
+{
+    p->live = 0;
+    up_bits_free(p->materialized);
+    p->materialized = NULL;
+    p->materialized_pages = 0;
+}
+
+/* Whether p holds page idx itself. */
+static int holds(const struct up_portion *p, uint64_t idx)
+{
+    return !p->parent || (p->fd >= 0 && up_bits_test(p->materialized, idx));
+}
 
 const struct up_portion *up_portion_source(const struct up_portion *p, uint64_t idx)
 {
-    while (p->parent && (p->fd < 0 || !bit_test(p->materialized, idx)))
+    while (!holds(p, idx))
         p = p->parent;
     return p;
 }
 
-static int write_zeros(int fd, uint64_t offset, uint64_t len)
+/* The portion of p's chain (p included) that holds page from, its depth in
+ * *depth, and in *run_end the end of the run of pages [from, end) that it
+ * holds too, with no portion nearer p holding any of them. The chain must be
+ * live. Costs O(depth) set walks, not O(pages). */
+static const struct up_portion *source_run(const struct up_portion *p, uint64_t from, uint64_t end,
+                                           uint64_t *run_end, int *depth)
 {
-    static const uint8_t zeros[UP_PAGE_SIZE];
-    while (len) {
-        size_t chunk = len < UP_PAGE_SIZE ? (size_t)len : UP_PAGE_SIZE;
-        ssize_t w = pwrite(fd, zeros, chunk, (off_t)offset);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
+    uint64_t limit = end;
+    for (*depth = 0; p->parent; p = p->parent, (*depth)++) {
+        if (p->fd < 0)
+            continue; /* not placed: holds nothing */
+        if (up_bits_test(p->materialized, from)) {
+            *run_end = up_bits_next_clear(p->materialized, from, limit);
+            return p;
         }
-        offset += (uint64_t)w;
-        len -= (uint64_t)w;
+        /* Pages from its next materialized one on are held here or nearer. */
+        limit = up_bits_next_set(p->materialized, from, limit);
     }
-    return 0;
+    *run_end = limit;
+    return p; /* the root holds every page */
 }
 
-/* Copies len bytes from (src_fd, src_off) to (dst_fd, dst_off); what the
- * source lacks (past its end) is written as zeros. */
+int up_portion_source_run(const struct up_portion *p, uint64_t from, uint64_t end, uint64_t *run_end)
+{
+    if (!up_portion_chain_live(p)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (from >= end || end > p->npages) {
+        errno = EINVAL;
+        return -1;
+    }
+    int depth;
+    source_run(p, from, end, run_end, &depth);
+    return depth;
+}
+
+/* Copies len bytes from (src_fd, src_off) to (dst_fd, dst_off), or fewer
+ * if the source ends sooner (the rest reads as zero in both). */
 static int copy_range(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off, uint64_t len)
 {
     while (len) {
@@ -54,7 +134,7 @@ static int copy_range(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off
             return -1;
         }
         if (n == 0)
-            return write_zeros(dst_fd, dst_off, len);
+            return 0;
         src_off += (uint64_t)n;
         dst_off += (uint64_t)n;
         len -= (uint64_t)n;
@@ -62,59 +142,154 @@ static int copy_range(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off
     return 0;
 }
 
-int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied)
+/* Copies the data segments of [src_off, src_off+len) of src_fd, bounded by
+ * its size, to the same distances from dst_off in dst_fd. Holes and what is
+ * past the source's end are not written: the destination reads as zero
+ * there already (the invariant above). */
+static int copy_data(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off, uint64_t len)
 {
-    *copied = 0;
-    if (p->fd < 0 || !p->parent) {
-        errno = EINVAL;
+    struct stat st;
+    if (fstat(src_fd, &st) < 0)
         return -1;
-    }
-    uint64_t end = first + npages, i = first;
-    while (i < end) {
-        if (bit_test(p->materialized, i)) {
-            i++;
-            continue;
-        }
-        /* One copy per run of pages that come from one source contiguously. */
-        const struct up_portion *src = up_portion_source(p->parent, i);
-        uint64_t run = i;
-        while (run < end && !bit_test(p->materialized, run) && up_portion_source(p->parent, run) == src)
-            run++;
-        uint64_t len = (run - i) * UP_PAGE_SIZE;
-        int rc = src->fd < 0 ? (errno = EOPNOTSUPP, -1)
-                             : copy_range(src->fd, src->offset + i * UP_PAGE_SIZE, p->fd,
-                                          p->offset + i * UP_PAGE_SIZE, len);
-        if (rc < 0)
+    uint64_t stop = src_off + len, pos = src_off;
+    if (stop > (uint64_t)st.st_size)
+        stop = (uint64_t)st.st_size;
+    while (pos < stop) {
+        off_t data = lseek(src_fd, (off_t)pos, SEEK_DATA);
+        if (data < 0)
+            return errno == ENXIO ? 0 : -1; /* no data from pos on */
+        if ((uint64_t)data >= stop)
+            return 0;
+        off_t hole = lseek(src_fd, data, SEEK_HOLE);
+        if (hole < 0)
             return -1;
-        for (uint64_t j = i; j < run; j++)
-            bit_set(p->materialized, j);
-        p->materialized_pages += run - i;
-        *copied += run - i;
-        i = run;
+        uint64_t seg_end = (uint64_t)hole < stop ? (uint64_t)hole : stop;
+        if (copy_range(src_fd, (uint64_t)data, dst_fd, dst_off + ((uint64_t)data - src_off), seg_end - (uint64_t)data) < 0)
+            return -1;
+        pos = seg_end;
     }
     return 0;
 }
 
+int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied)
+{
+    *copied = 0;
+    if (!up_portion_chain_live(p)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (p->fd < 0 || !p->parent || first > p->npages || npages > p->npages - first) {
+        errno = EINVAL;
+        return -1;
+    }
+    uint64_t end = first + npages, i = first;
+    int rc = 0;
+    while ((i = up_bits_next_clear(p->materialized, i, end)) < end) {
+        /* One copy per run of pages that one source holds contiguously. */
+        uint64_t run_end;
+        int depth;
+        const struct up_portion *src = source_run(p, i, end, &run_end, &depth);
+        if (src->fd < 0) {
+            errno = EOPNOTSUPP;
+            rc = -1;
+            break;
+        }
+        if (copy_data(src->fd, src->offset + i * UP_PAGE_SIZE, p->fd, p->offset + i * UP_PAGE_SIZE,
+                      (run_end - i) * UP_PAGE_SIZE) < 0 ||
+            up_bits_set_range(p->materialized, i, run_end) < 0) {
+            rc = -1;
+            break;
+        }
+        *copied += run_end - i;
+        i = run_end;
+    }
+    p->materialized_pages = up_bits_count(p->materialized);
+    return rc;
+}
+
 int up_portion_has(const struct up_portion *p, uint64_t idx)
 {
-    return !p->parent || (p->fd >= 0 && bit_test(p->materialized, idx));
+    return p->live && idx < p->npages && holds(p, idx);
 }
 
-void up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages)
+int up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages)
 {
-    if (!p->materialized)
-        return;
-    for (uint64_t i = first; i < first + npages; i++) {
-        if (!bit_test(p->materialized, i)) {
-            bit_set(p->materialized, i);
-            p->materialized_pages++;
-        }
+    if (!p->live) {
+        errno = EBADF;
+        return -1;
     }
+    if (!p->materialized)
+        return 0; /* a root portion holds every page */
+    if (up_bits_set_range(p->materialized, first, first + npages) < 0)
+        return -1;
+    p->materialized_pages = up_bits_count(p->materialized);
+    return 0;
 }
 
-uint64_t up_portion_missing(const struct up_portion *p, uint64_t npages)
+uint64_t up_portion_missing(const struct up_portion *p)
 {
-    /* Counted as bits are set: the pager asks on every flush and fork, and
-     * a 1 TiB region's bitmap has 2^28 bits. */
-    return p->materialized ? npages - p->materialized_pages : 0;
+    return p->live && p->materialized ? p->npages - p->materialized_pages : 0;
+}
+
+uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint64_t end)
+{
+    if (end > p->npages)
+        end = p->npages;
+    if (!p->live || !p->parent || from >= end)
+        return end;
+    if (p->fd < 0)
+        return from;
+    return up_bits_next_clear(p->materialized, from, end);
+}
+
+/* The first page of [from, end) of a sealed portion with a catalog record
+ * (see up_record_version): holes of the sparse catalog are
+ * skipped with SEEK_DATA, the rest read a block of records at a time. */
+static uint64_t next_record(const struct up_portion *p, uint64_t from, uint64_t end)
+{
+    enum { PER_READ = UP_PAGE_SIZE / UP_RECORD_SIZE };
+    uint8_t records[PER_READ * UP_RECORD_SIZE];
+    uint64_t first_store_page = p->offset / UP_PAGE_SIZE, page = from;
+    while (page < end) {
+        off_t at = (off_t)(UP_PAGE_SIZE + (first_store_page + page) * UP_RECORD_SIZE);
+        off_t data = lseek(p->catalog_fd, at, SEEK_DATA);
+        if (data < 0)
+            return errno == ENXIO ? end : page;
+        if (data > at) {
+            /* The record that holds the first byte of data. */
+            page = ((uint64_t)data - UP_PAGE_SIZE) / UP_RECORD_SIZE - first_store_page;
+            if (page >= end)
+                return end;
+            at = (off_t)(UP_PAGE_SIZE + (first_store_page + page) * UP_RECORD_SIZE);
+        }
+        uint64_t want = end - page < PER_READ ? end - page : PER_READ;
+        ssize_t got = pread(p->catalog_fd, records, (size_t)(want * UP_RECORD_SIZE), at);
+        if (got < 0)
+            return page;
+        for (uint64_t k = 0; k < (uint64_t)got / UP_RECORD_SIZE; k++) {
+            if (up_record_version(records + k * UP_RECORD_SIZE))
+                return page + k;
+        }
+        if ((uint64_t)got < want * UP_RECORD_SIZE)
+            return end; /* the catalog ends: no records past it */
+        page += want;
+    }
+    return end;
+}
+
+uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint64_t end)
+{
+    if (end > p->npages)
+        end = p->npages;
+    if (!p->live || from >= end)
+        return end;
+    if (p->fd < 0)
+        return from;
+    if (p->aead)
+        return p->catalog_fd < 0 ? from : next_record(p, from, end);
+    off_t data = lseek(p->fd, (off_t)(p->offset + from * UP_PAGE_SIZE), SEEK_DATA);
+    if (data < 0)
+        return errno == ENXIO ? end : from;
+    uint64_t page = ((uint64_t)data - p->offset) / UP_PAGE_SIZE;
+    return page < end ? page : end;
 }

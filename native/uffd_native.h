@@ -12,23 +12,25 @@
 #include "uffd_pager.h"
 
 int up_uffd_read_raw(int fd, struct uffd_msg *msgs, int max);
-/* The portion of p's chain that holds page idx. */
+void up_msg_flatten(const struct uffd_msg *m, struct up_msg *out);
+
+/* Makes room for bit i, so that setting it afterwards cannot fail: done
+ * before a page is mapped, whose record must not be lost after. */
+int up_bits_prepare(struct up_bits *bits, uint64_t i);
+
+/* Whether p and every portion of its parent chain are live. */
+int up_portion_chain_live(const struct up_portion *p);
+/* The portion of p's chain that holds page idx (the chain must be live). */
 const struct up_portion *up_portion_source(const struct up_portion *p, uint64_t idx);
 
-static inline int bit_test(const uint8_t *bm, uint64_t i)
+/* The version of a catalog record (its first 8 bytes, little-endian); 0:
+ * no record, the page was never written through the catalog's key. */
+static inline uint64_t up_record_version(const uint8_t *record)
 {
-    return (bm[i >> 3] >> (i & 7)) & 1;
+    uint64_t version = 0;
+    for (int b = 0; b < 8; b++)
+        version |= (uint64_t)record[b] << (8 * b);
+    return version;
 }
-
-static inline void bit_set(uint8_t *bm, uint64_t i)
-{
-    bm[i >> 3] |= (uint8_t)(1u << (i & 7));
-}
-
-static inline void bit_clear(uint8_t *bm, uint64_t i)
-{
-    bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
-}
-void up_msg_flatten(const struct uffd_msg *m, struct up_msg *out);
 
 #endif

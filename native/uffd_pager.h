@@ -41,6 +41,28 @@ struct up_msg {
 /* read(2) up to max messages; returns the count, 0 when none is pending. */
 int up_uffd_read(int fd, struct up_msg *out, int max);
 
+/* --- sparse page sets (bits.c) -------------------------------------------- */
+
+/* A set of page indices [0, nbits) that costs memory for what is set, not
+ * for the range (see bits.c): an empty set of 2^35 pages, a 128 TiB region,
+ * costs a few pages. Ranges are [first, end); indices at or past nbits are
+ * never set. On ENOMEM a change returns -1 and leaves the set as it was
+ * (or_into: a subset of what it would have set). */
+struct up_bits;
+/* NULL with errno: EINVAL past 2^35 bits (2^47 bytes of pages), ENOMEM. */
+struct up_bits *up_bits_new(uint64_t nbits);
+void up_bits_free(struct up_bits *bits);
+uint64_t up_bits_count(const struct up_bits *bits);
+int up_bits_test(const struct up_bits *bits, uint64_t i);
+/* Both return how many bits changed, or -1 with errno. */
+int64_t up_bits_set_range(struct up_bits *bits, uint64_t first, uint64_t end);
+int64_t up_bits_clear_range(struct up_bits *bits, uint64_t first, uint64_t end);
+/* The first index of [from, end) that is set (clear), or end if none. */
+uint64_t up_bits_next_set(const struct up_bits *bits, uint64_t from, uint64_t end);
+uint64_t up_bits_next_clear(const struct up_bits *bits, uint64_t from, uint64_t end);
+/* Sets in dst every bit set in src; returns how many were new, or -1. */
+int64_t up_bits_or_into(struct up_bits *dst, const struct up_bits *src);
+
 /* --- the fault hot path (fill.c) --------------------------------------- */
 
 /* How a range learns which pages its process wrote. */
@@ -53,12 +75,19 @@ enum up_tracking {
 /* A portion of a backing file: where one process's pages of a region live.
  * A forked child's portion holds only the pages materialized in it; the
  * others are still its parent's (as of the fork) and are read through
- * parent. A root portion (parent NULL) holds every page of the region. */
+ * parent. A root portion (parent NULL) holds every page of the region.
+ *
+ * up_portion_init makes it live; up_portion_release frees its page set.
+ * Every entry that takes a portion refuses one that is not live, or whose
+ * parent chain holds one that is not: -1 with errno EBADF (query functions:
+ * 0, or "nothing held"), never a read of freed memory. */
 struct up_portion {
+    int live;
     int fd;                     /* -1: not allocated yet (a child's, chosen lazily) */
     uint64_t offset;            /* byte offset of the region's page 0 in fd */
-    uint8_t *materialized;      /* children only: one bit per page held here */
-    uint64_t materialized_pages; /* bits set in materialized */
+    uint64_t npages;
+    struct up_bits *materialized; /* children only: the pages held here */
+    uint64_t materialized_pages; /* its count */
     struct up_portion *parent;
     /* An encrypted store's pages are sealed with aead; each page's catalog
      * record (40 bytes: version, nonce, tag) is at 4096 + page * 40 in
@@ -70,25 +99,36 @@ struct up_portion {
 
 /* One registered range of one uffd. Missing pages are filled by C from the
  * portion chain (pread from a file descriptor); with defer_missing set, or
- * when the chain ends in no descriptor, they are handed to Python. */
+ * when the chain ends in no descriptor, they are handed to Python.
+ *
+ * up_fill_init makes it live; up_fill_release frees its page sets. Every
+ * entry that takes a fill refuses one that is not live, or whose portion
+ * chain is not: -1 with errno EBADF (up_fill_fault: -EBADF; queries: 0). */
 struct up_fill {
+    int live;
     uint64_t base;
     uint64_t len;
     struct up_portion *portion;
     int defer_missing;          /* policy work before each fill (fork: on-access) */
     int tracking;               /* enum up_tracking */
-    uint8_t *resident;          /* one bit per page; see up_bitmap_alloc */
-    uint8_t *dirty;             /* UP_TRACK_SYNC_WP only: one bit per page */
+    struct up_bits *resident;   /* pages filled and not removed since */
+    struct up_bits *dirty;      /* UP_TRACK_SYNC_WP only: pages written since their write-back */
     uint64_t faults;            /* fault messages read */
     uint64_t write_faults;      /* ... of which a write to a missing page */
     uint64_t wp_faults;         /* ... of which a first write to a filled page */
     uint64_t copies;            /* pages filled with UFFDIO_COPY */
     uint64_t zero_fills;        /* holes filled with the zero page (or zeros) */
     uint64_t duplicates;        /* faults on a page already filled: woken only */
-    uint64_t resident_pages;
-    uint64_t dirty_pages;       /* UP_TRACK_SYNC_WP: pages in the dirty bitmap */
+    uint64_t resident_pages;    /* the count of resident */
+    uint64_t dirty_pages;       /* the count of dirty */
     uint32_t last_thread_id;    /* of the latest fault read */
 };
+
+/* -1 with errno: EBADF (portion not live), EINVAL (len not a multiple of the
+ * page size, or past 2^47 bytes), ENOMEM. */
+int up_fill_init(struct up_fill *fill, uint64_t base, uint64_t len, struct up_portion *portion, int tracking);
+/* Idempotent. */
+void up_fill_release(struct up_fill *fill);
 
 /* A run of pages: client address, store offset, length in bytes. */
 struct up_run {
@@ -109,33 +149,52 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
  * a write-protected page and unprotects it. Returns 0, or -errno: -EBADMSG
  * for an encrypted page that fails authentication. */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
-/* Marks a page range of fill as not resident (REMOVE/UNMAP events). */
-void up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
-/* Sets the dirty bits of every page that is set in src (a parent's at fork). */
-void up_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t npages);
-int up_fill_is_dirty(struct up_fill *fill, uint64_t addr);
+/* Marks the pages of [start, end) (addresses) neither resident nor dirty
+ * (REMOVE/UNMAP events); costs what was set there, not the range. */
+int up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
+/* At fork: the child's dirty set gets every page dirty in the parent's. */
+int up_fill_inherit_dirty(struct up_fill *fill, const struct up_fill *parent);
+int up_fill_is_dirty(const struct up_fill *fill, uint64_t addr);
 
 /* --- portions (portion.c) ----------------------------------------------- */
 
+/* A root portion if parent is NULL, else a child of parent (which must be
+ * live). Not placed yet: fd -1. -1 with errno (EBADF, EINVAL, ENOMEM). */
+int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *parent);
+/* Idempotent. */
+void up_portion_release(struct up_portion *p);
 /* Copies pages [first, first+npages) that are not yet materialized in p
  * from where p's parent chain holds them, and marks them materialized.
- * p must be allocated. Pages the source does not have read as zero and are
- * written as zeros (a reused portion may hold stale bytes). Returns 0 or -1
- * with errno; *copied counts the pages copied. */
+ * p must be placed. Only the data the sources hold is copied: p reads as
+ * zero wherever nothing was copied (see the invariant in portion.c).
+ * Returns 0 or -1 with errno; *copied counts the pages materialized. */
 int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied);
 /* Marks pages materialized (after this portion's own write-back). */
-void up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages);
+int up_portion_mark(struct up_portion *p, uint64_t first, uint64_t npages);
 /* Whether page idx is held by p itself (always, for a root portion). */
 int up_portion_has(const struct up_portion *p, uint64_t idx);
-/* Pages of [0, npages) not materialized in p. */
-uint64_t up_portion_missing(const struct up_portion *p, uint64_t npages);
+/* Pages not materialized in p (0 for a root portion). */
+uint64_t up_portion_missing(const struct up_portion *p);
+/* The first page of [from, end) that p does not hold itself, or end. */
+uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint64_t end);
+/* Which portion of p's chain holds page `from` as p sees it, as a depth (0:
+ * p itself, 1: its parent, ...), and in *run_end the end of the run of
+ * pages from `from` on (before end) that the same portion holds. -1 with
+ * errno EBADF or EINVAL (from >= end or past the region). */
+int up_portion_source_run(const struct up_portion *p, uint64_t from, uint64_t end, uint64_t *run_end);
+/* The first page of [from, end) whose bytes p's store may hold: for an
+ * encrypted store the pages with a catalog record, else the pages in a data
+ * segment of fd (SEEK_DATA); end if none. On any doubt (an error, no fd):
+ * from. */
+uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint64_t end);
 
 /* --- dirty pages and write-back (writeback.c) --------------------------- */
 
 /* UP_TRACK_SYNC_WP: from *cursor on, write-protects runs of dirty pages,
  * clears their dirty bits and stores them in runs[]. A write after this
  * faults again and marks the page dirty anew. Returns the runs stored; 0
- * once the whole range is done. */
+ * once the whole range is done, or when a write-protect failed (then errno
+ * says why and *cursor is at the run it could not take); -1 with EBADF. */
 int up_collect_dirty(int uffd, struct up_fill *fill, struct up_run *runs, int max_runs, uint64_t *cursor);
 /* UP_TRACK_ASYNC_WP: PAGEMAP_SCAN of the owner's /proc/pid/pagemap over
  * [*cursor, end) for written pages (present, not the zero page); with protect,
@@ -146,11 +205,6 @@ int up_scan_written(int pagemap_fd, struct up_fill *fill, int protect, struct up
 int64_t up_read_remote(int pid, const struct up_run *runs, int n, uint8_t *buf);
 /* Writes the runs' bytes (back to back in buf) to fd at their store offsets. */
 int64_t up_pwrite_runs(int fd, const struct up_run *runs, int n, const uint8_t *buf);
-
-/* A bitmap of npages bits in MAP_NORESERVE memory: it costs RAM only for the
- * parts that are written, so a 1 TiB region's bitmap is free until touched. */
-uint8_t *up_bitmap_alloc(uint64_t npages);
-void up_bitmap_free(uint8_t *bitmap, uint64_t npages);
 
 /* --- AES-256-GCM over pages (aead.c) ----------------------------------- */
 

@@ -14,6 +14,7 @@
  * - process_vm_readv of a page that is not present would itself raise a
  *   userfault: only pages known to be present are read.
  */
+#define _GNU_SOURCE /* process_vm_readv */
 #include "uffd_native.h"
 
 #include <errno.h>
@@ -25,36 +26,35 @@
 
 int up_collect_dirty(int uffd, struct up_fill *f, struct up_run *runs, int max_runs, uint64_t *cursor)
 {
+    if (!f->live || !up_portion_chain_live(f->portion)) {
+        errno = EBADF;
+        return -1;
+    }
     uint64_t npages = f->len / UP_PAGE_SIZE;
     uint64_t i = *cursor;
     int n = 0;
     if (!f->dirty)
         return 0;
-    while (i < npages && n < max_runs) {
-        /* Skip clean words fast: a 1 TiB region has 2^28 bits. */
-        if ((i & 63) == 0 && i + 64 <= npages && ((const uint64_t *)f->dirty)[i >> 6] == 0) {
-            i += 64;
-            continue;
-        }
-        if (!bit_test(f->dirty, i)) {
-            i++;
-            continue;
-        }
-        uint64_t first = i;
-        while (i < npages && bit_test(f->dirty, i))
-            i++;
-        uint64_t addr = f->base + first * UP_PAGE_SIZE, len = (i - first) * UP_PAGE_SIZE;
-        /* Protect first, then clear: a write in between faults and is
-         * recorded again once this returns. */
-        if (up_uffd_writeprotect(uffd, addr, len, UFFDIO_WRITEPROTECT_MODE_WP) < 0 && errno != ESRCH) {
-            i = first;
+    while (n < max_runs) {
+        /* Runs of dirty pages, found leaf by leaf and word by word. */
+        uint64_t first = up_bits_next_set(f->dirty, i, npages);
+        if (first >= npages) {
+            i = npages;
             break;
         }
-        for (uint64_t j = first; j < i; j++)
-            bit_clear(f->dirty, j);
-        f->dirty_pages -= i - first;
+        uint64_t stop = up_bits_next_clear(f->dirty, first, npages);
+        uint64_t addr = f->base + first * UP_PAGE_SIZE, len = (stop - first) * UP_PAGE_SIZE;
+        /* Protect first, then clear: a write in between faults and is
+         * recorded again once this returns. */
+        if ((up_uffd_writeprotect(uffd, addr, len, UFFDIO_WRITEPROTECT_MODE_WP) < 0 && errno != ESRCH) ||
+            up_bits_clear_range(f->dirty, first, stop) < 0) {
+            i = first; /* still dirty: taken next time */
+            break;
+        }
         runs[n++] = (struct up_run){.addr = addr, .store_offset = f->portion->offset + first * UP_PAGE_SIZE, .len = len};
+        i = stop;
     }
+    f->dirty_pages = up_bits_count(f->dirty);
     *cursor = i;
     return n;
 }
@@ -63,6 +63,10 @@ int up_scan_written(int pagemap_fd, struct up_fill *f, int protect, struct up_ru
                     uint64_t *cursor, uint64_t end)
 {
     struct page_region vec[256];
+    if (!f->live || !up_portion_chain_live(f->portion)) {
+        errno = EBADF;
+        return -1;
+    }
     uint64_t start = *cursor > f->base ? *cursor : f->base;
     if (end > f->base + f->len)
         end = f->base + f->len;

@@ -65,8 +65,10 @@ def parse_fork_policy(name: object) -> str:
 
 class PortionAllocator:
     """Places children's portions in one backing store: in a slot freed by
-    an exited child, else past the end of the store and of every portion in
-    use (never over bytes that are already there)."""
+    an exited child, discarded first, else past the end of the store and of
+    every portion in use (never over bytes that are already there). So a new
+    portion reads as zero throughout, which copies between portions rely on
+    (see native/portion.c): they write only the data their sources hold."""
 
     def __init__(self, store: "Store") -> None:
         self.store = store
@@ -183,21 +185,62 @@ class Portion:
 
     def _copy_in_through_store(self, first: int, npages: int) -> int:
         """Pages of an encrypted chain are decrypted from where they are and
-        encrypted anew for this portion: a ciphertext is bound to its place."""
+        encrypted anew for this portion: a ciphertext is bound to its place.
+        Only the pages a source holds are copied; the others read as zero
+        here already (see native/portion.c), so they are only marked."""
         assert self.parent is not None and self.offset is not None
-        copied = 0
-        for page in range(first, first + npages):
-            if self.state.has(page):
-                continue
-            source = self.parent.source(page)
-            offset = self.offset + page * PAGE_SIZE
-            if source.store.holds(source.offset + page * PAGE_SIZE) or self.store.holds(offset):  # type: ignore[operator]
-                self.store.write_runs([Run(0, offset, PAGE_SIZE)], self.parent.read_page(page))
-            self.state.mark(page, 1)
-            copied += 1
-        if copied:
+        end = first + npages
+        copied = written = 0
+        page = self.state.next_missing(first, end)
+        while page < end:
+            depth, run_end = self.state.source_run(page, end)
+            written += self._copy_stored_pages(self._ancestor(depth), page, run_end)
+            self.state.mark(page, run_end - page)
+            copied += run_end - page
+            page = self.state.next_missing(run_end, end)
+        if written:
             self.store.sync()
         return copied
+
+    _COPY_BATCH = 64  # pages read, then written, at a time
+
+    def _copy_stored_pages(self, source: "Portion", first: int, end: int) -> int:
+        """Copies the pages of [first, end) that source's store holds (it is
+        their source) to the same pages here; returns how many."""
+        batch: list[int] = []
+        written = 0
+        page = source.state.next_stored(first, end)
+        while page < end:
+            if source.store.holds(source.offset + page * PAGE_SIZE):  # type: ignore[operator]
+                batch.append(page)
+                if len(batch) == self._COPY_BATCH:
+                    written += self._copy_pages(source, batch)
+                    batch = []
+            page = source.state.next_stored(page + 1, end)
+        if batch:
+            written += self._copy_pages(source, batch)
+        return written
+
+    def _copy_pages(self, source: "Portion", pages: list[int]) -> int:
+        """Reads pages (ascending) as source holds them, writes them here."""
+        assert source.offset is not None and self.offset is not None
+        data = b"".join(source.store.read_page(source.offset + p * PAGE_SIZE) for p in pages)
+        runs: list[Run] = []
+        for p in pages:
+            offset = self.offset + p * PAGE_SIZE
+            if runs and runs[-1].store_offset + runs[-1].length == offset:
+                runs[-1] = Run(0, runs[-1].store_offset, runs[-1].length + PAGE_SIZE)
+            else:
+                runs.append(Run(0, offset, PAGE_SIZE))
+        self.store.write_runs(runs, data)
+        return len(pages)
+
+    def _ancestor(self, depth: int) -> "Portion":
+        portion = self
+        for _ in range(depth):
+            assert portion.parent is not None
+            portion = portion.parent
+        return portion
 
     def complete(self) -> int:
         """Copies every page still inherited, so this portion alone holds the

@@ -723,8 +723,9 @@ class PagerService:
             raise
         finally:
             region.in_flight = set()
-        for run in runs:
-            portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
+        async with region.copy_lock:  # one thread at a time changes a portion's page sets
+            for run in runs:
+                portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)
         region.writeback["flushes"] += 1
         region.writeback["pages_written"] += result.pages
         region.writeback["bytes_written"] += result.bytes

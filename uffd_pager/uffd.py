@@ -291,39 +291,51 @@ class Run:
     length: int
 
 
-def _new_bitmap(npages: int) -> Any:
-    """One bit per page, costing memory only where bits are set (see up_bitmap_alloc)."""
-    bitmap = lib.up_bitmap_alloc(npages)
-    if bitmap == ffi.NULL:
-        raise _os_error(ffi.errno, f"page bitmap for {npages} pages")
-    return bitmap
+def _released(what: str) -> OSError:
+    """Used after close(): the native state is freed, so refuse (EBADF)."""
+    return OSError(errno.EBADF, f"{what} was released")
 
 
 class PortionState:
     """The C view of a portion (see native/portion.c): the descriptor and
     offset that hold its pages, and for a forked child's portion which pages
-    are materialized in it and the parent it inherits the others from."""
+    are materialized in it and the parent it inherits the others from.
+
+    close() frees the page set and is idempotent; after it every method
+    that acts on pages raises OSError(EBADF), and so do those of a child or
+    a FillRange whose chain holds it (the C entries refuse it too), while
+    `placed` and `offset` stay readable."""
 
     def __init__(self, npages: int, parent: "PortionState | None" = None) -> None:
         self._npages = npages
-        self._c = ffi.new("struct up_portion *")
-        self._c.fd = -1
+        # The destructor frees the page set if close() never ran.
+        self._c = ffi.gc(ffi.new("struct up_portion *"), lib.up_portion_release)
         self.parent = parent  # keeps the parent's struct alive while we point at it
-        if parent is not None:
-            self._c.parent = parent._c
-            self._c.materialized = _new_bitmap(npages)
+        if lib.up_portion_init(self._c, npages, parent._live() if parent is not None else ffi.NULL) < 0:
+            raise _os_error(ffi.errno, f"portion state of {npages} pages")
+
+    def _live(self) -> Any:
+        """The struct, if it and its parent chain are live (else EBADF)."""
+        state: PortionState | None = self
+        while state is not None:
+            if not state._c.live:
+                raise _released(f"the portion state of {state._npages} pages")
+            state = state.parent
+        return self._c
 
     def place(self, fd: int, offset: int) -> None:
-        self._c.fd = fd
-        self._c.offset = offset
+        c = self._live()
+        c.fd = fd
+        c.offset = offset
 
     def seal_with(self, aead: Any, catalog_fd: int, store_id: bytes) -> None:
         """The portion's pages are encrypted: the C fill path opens them with
         aead and their records in catalog_fd (see native/fill.c)."""
+        c = self._live()
         self._aead = aead  # keeps the cdata alive as long as we point at it
-        self._c.aead = aead
-        self._c.catalog_fd = catalog_fd
-        ffi.memmove(self._c.store_id, store_id, 16)
+        c.aead = aead
+        c.catalog_fd = catalog_fd
+        ffi.memmove(c.store_id, store_id, 16)
 
     @property
     def placed(self) -> bool:
@@ -335,33 +347,55 @@ class PortionState:
 
     def copy_in(self, first: int, npages: int) -> int:
         """Copies pages not yet materialized here from the parent chain;
-        returns how many were copied."""
+        returns how many were materialized."""
         copied = ffi.new("uint64_t *")
-        if lib.up_portion_copy_in(self._c, first, npages, copied) < 0:
+        if lib.up_portion_copy_in(self._live(), first, npages, copied) < 0:
             raise _error(ffi.errno, f"copying pages {first}..{first + npages} into a child's portion")
         return copied[0]
 
     def mark(self, first: int, npages: int) -> None:
-        lib.up_portion_mark(self._c, first, npages)
+        if lib.up_portion_mark(self._live(), first, npages) < 0:
+            raise _os_error(ffi.errno, f"marking pages {first}..{first + npages} materialized")
 
     def has(self, page: int) -> bool:
         """Whether this portion holds the page itself (a root portion: all)."""
-        return bool(lib.up_portion_has(self._c, page))
+        return bool(lib.up_portion_has(self._live(), page))
 
     def missing(self) -> int:
         """Pages still inherited (not materialized here)."""
-        return lib.up_portion_missing(self._c, self._npages)
+        return lib.up_portion_missing(self._live())
+
+    def next_missing(self, first: int, end: int) -> int:
+        """The first page of [first, end) this portion does not hold itself, or end."""
+        return lib.up_portion_next_missing(self._live(), first, end)
+
+    def source_run(self, first: int, end: int) -> tuple[int, int]:
+        """(depth, run_end): the portion of this chain that holds page first
+        as this portion's process sees it (0: this one, 1: its parent, ...),
+        and the end of the run of pages [first, end) that it holds too."""
+        run_end = ffi.new("uint64_t *")
+        depth = lib.up_portion_source_run(self._live(), first, end, run_end)
+        if depth < 0:
+            raise _os_error(ffi.errno, f"the source of pages {first}..{end}")
+        return depth, run_end[0]
+
+    def next_stored(self, first: int, end: int) -> int:
+        """The first page of [first, end) whose bytes this portion's store may
+        hold (an encrypted store: has a record for), or end. Cheap over holes."""
+        return lib.up_portion_next_stored(self._live(), first, end)
 
     def close(self) -> None:
-        if self._c.materialized != ffi.NULL:
-            lib.up_bitmap_free(self._c.materialized, self._npages)
-            self._c.materialized = ffi.NULL
+        lib.up_portion_release(self._c)
 
 
 class FillRange:
     """The C fill state of one registered range: which portion chain its
     pages come from, which pages are resident in the client, and
-    (synchronous tracking) which are dirty."""
+    (synchronous tracking) which are dirty.
+
+    close() frees the page sets and is idempotent; after it every method
+    that acts on pages raises OSError(EBADF), while the geometry and
+    counters stay readable."""
 
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
                  "resident_pages", "dirty_pages")
@@ -371,22 +405,22 @@ class FillRange:
     def __init__(self, base: int, length: int, portion: PortionState,
                  tracking: Tracking = Tracking.NONE) -> None:
         self._npages = length // PAGE_SIZE
-        self._c = ffi.new("struct up_fill *")
-        self._c.base = base
-        self._c.len = length
-        self.portion = portion
-        self._c.portion = portion._c
-        self._c.tracking = tracking
-        self._c.resident = _new_bitmap(self._npages)
-        if tracking == Tracking.SYNC_WP:
-            try:
-                self._c.dirty = _new_bitmap(self._npages)
-            except OSError:
-                self.close()
-                raise
+        self._c = ffi.gc(ffi.new("struct up_fill *"), lib.up_fill_release)
+        self.portion = portion  # keeps its struct alive while we point at it
+        if lib.up_fill_init(self._c, base, length, portion._live(), tracking) < 0:
+            err = ffi.errno
+            limit = " (a region is at most 2^47 bytes, 128 TiB)" if err == errno.EINVAL else ""
+            raise _os_error(err, f"fill state of {length:#x} bytes at {base:#x}{limit}")
         self._deferred = ffi.new("struct up_msg[]", self._DEFERRED)
         self._n_deferred = ffi.new("int *")
         self._runs = ffi.new("struct up_run[]", self._RUNS)
+
+    def _live(self) -> Any:
+        """The struct, if it and its portion chain are live (else EBADF)."""
+        if not self._c.live:
+            raise _released(f"the fill state of {self._c.base:#x}+{self._c.len:#x}")
+        self.portion._live()
+        return self._c
 
     @property
     def base(self) -> int:
@@ -406,11 +440,10 @@ class FillRange:
 
     def inherit_dirty(self, parent: "FillRange") -> None:
         """At fork: the pages the child inherits carry the parent's unflushed
-        writes. (Not its resident bitmap: faults the parent had pending at
+        writes. (Not its resident set: faults the parent had pending at
         fork are read, and filled in the parent only, before the FORK event.)"""
-        if self._c.dirty != ffi.NULL and parent._c.dirty != ffi.NULL:
-            lib.up_bitmap_or(self._c.dirty, parent._c.dirty, self._npages)
-            self._c.dirty_pages = parent._c.dirty_pages
+        if lib.up_fill_inherit_dirty(self._live(), parent._live()) < 0:
+            raise _os_error(ffi.errno, "inheriting the parent's dirty pages")
 
     @property
     def tracking(self) -> Tracking:
@@ -422,14 +455,14 @@ class FillRange:
 
     def move(self, new_base: int) -> None:
         """Follows an mremap of the whole range (REMAP event)."""
-        self._c.base = new_base
+        self._live().base = new_base
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self._c, name) for name in self._COUNTERS}
 
     def serve(self, uffd: Uffd) -> tuple[int, list[Deferred]]:
         """Serves every pending fault it can; returns (served, what is left)."""
-        served = lib.up_serve(uffd.fd, self._c, self._deferred, self._DEFERRED, self._n_deferred)
+        served = lib.up_serve(uffd.fd, self._live(), self._deferred, self._DEFERRED, self._n_deferred)
         if served < 0:
             raise _error(ffi.errno, "read(userfaultfd)")
         return served, [
@@ -439,25 +472,28 @@ class FillRange:
     def fill_fault(self, uffd: Uffd, fault: PageFault) -> int:
         """Serves one fault (again, after EAGAIN); returns 0 or -errno
         (-EBADMSG: an encrypted page that fails authentication)."""
-        return lib.up_fill_fault(uffd.fd, self._c, fault.address, fault.flags)
+        return lib.up_fill_fault(uffd.fd, self._live(), fault.address, fault.flags)
 
     def forget(self, start: int, end: int) -> None:
-        lib.up_fill_forget(self._c, start, end)
+        """[start, end) was removed or unmapped: neither resident nor dirty now."""
+        if lib.up_fill_forget(self._live(), start, end) < 0:
+            raise _os_error(ffi.errno, f"forgetting pages {start:#x}..{end:#x}")
 
     def is_dirty(self, address: int) -> bool:
-        """Synchronous tracking: the page is in the dirty bitmap."""
-        return bool(lib.up_fill_is_dirty(self._c, address))
+        """Synchronous tracking: the page is in the dirty set."""
+        return bool(lib.up_fill_is_dirty(self._live(), address))
 
     def take_dirty(self, uffd: Uffd) -> tuple[list[Run], int]:
         """Synchronous tracking: write-protects dirty pages again and returns
         them as runs (their dirty bits cleared), with 0 once every dirty page
         is taken, or the errno that stopped it (EAGAIN: an event is unread).
         The runs taken before an error are returned all the same."""
+        c = self._live()
         cursor = ffi.new("uint64_t *")
         runs: list[Run] = []
-        while (n := lib.up_collect_dirty(uffd.fd, self._c, self._runs, self._RUNS, cursor)) > 0:
+        while (n := lib.up_collect_dirty(uffd.fd, c, self._runs, self._RUNS, cursor)) > 0:
             runs.extend(self._run(i) for i in range(n))
-        if cursor[0] < self._npages and self._c.dirty_pages:
+        if n < 0 or (cursor[0] < self._npages and c.dirty_pages):
             return runs, ffi.errno or errno.EIO
         return runs, 0
 
@@ -465,11 +501,12 @@ class FillRange:
         """Asynchronous tracking: the pages in spans [(start, end), ...] written
         since they were last write-protected; with protect, write-protects
         them in the same walk."""
+        c = self._live()
         runs: list[Run] = []
         for start, end in spans:
             cursor = ffi.new("uint64_t *", start)
             while cursor[0] < end:
-                n = lib.up_scan_written(pagemap_fd, self._c, int(protect), self._runs, self._RUNS, cursor, end)
+                n = lib.up_scan_written(pagemap_fd, c, int(protect), self._runs, self._RUNS, cursor, end)
                 if n < 0:
                     raise _error(ffi.errno, "PAGEMAP_SCAN")
                 runs.extend(self._run(i) for i in range(n))
@@ -480,11 +517,7 @@ class FillRange:
         return Run(run.addr, run.store_offset, run.len)
 
     def close(self) -> None:
-        for name in ("resident", "dirty"):
-            bitmap = getattr(self._c, name)
-            if bitmap != ffi.NULL:
-                lib.up_bitmap_free(bitmap, self._npages)
-                setattr(self._c, name, ffi.NULL)
+        lib.up_fill_release(self._c)
 
 
 def copy_out(pid: int, runs: list[Run], buf: bytearray) -> memoryview:
