@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 
 int up_mprotect(uint64_t addr, uint64_t len, int prot)
 {
@@ -23,4 +24,12 @@ int up_start_writeback(int fd, uint64_t offset, uint64_t len)
 int up_punch_hole(int fd, uint64_t offset, uint64_t len)
 {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+}
+
+int64_t up_fs_type(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0)
+        return -1;
+    return (int64_t)(uint64_t)st.f_type;
 }

@@ -230,6 +230,8 @@ int up_munmap(uint64_t addr, uint64_t len);
 int up_start_writeback(int fd, uint64_t offset, uint64_t len);
 /* fallocate(PUNCH_HOLE|KEEP_SIZE): the range reads as zero and frees its blocks. */
 int up_punch_hole(int fd, uint64_t offset, uint64_t len);
+/* fstatfs(2): the f_type of the filesystem fd is on (linux/magic.h), or -1. */
+int64_t up_fs_type(int fd);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
 

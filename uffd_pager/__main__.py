@@ -13,6 +13,8 @@ import stat
 import sys
 from typing import Callable
 
+from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
+
 
 def _listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -37,10 +39,12 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-async def _serve(listener: socket.socket, exit_when_idle: bool) -> None:
+async def _serve(listener: socket.socket, args: argparse.Namespace) -> None:
     from uffd_pager.service import PagerService
+    from uffd_pager.tenants import TenantLimits
 
-    service = PagerService(listener, exit_when_idle=exit_when_idle)
+    service = PagerService(listener, exit_when_idle=args.exit_when_idle,
+                           limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
@@ -56,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener = _listen(args.socket)
         logging.getLogger("uffd_pager").info("listening on %s", args.socket)
     try:
-        uvloop.run(_serve(listener, args.exit_when_idle))
+        uvloop.run(_serve(listener, args))
     finally:
         listener.close()
         if args.socket and args.listen_fd is None:
@@ -114,13 +118,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _page_count(text: str) -> int:
+def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text, 0)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pages above 0, not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, not {text!r}")
     return value
 
 
@@ -167,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # embedded pager: inherited listener
     serve.add_argument("--exit-when-idle", action="store_true",
                        help="exit once no client and no region is left")
+    serve.add_argument("--max-regions", type=_positive_int, default=DEFAULT_MAX_REGIONS, metavar="N",
+                       help=f"regions one client uid may hold at once (default {DEFAULT_MAX_REGIONS})")
+    serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",
+                       help=f"bytes one client uid may have mapped at once (default 2^50)")
 
     bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
     bench.add_argument("--quick", action="store_true", help="fewer pages: the run of ./run.sh")
-    bench.add_argument("--pages", type=_page_count, metavar="N", help="faults per row (default 16384, quick 4096)")
+    bench.add_argument("--pages", type=_positive_int, metavar="N", help="faults per row (default 16384, quick 4096)")
     bench.add_argument("--dir", type=_writable_directory,
                        help="where to put the benchmark file (default: a new temp dir)")
     bench.add_argument("--json", type=_output_file, metavar="FILE", help="also write the figures as JSON to FILE")

@@ -22,12 +22,17 @@ until it has, the pager does not serve the child's pages.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import fcntl
 import logging
+import mmap
 import os
 import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -44,6 +49,7 @@ from uffd_pager.layout import (
     parse_writeback_interval,
 )
 from uffd_pager.region import Region, RegionMapping, fork_lock
+from uffd_pager.stores.file import open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -95,16 +101,22 @@ class Connection:
         except ConnectionRefusedError:
             sock.close()
             raise protocol.PagerGone(f"nothing is listening on {_printable(self.address)}: the pager is not running") from None
+        try:
+            _check_peer(sock, self.address)
+        except BaseException:
+            sock.close()
+            raise
         self._sock, self._pid, self._unanswered = sock, os.getpid(), 0
         return sock
 
-    def request(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
-        reply, received = self.request_fds(op, fds, **fields)
+    def request(self, op: str, pass_fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
+        reply, received = self.request_fds(op, pass_fds, **fields)
         for fd in received:
             os.close(fd)
         return reply
 
-    def request_fds(self, op: str, fds: tuple[int, ...] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
+    def request_fds(self, op: str, pass_fds: tuple[int, ...] = (),
+                    **fields: Any) -> tuple[dict[str, Any], list[int]]:
         """A request whose answer carries descriptors: (reply, fds), the
         caller owns the fds."""
         with self._lock:
@@ -113,7 +125,7 @@ class Connection:
                 sock = self._connect()
                 if op != "hello":
                     self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}, ())
-            reply, received = self._exchange(sock, {"op": op, **fields}, fds)
+            reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
             if op == "hello":
                 self.pager_pid = reply.get("pid", 0)
             return reply, received
@@ -258,31 +270,46 @@ class Pager:
             raise TypeError("give key_file or key, not both")
         if key_file is not None:
             key = Key.from_file(key_file)
-        uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
-        mapped = size + PAGE_SIZE  # and the tag page (see Region)
-        try:
-            memory = RegionMapping.create(mapped, self.alive)
-        except BaseException:
-            uffd.close()
-            raise
-        address = buffer_address(memory)
-        with fork_lock:  # registered, and not yet read by the pager
+        # The pager never opens a path for us: we open the files with our own
+        # rights and hand the descriptors over (SCM_RIGHTS).
+        with contextlib.ExitStack() as passed:
+            descriptors = {"store": open_store_file(store)}
+            passed.callback(os.close, descriptors["store"])
+            if children is not None:
+                descriptors["children"] = open_store_file(children)
+                passed.callback(os.close, descriptors["children"])
+            if key is not None:
+                descriptors["key"] = _key_memfd(key)
+                passed.callback(os.close, descriptors["key"])
+            uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
+            mapped = size + PAGE_SIZE  # and the tag page (see Region)
             try:
-                uffd.register(address, mapped, REGION_REGISTER_MODE)
-                memory.uffd, memory.registered = uffd, mapped
-                reply = self._conn.request("map", fds=(uffd.fd,), url=store, size=size, offset=offset,
-                                           address=address, tracking=dirty_tracking, writeback_interval=interval,
-                                           fork_policy=fork_policy, children=children,
-                                           keep_child_portions=bool(keep_child_portions),
-                                           key=key.to_wire() if key is not None else None)
-            except protocol.PagerTimeout:
-                memory.orphan()  # the pager may be reading it by now: never unregistered under it
-                raise
+                memory = RegionMapping.create(mapped, self.alive)
             except BaseException:
-                memory.uffd = uffd
-                memory.release_uffd()
-                memory.close()
+                uffd.close()
                 raise
+            address = buffer_address(memory)
+            fds = {"uffd": uffd.fd, **descriptors}
+            with fork_lock:  # registered, and not yet read by the pager
+                try:
+                    uffd.register(address, mapped, REGION_REGISTER_MODE)
+                    memory.uffd, memory.registered = uffd, mapped
+                    reply = self._conn.request("map", tuple(fds.values()), url=store, size=size, offset=offset,
+                                               address=address, tracking=dirty_tracking,
+                                               writeback_interval=interval, fork_policy=fork_policy,
+                                               children=children, keep_child_portions=bool(keep_child_portions),
+                                               fds=list(fds))
+                except protocol.PagerTimeout:
+                    memory.orphan()  # the pager may be reading it by now: never unregistered under it
+                    raise
+                except BaseException:
+                    memory.uffd = uffd
+                    memory.release_uffd()
+                    memory.close()
+                    raise
+        # The pager filled the tag page to see that the uffd is ours: missing
+        # again, so that a forked child's first read of it is a fault.
+        memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
         region = Region(self, reply["region"], memory, address, size, store, offset)
         self._regions.add(region)
         return region
@@ -291,11 +318,12 @@ class Pager:
         """The pager's own view: connections, regions, open fds, tasks, RSS."""
         return self._conn.request("status")
 
-    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
-        return self._conn.request(op, **fields)
+    def _request(self, op: str, pass_fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
+        return self._conn.request(op, pass_fds, **fields)
 
-    def _request_fds(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        return self._conn.request_fds(op, **fields)
+    def _request_fds(self, op: str, pass_fds: tuple[int, ...] = (),
+                     **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        return self._conn.request_fds(op, pass_fds, **fields)
 
     def close(self) -> None:
         """Closes every region of this process, then the connection; stops a
@@ -341,6 +369,36 @@ def connect(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Pager:
 
 
 _live_pagers: "weakref.WeakSet[Pager]" = weakref.WeakSet()
+
+
+def _check_peer(sock: socket.socket, address: str | bytes) -> None:
+    """Talks only to a pager run by root or by this process's own user: a
+    socket path someone else could have bound (a world-writable directory,
+    a daemon's path after it stopped) must not receive our uffds, store
+    descriptors or keys, nor fill our pages."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+    if uid not in (0, os.geteuid()):
+        raise PermissionError(errno.EPERM, f"the process listening on {_printable(address)} runs as uid {uid}, "
+                                           f"neither root nor this process's uid {os.geteuid()}: not a pager to trust")
+
+
+def _key_memfd(key: Key) -> int:
+    """The key in a sealed memfd for the pager (see service._key_from_memfd):
+    it never travels as text in a message."""
+    fd = os.memfd_create("uffd-pager-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, bytes.fromhex(key.to_wire()))
+        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE | _F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# fcntl(2) memfd seals (the fcntl module of 3.11 lacks some of them).
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW, _F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 
 
 def _printable(address: str | bytes) -> str:

@@ -20,16 +20,28 @@ TRACKING_MODES = {"async": Tracking.ASYNC_WP, "sync": Tracking.SYNC_WP}
 DEFAULT_WRITEBACK_INTERVAL = 5.0
 
 
+# The largest region: the x86-64 user address space (4-level page tables).
+MAX_REGION_SIZE = 1 << 47
+# Store offsets are off_t: every byte of a portion must stay below 2^63.
+MAX_STORE_END = (1 << 63) - 1
+# Timed write-back more often than this costs more than it saves.
+MIN_WRITEBACK_INTERVAL = 0.1
+
+
 def check_geometry(size: int, offset: int) -> None:
     """The one place region geometry is validated (the client before it creates anything, the pager again)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive number of bytes, not {size!r}")
     if size % PAGE_SIZE:
         raise ValueError(f"size {size} is not a multiple of the page size {PAGE_SIZE}")
+    if size > MAX_REGION_SIZE:
+        raise ValueError(f"size {size} exceeds the largest region, {MAX_REGION_SIZE} bytes (128 TiB)")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative number of bytes, not {offset!r}")
     if offset % PAGE_SIZE:
         raise ValueError(f"offset {offset} is not a multiple of the page size {PAGE_SIZE}")
+    if offset + size > MAX_STORE_END:
+        raise ValueError(f"offset {offset} + size {size} passes the largest file offset, 2^63 - 1")
 
 
 def tracking_name(tracking: Tracking) -> str:
@@ -45,10 +57,12 @@ def parse_tracking(name: object) -> Tracking:
 
 def parse_writeback_interval(seconds: object) -> float:
     """Seconds between timed write-backs; 0 or None turns the timer off."""
-    if seconds is None:
+    if seconds is None or (not isinstance(seconds, bool) and seconds == 0):
         return 0.0
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-        raise ValueError(f"writeback_interval must be a number of seconds >= 0 (0: off), not {seconds!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not MIN_WRITEBACK_INTERVAL <= seconds < float("inf"):
+        raise ValueError(f"writeback_interval must be a number of seconds, at least {MIN_WRITEBACK_INTERVAL} "
+                         f"(0 or None: off), not {seconds!r}")
     return float(seconds)
 
 

@@ -18,29 +18,22 @@ import os
 import socket
 from typing import Any, Sequence
 
+from uffd_pager.errors import (
+    DescriptorsDropped,
+    LimitExceeded,
+    PagerError,
+    PagerGone,
+    PagerTimeout,
+    ProtocolError,
+    StoreReadOnly,
+)
+
+__all__ = ["DescriptorsDropped", "LimitExceeded", "PagerError", "PagerGone", "PagerTimeout", "ProtocolError",
+           "StoreReadOnly"]
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
-
-
-class PagerError(Exception):
-    """The base of every error that is the pager's, not the caller's."""
-
-
-class ProtocolError(PagerError):
-    """The peer sent something that is not this protocol."""
-
-
-class PagerGone(ConnectionError, PagerError):
-    """The pager process went away (killed, crashed, or stopped)."""
-
-
-class PagerTimeout(TimeoutError, PagerError):
-    """The pager did not answer a request in time."""
-
-
-class DescriptorsDropped(OSError, PagerError):
-    """A message arrived without the descriptors it carried."""
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -53,16 +46,68 @@ def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) 
 
 def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
     try:
-        message = json.loads(data)
-    except ValueError as exc:
+        # Strictly UTF-8: json.loads of bytes would guess UTF-16 or UTF-32 too.
+        message = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
         for fd in fds:
             _close_quietly(fd)
-        raise ProtocolError(f"not a JSON message: {exc}") from None
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ProtocolError(f"not a UTF-8 JSON message: {reason}") from None
     if not isinstance(message, dict):
         for fd in fds:
             _close_quietly(fd)
         raise ProtocolError("a message must be a JSON object")
     return message, fds
+
+
+# The fields each request may carry besides "op"; anything else is refused.
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "hello": frozenset({"v", "pid"}),
+    "map": frozenset({"url", "size", "offset", "address", "tracking", "writeback_interval", "fork_policy",
+                      "children", "keep_child_portions", "fds"}),
+    "unmap": frozenset({"region"}),
+    "flush": frozenset({"region"}),
+    "stats": frozenset({"region"}),
+    "backing": frozenset({"region"}),
+    "adopt": frozenset({"region"}),
+    "reopen": frozenset({"region", "fds"}),
+    "status": frozenset(),
+}
+
+# map's descriptors, named in its "fds" field in the order they are attached.
+MAP_DESCRIPTORS = ("uffd", "store", "children", "key")
+REQUIRED_MAP_DESCRIPTORS = ("uffd", "store")
+
+
+def check_request(request: dict[str, Any]) -> str:
+    """The request's op, once its fields are the ones that op takes."""
+    op = request.get("op")
+    if not isinstance(op, str) or op not in REQUEST_FIELDS:
+        raise ProtocolError(f"unknown request {op!r}")
+    extra = set(request) - REQUEST_FIELDS[op] - {"op"}
+    if extra:
+        raise ProtocolError(f"{op} takes no field {', '.join(sorted(map(repr, extra)))}")
+    return op
+
+
+def check_version(request: dict[str, Any]) -> None:
+    version = request.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, 1.0 or "1"
+        raise ProtocolError(f"client speaks protocol version {version!r}, this pager speaks {PROTOCOL_VERSION}")
+
+
+def named_descriptors(request: dict[str, Any], fds: list[int], allowed: Sequence[str],
+                      required: Sequence[str]) -> dict[str, int]:
+    """{name: fd} for a request whose "fds" field names its descriptors."""
+    names = request.get("fds")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProtocolError(f"{request.get('op')}: fds must be a list of descriptor names")
+    if len(set(names)) != len(names) or not set(names) <= set(allowed) or not set(required) <= set(names):
+        raise ProtocolError(f"{request.get('op')}: fds {names} must name each of {', '.join(required)} "
+                            f"once, and may add {', '.join(n for n in allowed if n not in required)}")
+    if len(names) != len(fds):
+        raise ProtocolError(f"{request.get('op')}: fds names {len(names)} descriptors but {len(fds)} came")
+    return dict(zip(names, fds))
 
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
@@ -103,6 +148,10 @@ def raise_for_error(reply: dict[str, Any]) -> dict[str, Any]:
         return reply
     error = reply.get("error") or {}
     message = error.get("message", "unknown pager error")
+    if error.get("type") == "StoreReadOnly":
+        raise StoreReadOnly(error.get("errno", errno.EBADF), message)
+    if error.get("type") == "LimitExceeded":
+        raise LimitExceeded(error.get("errno", errno.EDQUOT), message)
     if "errno" in error:
         # OSError(errno, ...) picks the subclass itself (FileNotFoundError, ...).
         raise OSError(error["errno"], message)

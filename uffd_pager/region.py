@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from uffd_pager import protocol
+from uffd_pager.stores.file import open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
 
 if TYPE_CHECKING:
@@ -145,7 +147,7 @@ class Region:
         the pages stay dirty and the next flush() retries them. In a forked
         child it also completes the child's portion with the pages it still
         inherits, so the portion alone holds the child's view."""
-        reply = self._request("flush")
+        reply = self._request_writing("flush")
         return {"pages": reply["pages"], "bytes": reply["bytes"]}
 
     def close(self) -> None:
@@ -170,7 +172,7 @@ class Region:
         # unregistered, a fork() would block forever: hold it off.
         with fork_lock:
             try:
-                reply = self._request("unmap")  # flushes first; raises if that fails
+                reply = self._request_writing("unmap")  # flushes first; raises if that fails
                 spans = [(start, end) for start, end in reply["spans"]]
             except protocol.PagerGone:
                 self._memory.orphan()
@@ -202,6 +204,25 @@ class Region:
         return self._pager._request(op, region=self._id)
 
     _adopt_error: str = ""
+    _forked = False  # this process's region is a forked child's copy
+
+    def _request_writing(self, op: str) -> dict[str, Any]:
+        """A request that writes back. If the store was read-only when it was
+        mapped (a read-only mount since remounted, a mode since changed), it
+        is opened again for writing, with this process's rights, once."""
+        try:
+            return self._request(op)
+        except protocol.StoreReadOnly:
+            if self._forked:
+                raise
+            fd = open_store_file(self.store)
+            try:
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+                    raise
+                self._pager._request("reopen", (fd,), region=self._id, fds=["store"])
+            finally:
+                os.close(fd)
+        return self._request(op)
 
     def _adopt_in_child(self) -> None:
         """In a forked child, at once (an at-fork hook): the parent's uffd
@@ -236,6 +257,7 @@ class Region:
             memory.orphan()
             return
         memory.uffd = Uffd(fds[0])
+        self._forked = True
         self._id = reply["region"]
         self._owner_pid = os.getpid()
 

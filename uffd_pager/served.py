@@ -63,6 +63,8 @@ class ServedRegion:
     # where: the program's own munmap/mremap change it (UNMAP/REMAP events).
     spans: list[Span] = field(default_factory=list)
     last_error: str = ""
+    uid: int | None = None  # the tenant of a root region (see tenants.py)
+    writable: bool = True  # its client's store descriptors allow writing
     # A forked child's pages are served only once its own process holds its
     # uffd (see PagerService._op_adopt): if the pager died before, the
     # child's last reference would be gone with it, the kernel would

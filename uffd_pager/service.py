@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -64,9 +65,11 @@ from uffd_pager.layout import (
 )
 from uffd_pager.crypto import Key, PageAuthError
 from uffd_pager.served import OpenStore, ServedRegion
-from uffd_pager.stores import open_store
+from uffd_pager.stores import FileStore, Store, open_store
+from uffd_pager.tenants import TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
+    is_userfaultfd,
     Deferred,
     FillRange,
     ForkEvent,
@@ -98,6 +101,13 @@ _CHILD_PROBE_INTERVAL = 1.0
 # PagerService._wait_for_hand).
 _HAND_TIMEOUT = 30.0
 
+# fcntl(2) memfd seals (the fcntl module of 3.11 lacks them on some builds).
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
+
+# Highest user address plus one (x86-64, 5-level page tables at most).
+_MAX_ADDRESS = 1 << 56
+
 # How long accept() pauses when the pager is out of descriptors.
 _ACCEPT_PAUSE = 0.5
 
@@ -112,6 +122,7 @@ class Connection:
     pid: int
     uid: int
     regions: dict[int, ServedRegion] = field(default_factory=dict)
+    greeted: bool = False  # its hello was answered
     # Requests with their descriptors; an exception to answer with; None at EOF.
     inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | Exception | None]" = field(default_factory=asyncio.Queue)
 
@@ -123,7 +134,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class PagerService:
-    def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False) -> None:
+    def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
+                 limits: TenantLimits | None = None) -> None:
         self._listener = listener
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
@@ -136,6 +148,7 @@ class PagerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._child_probe: asyncio.TimerHandle | None = None
         self._accept_paused = False
+        self._tenants = Tenants(limits or TenantLimits())
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
@@ -146,6 +159,7 @@ class PagerService:
             "stats": self._op_stats,
             "backing": self._op_backing,
             "adopt": self._op_adopt,
+            "reopen": self._op_reopen,
             "status": self._op_status,
         }
 
@@ -255,19 +269,25 @@ class PagerService:
         try:
             while (item := await conn.inbox.get()) is not None:
                 request, fds = item if not isinstance(item, Exception) else ({"op": None}, [])
-                handler = self._handlers.get(str(request.get("op")))
                 try:
                     if isinstance(item, Exception):
                         raise item
-                    if handler is None:
-                        raise protocol.ProtocolError(f"unknown request {request.get('op')!r}")
-                    reply = await handler(conn, request, fds)
+                    op = protocol.check_request(request)
+                    if (op == "hello") == conn.greeted:
+                        raise protocol.ProtocolError("hello comes first, once" if conn.greeted
+                                                     else f"{op} before hello: a connection starts with hello")
+                    reply = await self._handlers[op](conn, request, fds)
                 except Exception as exc:  # every failure goes back to the client
-                    for fd in fds:
-                        os.close(fd)
                     if not isinstance(exc, (OSError, ValueError, KeyError, protocol.ProtocolError)):
                         log.exception("request %r failed", request.get("op"))
                     reply = protocol.error_reply(exc)
+                finally:
+                    for fd in fds:  # what a request carried and its handler did not take
+                        os.close(fd)
+                if not conn.greeted:
+                    with contextlib.suppress(OSError):
+                        protocol.send(conn.sock, reply)
+                    break  # a client that does not start with hello gets one answer
                 reply, out_fds = reply if isinstance(reply, tuple) else (reply, [])
                 try:
                     protocol.send(conn.sock, reply, out_fds)
@@ -296,55 +316,91 @@ class PagerService:
     # --- requests ---------------------------------------------------------------
 
     async def _op_hello(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        version = request.get("v")
-        if version != protocol.PROTOCOL_VERSION:
-            raise protocol.ProtocolError(
-                f"client speaks protocol version {version}, this pager speaks {protocol.PROTOCOL_VERSION}"
-            )
-        return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
+        protocol.check_version(request)
+        conn.greeted = True
+        return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid()}
 
     async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        if len(fds) != 1:
-            raise protocol.ProtocolError(f"map carries exactly one userfaultfd, got {len(fds)} descriptors")
+        """A region of the client: its uffd, registered over address..+size
+        and the tag page past it, and its store's descriptor, opened by the
+        client with its own rights (the pager never opens a path for a
+        client). The descriptors it keeps are taken out of fds."""
+        named = protocol.named_descriptors(request, fds, protocol.MAP_DESCRIPTORS, protocol.REQUIRED_MAP_DESCRIPTORS)
         size, offset, address = (_require_int(request, k) for k in ("size", "offset", "address"))
         check_geometry(size, offset)
-        if address % PAGE_SIZE:
-            raise ValueError(f"address {address:#x} is not page aligned")
+        if address % PAGE_SIZE or not 0 < address < _MAX_ADDRESS - size - PAGE_SIZE:
+            raise ValueError(f"address {address:#x} is not a page-aligned user address for {size} bytes")
         tracking = parse_tracking(request.get("tracking", "async"))
         interval = parse_writeback_interval(request.get("writeback_interval"))
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
-        keep = bool(request.get("keep_child_portions", False))
-        children_url = request.get("children")
-        key = Key.from_wire(request["key"]) if request.get("key") is not None else None
+        keep = request.get("keep_child_portions", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"keep_child_portions must be true or false, not {keep!r}")
+        url, children_url = request.get("url"), request.get("children")
+        if not isinstance(url, str) or (children_url is not None and not isinstance(children_url, str)):
+            raise ValueError("url (and children, if given) must be store URLs")
+        if (children_url is None) != ("children" not in named):
+            raise protocol.ProtocolError("children comes with its store's descriptor, and only then")
+        self._tenants.check_map(conn.uid, size)
+        uffd_fd = named["uffd"]
+        self._check_uffd_of(conn, uffd_fd, address + size)
+        key = _key_from_memfd(named["key"]) if "key" in named else None
         opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
-            store = self._open_store(request.get("url"), key)
+            store = self._open_store(url, key, _claim(fds, named["store"]))
             opened.append(store)
-            child_store = store if children_url is None else self._open_store(children_url, key)
+            child_store = store
             if children_url is not None:
+                child_store = self._open_store(children_url, key, _claim(fds, named["children"]))
                 opened.append(child_store)
             if tracking == Tracking.ASYNC_WP:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             portion = Portion(store.store, store.allocator, size)
             portion.place_at(offset)
-            store.allocator.reserve(offset, size)
             fill = FillRange(address, size, portion.state, tracking)
+            region = self._add_region(Uffd(uffd_fd), fill, portion, owner_pid=conn.pid, fork_policy=policy,
+                                      child_store=child_store, keep_child_portions=keep)
         except BaseException:
             for each in opened:
                 self._release_store(each)
             if pagemap_fd >= 0:
                 os.close(pagemap_fd)
             raise
-        region = self._add_region(Uffd(fds[0]), fill, portion, owner_pid=conn.pid, fork_policy=policy,
-                                  child_store=child_store, keep_child_portions=keep)
+        fds.remove(uffd_fd)  # the region's now
+        store.allocator.reserve(offset, size)
         region.pagemap_fd = pagemap_fd
         region.connection = conn
+        region.uid = conn.uid
+        region.writable = _writable(store.store) and _writable(child_store.store)
         conn.regions[region.id] = region
+        self._tenants.add(conn.uid, size)
         self._sync_defer_missing()
         if interval:
             region.timer = self._loop.create_task(self._flush_periodically(region, interval))
         return {"ok": True, "region": region.id}
+
+    def _check_uffd_of(self, conn: Connection, fd: int, tag_address: int) -> None:
+        """Trusts a descriptor as a client's uffd only if it is a userfaultfd
+        of the sending process's own address space: anything else (a pipe
+        with forged messages, another process's uffd) would have us act on
+        what we read from it. The tag page is filled through the uffd (it
+        must be registered there), then must be present in the sender's
+        pagemap; the client drops it again after the reply."""
+        if not is_userfaultfd(fd):
+            raise ValueError("map: the descriptor given as the region's uffd is not a userfaultfd")
+        try:
+            Uffd(fd).zeropage(tag_address, PAGE_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise ValueError(f"map: the userfaultfd does not have the region registered ({exc.strerror})") from None
+        pagemap = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            entry = int.from_bytes(os.pread(pagemap, 8, tag_address // PAGE_SIZE * 8), "little")
+        finally:
+            os.close(pagemap)
+        if not entry >> 63:
+            raise ValueError(f"map: the userfaultfd is not of pid {conn.pid}'s own address space")
 
     async def _op_unmap(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Writes back what is dirty, then releases the region. If the
@@ -355,6 +411,24 @@ class PagerService:
         # Where the registration is mapped now, for the client to unmap:
         # the program may have moved or unmapped parts of it itself.
         return {"ok": True, "spans": region.spans}
+
+    async def _op_reopen(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The client opened its region's store anew, for writing (after a
+        flush said StoreReadOnly): the same file, or it is refused."""
+        region = self._own_region(conn, request)
+        named = protocol.named_descriptors(request, fds, ("store",), ("store",))
+        store = region.portion.store
+        if region.parent is not None or region.child_store.store is not store or not isinstance(store, FileStore):
+            raise ValueError(f"region {region.id}: only a root region over one plain file store is reopened")
+        new = FileStore.from_fd(store.url, _claim(fds, named["store"]))
+        try:
+            if not new.writable:
+                raise protocol.StoreReadOnly(errno.EBADF, f"{store.url}: the descriptor sent is not open for writing")
+            store.upgrade(new)
+        finally:
+            new.close()
+        region.writable = True
+        return {"ok": True}
 
     async def _op_flush(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"ok": True, **(await self.flush(self._own_region(conn, request)))}
@@ -422,8 +496,8 @@ class PagerService:
 
     # --- stores -------------------------------------------------------------------
 
-    def _open_store(self, url: object, key: Key | None = None) -> OpenStore:
-        store = open_store(url, key)  # type: ignore[arg-type]
+    def _open_store(self, url: str, key: Key | None, fd: int) -> OpenStore:
+        store = open_store(url, key, fd=fd)
         try:
             identity = store.identity
             shared = self._stores.get(identity)
@@ -436,6 +510,8 @@ class PagerService:
         if shared is None:
             shared = self._stores[identity] = OpenStore(store, PortionAllocator(store))
         else:
+            if isinstance(store, FileStore) and isinstance(shared.store, FileStore):
+                shared.store.upgrade(store)  # write-back of the regions that may write needs a writable one
             store.close()  # one descriptor per file is enough
         shared.users += 1
         return shared
@@ -484,6 +560,8 @@ class PagerService:
         if self._regions.pop(region.id, None) is None:
             return
         region.released = True
+        if region.parent is None and region.uid is not None:
+            self._tenants.remove(region.uid, region.fill.length)
         self._loop.remove_reader(region.uffd.fd)
         if region.pidfd >= 0:
             self._loop.remove_reader(region.pidfd)
@@ -561,7 +639,8 @@ class PagerService:
             region.events["remap"] += 1
             self._apply_remap(region, event)
         elif isinstance(event, RemoveEvent):
-            region.events["remove"] += 1
+            if (event.start, event.end) != (region.tag_address, region.tag_address + PAGE_SIZE):
+                region.events["remove"] += 1  # not the library's own drop of the tag page
             region.fill.forget(event.start, event.end)
         elif isinstance(event, UnmapEvent):
             region.events["unmap"] += 1
@@ -707,6 +786,11 @@ class PagerService:
         if region.parent is not None:
             portion.place()
         runs = await self._take_dirty(region)
+        if runs and not region.writable:
+            # Its client may not write the store (whoever else may): kept dirty.
+            region.retry_pages |= pages_of(runs, region.fill.base)
+            raise protocol.StoreReadOnly(errno.EBADF, f"{portion.store.url} was opened read-only by this client; "
+                                                      "reopen it for writing to write back")
         # From here until written, these pages are clean in the kernel's
         # eyes but not in the store: a fork meanwhile must know (see
         # _adopt_fork_child), and a failure puts them back.
@@ -966,6 +1050,24 @@ def _copy_pages(children: list[Portion], spans: list[tuple[int, int]], own: Port
     if own is not None:
         own.complete()
     return copied
+
+
+def _claim(fds: list[int], fd: int) -> int:
+    """Takes fd out of a request's descriptors: its new owner closes it."""
+    fds.remove(fd)
+    return fd
+
+
+def _writable(store: Store) -> bool:
+    return bool(getattr(store, "writable", True))
+
+
+def _key_from_memfd(fd: int) -> Key:
+    """The key a client sent in a sealed memfd (see client._key_memfd): it
+    never travels as text in a message."""
+    if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:") and fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_WRITE:
+        return Key(os.pread(fd, 64, 0))
+    raise ValueError("map: the key must come in a sealed memfd")
 
 
 def _raise_descriptor_limit() -> None:

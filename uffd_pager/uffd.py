@@ -572,6 +572,23 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise _os_error(ffi.errno, f"fallocate(PUNCH_HOLE) at {offset}+{length}")
 
 
+def is_userfaultfd(fd: int) -> bool:
+    """Whether the descriptor (of this process) is a userfaultfd: the kernel
+    names its anonymous inode so."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
+
+
+def filesystem_type(fd: int) -> int:
+    """statfs(2) f_type of the filesystem the descriptor's file is on."""
+    fs_type = lib.up_fs_type(fd)
+    if fs_type < 0:
+        raise _os_error(ffi.errno, f"fstatfs of descriptor {fd}")
+    return fs_type
+
+
 def _c_runs(runs: list[Run]):
     c_runs = ffi.new("struct up_run[]", len(runs))
     for c, run in zip(c_runs, runs):

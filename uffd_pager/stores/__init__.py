@@ -16,10 +16,12 @@ from uffd_pager.stores.file import FileStore
 SCHEMES: dict[str, type[Store]] = {"file": FileStore}
 
 
-def open_store(url: str, key: Key | None = None) -> Store:
+def open_store(url: str, key: Key | None = None, *, fd: int | None = None) -> Store:
     """Opens the store at url; with a key, wrapped so that it only ever
-    sees ciphertext."""
-    store = _open_plain(url)
+    sees ciphertext. With fd, a file store is made of that descriptor,
+    which the client opened with its own rights (and which the store then
+    owns), and the path is never opened here."""
+    store = _open_plain(url) if fd is None else FileStore.from_fd(url, fd)
     if key is None:
         return store
     try:

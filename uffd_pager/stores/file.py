@@ -6,12 +6,22 @@ any size (or an empty one) can back a region.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from urllib.parse import unquote, urlsplit
 
+from uffd_pager.errors import StoreReadOnly
 from uffd_pager.stores.base import Store
-from uffd_pager.uffd import PAGE_SIZE, Run, punch_hole, pwrite_runs, start_writeback
+from uffd_pager.uffd import PAGE_SIZE, Run, filesystem_type, punch_hole, pwrite_runs, start_writeback
+
+# statfs f_type of filesystems whose files are a process's memory or the
+# kernel's state rather than data (linux/magic.h).
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "procfs", 0x62656572: "sysfs", 0x64626720: "debugfs", 0x74726163: "tracefs",
+    0x73636673: "securityfs", 0x27E0EB: "cgroupfs", 0x63677270: "cgroup2fs", 0xCAFE4A11: "bpffs",
+    0x6E736673: "nsfs", 0x62656570: "configfs", 0xDE5E81E4: "efivarfs", 0x6165676C: "pstore",
+}
 
 
 def file_path(url: str) -> str:
@@ -21,6 +31,8 @@ def file_path(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r}: a file URL takes no query or fragment")
     path = unquote(parts.path)
+    if "\0" in path:
+        raise ValueError(f"{url!r}: the path holds a NUL byte (%00)")
     if not path.startswith("/"):
         raise ValueError(f"{url!r}: the path must be absolute, e.g. file:///tmp/data.bin")
     return path
@@ -34,25 +46,41 @@ class FileStore(Store):
         self.writable = writable
 
     @classmethod
-    def open(cls, url: str) -> "FileStore":
-        path = file_path(url)
-        writable = True
+    def from_fd(cls, url: str, fd: int) -> "FileStore":
+        """A store of a descriptor the client opened (and this store now
+        owns): readable, a regular file on a filesystem that holds data
+        (not /proc, /sys and their kind, whose "files" are a process's
+        memory or the kernel's state), writable if it was opened so."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-                raise _explain(exc, path) from None
-            # Readable but not writable: serve reads; write-back reports it.
-            writable = False
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc2:
-                raise _explain(exc2, path) from None
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+            path = file_path(url)
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(errno.EINVAL, f"store {path} is not a regular file")
+            fs_type = filesystem_type(fd)
+            if fs_type in PSEUDO_FILESYSTEMS:
+                raise OSError(errno.EINVAL, f"store {path} is on {PSEUDO_FILESYSTEMS[fs_type]}, not a filesystem "
+                                            "that holds data: only regular files can be stores")
+            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if access == os.O_WRONLY:
+                raise OSError(errno.EBADF, f"store {path}: its descriptor was opened write-only")
+        except BaseException:
             os.close(fd)
-            raise OSError(errno.EINVAL, f"store {path} is not a regular file")
-        return cls(url, path, fd, writable)
+            raise
+        return cls(url, path, fd, writable=access == os.O_RDWR)
+
+    @classmethod
+    def open(cls, url: str) -> "FileStore":
+        return cls.from_fd(url, open_store_file(url))
+
+    def upgrade(self, other: "FileStore") -> None:
+        """Takes other's descriptor of the same file if it may write and this
+        one may not. dup2 keeps the descriptor's number, which the C fill
+        state of every portion in this store holds."""
+        if other.identity != self.identity:
+            raise ValueError(f"{other.url} is not the file of {self.url}")
+        if other.writable and not self.writable:
+            os.dup2(other.fill_fd, self._fd, inheritable=False)
+            self.writable = True
 
     @property
     def fill_fd(self) -> int:
@@ -75,7 +103,7 @@ class FileStore(Store):
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
-            raise PermissionError(errno.EACCES, f"store {self.url} was opened read-only: the pager may not write it")
+            raise StoreReadOnly(errno.EBADF, f"store {self.url} was opened read-only: the pager may not write it")
         pwrite_runs(self._fd, runs, data)
         self._start_writeback(runs)
 
@@ -92,6 +120,32 @@ class FileStore(Store):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def open_store_file(url: str) -> int:
+    """Opens a file store's file with the caller's own rights (the client
+    does, and passes the descriptor): read-write if it may, else read-only
+    (write-back then says so). O_NONBLOCK: opening a FIFO must not block,
+    and it is refused as not a regular file."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"a store is a URL such as file:///path/to/file, not {url!r}")
+    if urlsplit(url).scheme != "file":
+        raise ValueError(f"unknown store scheme {urlsplit(url).scheme!r} in {url!r}; supported: file://")
+    path = file_path(url)
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, os.O_RDWR | flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ETXTBSY):
+            raise _explain(exc, path) from None
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as exc2:
+            raise _explain(exc2, path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"store {path} is not a regular file")
+    return fd
 
 
 def _explain(exc: OSError, path: str) -> OSError:
