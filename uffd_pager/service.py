@@ -46,6 +46,7 @@ import fcntl
 import logging
 import os
 import resource
+import secrets
 import select
 import socket
 import struct
@@ -384,22 +385,27 @@ class PagerService:
         """Trusts a descriptor as a client's uffd only if it is a userfaultfd
         of the sending process's own address space: anything else (a pipe
         with forged messages, another process's uffd) would have us act on
-        what we read from it. The tag page is filled through the uffd (it
-        must be registered there), then must be present in the sender's
-        pagemap; the client drops it again after the reply."""
+        what we read from it. A random token is copied into the tag page
+        through the uffd, then must be what the sender's memory holds there,
+        read through /proc/<pid>/mem (which never waits on a userfault: a
+        missing page there reads as EIO). The client drops the page again."""
         if not is_userfaultfd(fd):
             raise ValueError("map: the descriptor given as the region's uffd is not a userfaultfd")
+        token = secrets.token_bytes(32).ljust(PAGE_SIZE, b"\0")
         try:
-            Uffd(fd).zeropage(tag_address, PAGE_SIZE)
+            Uffd(fd).copy(tag_address, token)
         except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise ValueError(f"map: the userfaultfd does not have the region registered ({exc.strerror})") from None
-        pagemap = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            raise ValueError(f"map: the userfaultfd cannot fill the region's tag page ({exc.strerror}): "
+                             "it does not have the region registered, or the tag page is in use") from None
         try:
-            entry = int.from_bytes(os.pread(pagemap, 8, tag_address // PAGE_SIZE * 8), "little")
-        finally:
-            os.close(pagemap)
-        if not entry >> 63:
+            mem = os.open(f"/proc/{conn.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                seen = os.pread(mem, 32, tag_address)
+            finally:
+                os.close(mem)
+        except OSError:
+            seen = b""
+        if seen != token[:32]:
             raise ValueError(f"map: the userfaultfd is not of pid {conn.pid}'s own address space")
 
     async def _op_unmap(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:

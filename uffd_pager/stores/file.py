@@ -33,6 +33,10 @@ def file_path(url: str) -> str:
     path = unquote(parts.path)
     if "\0" in path:
         raise ValueError(f"{url!r}: the path holds a NUL byte (%00)")
+    if os.path.normpath(path).split("/")[1:2] in (["proc"], ["sys"], ["dev"]):
+        # Names of a process's descriptors and memory, or of the kernel's state:
+        # a store's URL must name the same data wherever it is opened again.
+        raise ValueError(f"{url!r}: a store is a regular file, not a name under /proc, /sys or /dev")
     if not path.startswith("/"):
         raise ValueError(f"{url!r}: the path must be absolute, e.g. file:///tmp/data.bin")
     return path
