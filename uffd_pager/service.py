@@ -397,14 +397,15 @@ class PagerService:
         except OSError as exc:
             raise ValueError(f"map: the userfaultfd cannot fill the region's tag page ({exc.strerror}): "
                              "it does not have the region registered, or the tag page is in use") from None
+        mem = os.open(f"/proc/{conn.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)  # EMFILE is an answer too
         try:
-            mem = os.open(f"/proc/{conn.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                seen = os.pread(mem, 32, tag_address)
-            finally:
-                os.close(mem)
-        except OSError:
-            seen = b""
+            seen = os.pread(mem, 32, tag_address)
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EFAULT):
+                raise
+            seen = b""  # not present in the sender: the token went to another address space
+        finally:
+            os.close(mem)
         if seen != token[:32]:
             raise ValueError(f"map: the userfaultfd is not of pid {conn.pid}'s own address space")
 
