@@ -17,8 +17,6 @@ import faulthandler
 import os
 import queue
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import pytest
 
 import uffd_pager
+from support import accepts, stop_daemon
 
 WATCHDOG_MARGIN = 30.0  # seconds after pytest-timeout's own limit
 BETWEEN_TESTS = 120.0  # seconds for what runs after a test: wider fixtures, the interpreter's exit
@@ -181,7 +180,7 @@ def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
         daemon = Daemon(path, process)
         daemons.append(daemon)
         deadline = time.monotonic() + 20
-        while not _accepts(path):
+        while not accepts(path):
             assert process.poll() is None, f"the daemon exited with status {process.returncode}"
             assert time.monotonic() < deadline, f"the daemon is not listening on {path} after 20 s"
             time.sleep(0.02)
@@ -189,35 +188,12 @@ def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in daemons:
-        crashed = daemon.process.poll()
-        daemon.process.terminate()
-        try:
-            status = daemon.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            daemon.process.wait()
-            pytest.fail(f"the daemon on {daemon.path} ignored SIGTERM for 10 s")
-        assert crashed is None, f"the daemon on {daemon.path} died during the test (status {crashed})"
-        assert status == 0, f"the daemon on {daemon.path} exited with status {status} on SIGTERM"
+        stop_daemon(daemon.path, daemon.process)
 
 
 @pytest.fixture
 def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
     return start_daemon()
-
-
-def _accepts(path: Path) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-    return True
 
 
 # --- client processes ----------------------------------------------------------------

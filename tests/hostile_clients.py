@@ -4,9 +4,10 @@ Run one as ``python hostile_clients.py NAME ARGS...`` (through setpriv when
 it must run as another user or without some capability). A client reports
 on stdout, one JSON object a line, each with a "what" key; one that takes
 orders reads them from stdin, one line each. A client that fails reports
-"error" with its traceback. Every client ends with os._exit: whatever it
-leaves (a region, a connection) goes with the process, as it would with a
-client that crashes.
+"error" with its traceback (the plumbing, shared with tests/scenarios.py,
+is tests/child.py). Every client ends with os._exit: whatever it leaves (a
+region, a connection) goes with the process, as it would with a client
+that crashes.
 
 The module also holds what both sides speak: `Raw`, the control protocol
 spoken by hand, and `registered_uffd`, a userfaultfd of this process
@@ -22,13 +23,12 @@ import mmap
 import os
 import select
 import socket
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import uffd_pager
+from child import Registry, order, report
 from uffd_pager.client import REGION_FEATURES
 from uffd_pager.uffd import Feature, RegisterMode, Uffd, buffer_address
 
@@ -37,35 +37,11 @@ REGION_REGISTER_MODE = RegisterMode.MISSING | RegisterMode.WP
 REGION_UFFD_FEATURES = REGION_FEATURES | Feature.WP_ASYNC  # what map(dirty_tracking="async") creates
 MAX_MESSAGE = 64 * 1024
 
-CLIENTS: dict[str, Callable[..., None]] = {}
+CLIENTS = Registry()
+client = CLIENTS.register
 
 
-def client(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    def register(function: Callable[..., None]) -> Callable[..., None]:
-        CLIENTS[name] = function
-        return function
-
-    return register
-
-
-# --- reporting -------------------------------------------------------------------------
-
-
-def report(what: str, **fields: Any) -> None:
-    data = (json.dumps({"what": what, "pid": os.getpid(), **fields}) + "\n").encode()
-    while data:
-        data = data[os.write(1, data):]
-
-
-def order() -> str:
-    """The next line on stdin ("" once it is closed)."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = os.read(0, 1)
-        if not byte:
-            return ""
-        line += byte
-    return line.decode().strip()
+# --- outcomes -------------------------------------------------------------------------
 
 
 def outcome(call: Callable[[], Any]) -> dict[str, Any]:
@@ -413,18 +389,5 @@ def normal_client(socket_path: str, store_path: str) -> None:
     os._exit(0)
 
 
-# --- the command line -------------------------------------------------------------------------
-
-
-def main() -> None:
-    name, *args = sys.argv[1:]
-    try:
-        CLIENTS[name](*args)
-    except BaseException:
-        report("error", traceback=traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main()
+    CLIENTS.main()

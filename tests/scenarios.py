@@ -2,13 +2,14 @@
 
 Run one as ``python scenarios.py NAME ARGS...``. A scenario reports on
 stdout, one JSON object a line, each with a "what" key; a scenario that
-takes orders reads them from stdin, one word a line. Every line is written
+takes orders reads them from stdin, one word a line (the plumbing, shared
+with tests/hostile_clients.py, is tests/child.py). Every line is written
 with os.write, so that nothing sits in a buffer across fork() or os._exit.
 
 Whatever may block in a page fault or in fork() runs here, in a process of
 its own that the test waits for with a timeout and then kills (its whole
 session: the private pager and any forked children too), never in pytest.
-A scenario returns into `main`, which ends the process with os._exit(0),
+A scenario returns into `SCENARIOS.main`, which ends the process with os._exit(0),
 unless it is registered with ``normal_exit=True``: those test the
 interpreter's own way out.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import multiprocessing
 import os
 import random
@@ -30,39 +30,16 @@ import traceback
 from typing import Any, Callable, NoReturn
 
 import uffd_pager
+from child import Registry, order, report
 
 PAGE = uffd_pager.PAGE_SIZE
 FILL = b"\xab" * PAGE  # every page of the file child-after-pager-death maps
 
-SCENARIOS: dict[str, tuple[Callable[..., None], bool]] = {}
+SCENARIOS = Registry()
+scenario = SCENARIOS.register
 
 
-def scenario(name: str, *, normal_exit: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    def register(function: Callable[..., None]) -> Callable[..., None]:
-        SCENARIOS[name] = (function, normal_exit)
-        return function
-
-    return register
-
-
-# --- reporting and orders ------------------------------------------------------------
-
-
-def report(what: str, **fields: Any) -> None:
-    data = (json.dumps({"what": what, "pid": os.getpid(), **fields}) + "\n").encode()
-    while data:
-        data = data[os.write(1, data):]
-
-
-def order() -> str:
-    """The next line on stdin (read byte by byte: no buffer to inherit)."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = os.read(0, 1)
-        if not byte:
-            raise EOFError("stdin closed")
-        line += byte
-    return line.decode().strip()
+# --- ending ------------------------------------------------------------------------------
 
 
 def verdict_reported() -> NoReturn:
@@ -468,7 +445,7 @@ def descendant(region: uffd_pager.Region, generation: str) -> None:
         return [p for p in pages if bytes(view[p * PAGE:(p + 1) * PAGE]) != FILL]
 
     report("ready", touched=touched, wrong=wrong(touched))
-    assert order() == "touch"
+    assert order(eof_error=True) == "touch"
     report("resident", touched=touched, wrong=wrong(touched))
     try:
         data = bytes(view[NEVER_TOUCHED * PAGE:(NEVER_TOUCHED + 1) * PAGE])
@@ -607,21 +584,16 @@ def exit_with_stuck_thread(path: str, how: str) -> None:
 
 # --- 7. descriptor limits ----------------------------------------------------------------
 
-@scenario("map-many")
-def map_many(socket_path: str, path: str, count: str) -> None:
-    """Connects to the daemon and maps `count` one-page regions at once,
-    reads each; a failure (of connect() too) is reported, not raised."""
-    raise_descriptor_limit()
-    expected = read_file(path)
+
+def map_pages(pager: uffd_pager.Pager, path: str, expected: bytes,
+              limit: int) -> tuple[list[uffd_pager.Region], dict[str, Any] | None, list[int]]:
+    """(regions, failure, wrong): up to `limit` one-page regions of the file
+    (`expected`: its bytes), over its pages in turn, until map() fails (then
+    `failure` says how); `wrong`, the first 20 regions that do not read as
+    their page of the file."""
     slots = len(expected) // PAGE
-    try:
-        pager = connect(socket_path, timeout=20)
-    except Exception as exc:
-        report("mapped", mapped=0, failure={"index": "connect", "is_oserror": isinstance(exc, OSError),
-                                           **error_fields(exc)}, wrong=[], daemon_regions=None)
-        return
     regions, failure = [], None
-    for i in range(int(count)):
+    for i in range(limit):
         try:
             regions.append(pager.map(url(path), PAGE, (i % slots) * PAGE, writeback_interval=0))
         except Exception as exc:
@@ -629,15 +601,36 @@ def map_many(socket_path: str, path: str, count: str) -> None:
             break
     wrong = [i for i, region in enumerate(regions)
              if ctypes.string_at(region.address, PAGE) != expected[(i % slots) * PAGE:((i % slots) + 1) * PAGE]]
-    try:
-        daemon_regions = pager.status()["regions"]
-    except Exception:
-        daemon_regions = None
-    report("mapped", mapped=len(regions), failure=failure, wrong=wrong[:20], daemon_regions=daemon_regions)
+    return regions, failure, wrong[:20]
+
+
+def close_all(pager: uffd_pager.Pager, regions: list[uffd_pager.Region]) -> None:
+    """Closes the regions, then the pager, and reports "closed"."""
     for region in regions:
         region.close()
     pager.close()
     report("closed", closed=len(regions))
+
+
+@scenario("map-many")
+def map_many(socket_path: str, path: str, count: str) -> None:
+    """Connects to the daemon and maps `count` one-page regions at once,
+    reads each; a failure (of connect() too) is reported, not raised."""
+    raise_descriptor_limit()
+    expected = read_file(path)
+    try:
+        pager = connect(socket_path, timeout=20)
+    except Exception as exc:
+        report("mapped", mapped=0, failure={"index": "connect", "is_oserror": isinstance(exc, OSError),
+                                           **error_fields(exc)}, wrong=[], daemon_regions=None)
+        return
+    regions, failure, wrong = map_pages(pager, path, expected, int(count))
+    try:
+        daemon_regions = pager.status()["regions"]
+    except Exception:
+        daemon_regions = None
+    report("mapped", mapped=len(regions), failure=failure, wrong=wrong, daemon_regions=daemon_regions)
+    close_all(pager, regions)
 
 
 @scenario("map-until-failure")
@@ -646,41 +639,12 @@ def map_until_failure(socket_path: str, path: str, limit: str) -> None:
     reads each, reports, and closes them all on the order "close"."""
     raise_descriptor_limit()
     expected = read_file(path)
-    slots = len(expected) // PAGE
     pager = connect(socket_path, timeout=10)
-    regions, failure = [], None
-    for i in range(int(limit)):
-        try:
-            regions.append(pager.map(url(path), PAGE, (i % slots) * PAGE, writeback_interval=0))
-        except Exception as exc:
-            failure = {"index": i, "is_oserror": isinstance(exc, OSError), **error_fields(exc)}
-            break
-    wrong = [i for i, region in enumerate(regions)
-             if ctypes.string_at(region.address, PAGE) != expected[(i % slots) * PAGE:((i % slots) + 1) * PAGE]]
-    report("failed", mapped=len(regions), failure=failure, wrong=wrong[:20])
-    assert order() == "close"
-    for region in regions:
-        region.close()
-    pager.close()
-    report("closed", closed=len(regions))
-
-
-# --- the command line ------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    name, *args = sys.argv[1:] if argv is None else argv
-    function, normal_exit = SCENARIOS[name]
-    try:
-        function(*args)
-    except SystemExit:
-        raise
-    except BaseException:
-        report("error", traceback=traceback.format_exc())
-        os._exit(1)
-    if not normal_exit:
-        os._exit(0)
+    regions, failure, wrong = map_pages(pager, path, expected, int(limit))
+    report("failed", mapped=len(regions), failure=failure, wrong=wrong)
+    assert order(eof_error=True) == "close"
+    close_all(pager, regions)
 
 
 if __name__ == "__main__":
-    main()
+    SCENARIOS.main()

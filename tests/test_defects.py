@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import queue
 import random
 import resource
-import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -32,6 +29,7 @@ import pytest
 
 import uffd_pager
 from scenarios import PAGE, WRITTEN, is_dead, kill_pager
+from support import ChildScript, accepts, describe_returncode, one
 
 SCENARIOS_PY = Path(__file__).with_name("scenarios.py")
 POLICIES = ("on-write", "on-access", "at-fork")
@@ -40,14 +38,6 @@ RACE_ITERATIONS = 200
 
 
 # --- scenario processes --------------------------------------------------------------------
-
-
-def describe_returncode(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit {code}"
 
 
 def session_where(session: int) -> str:
@@ -72,37 +62,11 @@ def session_where(session: int) -> str:
     return "\n".join(lines) or "  (no process left)"
 
 
-class Scenario:
+class Scenario(ChildScript):
     """A running `scenarios.py NAME ARGS...`, the leader of its own session."""
 
     def __init__(self, name: str, *args: Any) -> None:
-        self.name = name
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCENARIOS_PY), name, *map(str, args)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            cwd="/",  # `python -m uffd_pager` (the private pager) imports from the working directory first
-        )
-        self.seen: list[dict[str, Any]] = []
-        self._messages: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
-        self._stderr: list[bytes] = []
-        self._readers = [threading.Thread(target=self._read_messages, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_messages(self) -> None:
-        for raw in self.process.stdout:  # type: ignore[union-attr]
-            line = raw.decode(errors="replace").rstrip("\n")
-            try:
-                message = json.loads(line)
-            except ValueError:
-                message = {"what": "text", "line": line}
-            self._messages.put(message)
-        self._messages.put(None)
-
-    def _read_stderr(self) -> None:
-        for raw in self.process.stderr:  # type: ignore[union-attr]
-            self._stderr.append(raw)
+        super().__init__(SCENARIOS_PY, name, *args)
 
     def next(self, timeout: float) -> dict[str, Any] | None:
         """The next message, or None if none comes within `timeout` s."""
@@ -126,10 +90,6 @@ class Scenario:
         assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
         return message
 
-    def send(self, word: str) -> None:
-        self.process.stdin.write(word.encode() + b"\n")  # type: ignore[union-attr]
-        self.process.stdin.flush()  # type: ignore[union-attr]
-
     def wait(self, timeout: float) -> int:
         """The leader's return code; fails (after noting where everyone
         sleeps) if it is still running after `timeout` s."""
@@ -142,26 +102,13 @@ class Scenario:
         return describe_returncode(self.process.poll())
 
     def context(self, *, where: bool = False) -> str:
-        text = ""
-        if where:
-            text += f"\nwhere its processes sleep:\n{session_where(self.process.pid)}"
-        if self.seen:
-            text += "\nlast messages:\n" + "\n".join(f"  {json.dumps(m)[:600]}" for m in self.seen[-5:])
-        stderr = b"".join(self._stderr).decode(errors="replace").strip()
-        if stderr:
-            text += f"\nstderr (end):\n{stderr[-3000:]}"
-        return text
+        text = f"\nwhere its processes sleep:\n{session_where(self.process.pid)}" if where else ""
+        return text + super().context()
 
     def kill(self) -> None:
-        """SIGKILL to the whole session (the private pager, forked children)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        for reader in self._readers:
-            reader.join(timeout=10)
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            with contextlib.suppress(OSError):
-                stream.close()  # type: ignore[union-attr]
+        """SIGKILL to the whole session (the private pager, forked children),
+        and every message it wrote is in the queue."""
+        super().kill(join_readers=True)
 
     def drain(self) -> list[dict[str, Any]]:
         """Every message not read yet (after kill(): the output has ended)."""
@@ -193,12 +140,6 @@ def run_scenario(name: str, *args: Any, timeout: float, status: int = 0) -> list
     assert not errors, f"{name}: process {errors[0]['pid']} failed:\n{errors[0]['traceback']}{scenario.context()}"
     assert code == status, f"{name} ended with {describe_returncode(code)}, expected exit {status}{scenario.context()}"
     return messages
-
-
-def one(messages: list[dict[str, Any]], what: str) -> dict[str, Any]:
-    found = [m for m in messages if m["what"] == what]
-    assert len(found) == 1, f"expected one {what!r} message, got {len(found)}: {messages[-5:]}"
-    return found[0]
 
 
 def first(messages: list[dict[str, Any]], what: str) -> dict[str, Any] | None:
@@ -364,20 +305,6 @@ class LimitedDaemon:
         assert code is None, f"the daemon died: {describe_returncode(code)}"
 
 
-def _accepts(path: Path) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-    return True
-
-
 @pytest.fixture
 def limited_daemon(socket_dir: Path) -> Iterator[Callable[..., LimitedDaemon]]:
     """limited_daemon(soft, hard) -> a `uffd_pager serve` daemon started under
@@ -394,7 +321,7 @@ def limited_daemon(socket_dir: Path) -> Iterator[Callable[..., LimitedDaemon]]:
         daemon = LimitedDaemon(path, process)
         daemons.append(daemon)
         deadline = time.monotonic() + 20
-        while not _accepts(path):
+        while not accepts(path):
             daemon.assert_alive()
             assert time.monotonic() < deadline, f"the daemon is not listening on {path} after 20 s"
             time.sleep(0.02)

@@ -40,6 +40,7 @@ import pytest
 
 import uffd_pager
 from hostile_clients import PAGE, Raw, map_at, refused, registered_uffd, unmap_at
+from support import ChildScript, accepts, describe_returncode, one, stop_daemon
 
 HOSTILE_CLIENTS = Path(__file__).with_name("hostile_clients.py")
 NOBODY = 65534
@@ -56,48 +57,14 @@ PROMPT = 1.0  # seconds any refusal may take
 LIMIT_WORDS = ("max", "largest", "limit", "exceed", "at most", "too large", "too big")
 
 
-def describe_returncode(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit {code}"
-
-
 # --- child processes (tests/hostile_clients.py) ---------------------------------------------
 
 
-class Child:
+class Child(ChildScript):
     """A running `hostile_clients.py NAME ARGS...`, the leader of its own session."""
 
-    def __init__(self, name: str, *args: Any, wrapper: Sequence[str] = (), stdin: Any = subprocess.PIPE,
-                 pass_fds: Sequence[int] = ()) -> None:
-        self.name = name
-        self.process = subprocess.Popen(
-            [*wrapper, sys.executable, str(HOSTILE_CLIENTS), name, *map(str, args)],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd="/",
-            pass_fds=pass_fds,
-        )
-        self.seen: list[dict[str, Any]] = []
-        self._messages: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
-        self._stderr: list[bytes] = []
-        self._readers = [threading.Thread(target=self._read_messages, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_messages(self) -> None:
-        for raw in self.process.stdout:  # type: ignore[union-attr]
-            line = raw.decode(errors="replace").rstrip("\n")
-            try:
-                self._messages.put(json.loads(line))
-            except ValueError:
-                self._messages.put({"what": "text", "line": line})
-        self._messages.put(None)
-
-    def _read_stderr(self) -> None:
-        for raw in self.process.stderr:  # type: ignore[union-attr]
-            self._stderr.append(raw)
+    def __init__(self, name: str, *args: Any, **options: Any) -> None:
+        super().__init__(HOSTILE_CLIENTS, name, *args, **options)
 
     def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
         try:
@@ -113,10 +80,6 @@ class Child:
             raise AssertionError(f"{self.name} failed:\n{message['traceback']}{self.context()}")
         assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
         return message
-
-    def say(self, line: str) -> None:
-        self.process.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
-        self.process.stdin.flush()  # type: ignore[union-attr]
 
     def finish(self, timeout: float = 30) -> list[dict[str, Any]]:
         """Every message until the child exits (which must be with status 0)."""
@@ -134,23 +97,6 @@ class Child:
         assert not errors, f"{self.name} failed:\n{errors[0]['traceback']}{self.context()}"
         assert code == 0, f"{self.name} ended with {describe_returncode(code)}{self.context()}"
         return self.seen
-
-    def context(self) -> str:
-        text = ""
-        if self.seen:
-            text += "\nits messages:\n" + "\n".join(f"  {json.dumps(m)[:600]}" for m in self.seen[-6:])
-        stderr = b"".join(self._stderr).decode(errors="replace").strip()
-        if stderr:
-            text += f"\nits stderr (end):\n{stderr[-2000:]}"
-        return text
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            with contextlib.suppress(OSError, AttributeError):
-                stream.close()  # type: ignore[union-attr]
 
 
 @pytest.fixture
@@ -171,12 +117,6 @@ def spawn() -> Iterator[Callable[..., Child]]:
 def run_child(spawn: Callable[..., Child], name: str, *args: Any, timeout: float = 30,
               **options: Any) -> list[dict[str, Any]]:
     return spawn(name, *args, **options).finish(timeout)
-
-
-def only(messages: list[dict[str, Any]], what: str) -> dict[str, Any]:
-    found = [m for m in messages if m["what"] == what]
-    assert len(found) == 1, f"expected one {what!r} message, got {len(found)}: {messages[-5:]}"
-    return found[0]
 
 
 # --- daemons ------------------------------------------------------------------------------------
@@ -222,7 +162,7 @@ def serve(socket_dir: Path) -> Iterator[Callable[..., ServeProcess]]:
         daemon = ServeProcess(str(path), process, as_nobody=bool(wrapper))
         daemons.append(daemon)
         deadline = time.monotonic() + 20
-        while not _accepts(path):
+        while not accepts(path):
             if process.poll() is not None:
                 stderr = process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
                 raise AssertionError(f"`uffd-pager serve {' '.join(options)}` exited with status "
@@ -235,37 +175,13 @@ def serve(socket_dir: Path) -> Iterator[Callable[..., ServeProcess]]:
 
     yield start
     for daemon in daemons:
-        if not daemon.started:
-            continue
-        crashed = daemon.process.poll()
-        daemon.process.terminate()
-        try:
-            status = daemon.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            daemon.process.wait()
-            pytest.fail(f"the daemon on {daemon.path} ignored SIGTERM for 10 s")
-        assert crashed is None, f"the daemon on {daemon.path} died during the test ({describe_returncode(crashed)})"
-        assert status == 0, f"the daemon on {daemon.path} ended with {describe_returncode(status)} on SIGTERM"
+        if daemon.started:
+            stop_daemon(daemon.path, daemon.process)
 
 
 def _drain(stream: Any) -> None:
     for _line in stream:
         pass
-
-
-def _accepts(path: Path) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-    return True
 
 
 @pytest.fixture
@@ -296,7 +212,7 @@ def assert_still_serves(daemon: Any, spawn: Callable[..., Child], store: Path, *
         pytest.fail(f"the daemon did not answer status within 2 s: {exc}")
     took = time.monotonic() - started
     assert took < 2.0, f"status took {took:.2f} s"
-    read = only(run_child(spawn, "normal-client", daemon.path, store, wrapper=wrapper, timeout=30), "read")
+    read = one(run_child(spawn, "normal-client", daemon.path, store, wrapper=wrapper, timeout=30), "read")
     assert read["same"], "a normal client's region does not read as its file"
 
 
@@ -516,10 +432,10 @@ def not_a_userfaultfd(kind: str, tmp_path: Path) -> Iterator[int]:
             os.write(write_end, b"\0" * 64)  # a forged "fault message" to read
             yield read_end
         elif kind == "socketpair":
-            one, other = socket.socketpair()
-            stack.enter_context(one)
+            end, other = socket.socketpair()
+            stack.enter_context(end)
             stack.enter_context(other)
-            yield one.fileno()
+            yield end.fileno()
         elif kind == "eventfd":
             fd = os.eventfd(1)
             stack.callback(os.close, fd)
@@ -600,7 +516,7 @@ def test_map_refuses_the_userfaultfd_of_another_process(daemon, spawn, store, ma
             assert counts(raw) == before, "map with another process's userfaultfd left a region behind"
     finally:
         os.close(uffd_fd)
-        donor.say("exit")
+        donor.send("exit")
         donor.finish()
     assert_still_serves(daemon, spawn, store)
 
@@ -633,8 +549,8 @@ def test_an_embedded_pager_exits_when_its_client_goes_after_bad_maps(spawn, tmp_
     path = tmp_path / "embedded.bin"
     path.write_bytes(bytes(PAGE))
     messages = run_child(spawn, "bad-maps-to-embedded-pager", path, timeout=30)
-    pager_pid = only(messages, "pager")["pid"]
-    served = {what: reply for what, reply in only(messages, "bad-maps")["replies"].items() if not refused(reply)}
+    pager_pid = one(messages, "pager")["pid"]
+    served = {what: reply for what, reply in one(messages, "bad-maps")["replies"].items() if not refused(reply)}
     deadline = time.monotonic() + 15
     while not is_gone(pager_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -710,52 +626,54 @@ def names_a_limit(result: dict[str, Any]) -> bool:
 
 
 def map_in(child: Child, size: int) -> dict[str, Any]:
-    child.say(f"map {size}")
+    child.send(f"map {size}")
     return child.expect("map")
+
+
+@contextlib.contextmanager
+def two_connections_of_one_uid(serve: Callable[..., ServeProcess], spawn: Callable[..., Child], store: Path,
+                               *options: str) -> Iterator[tuple[Child, Child]]:
+    """Two `regions` clients of a daemon started with `options`, ready; once
+    the block is done, both must end cleanly, their regions go, and the
+    daemon still serves."""
+    daemon = serve(*options)
+    first, second = spawn("regions", daemon.path, store), spawn("regions", daemon.path, store)
+    first.expect("ready")
+    second.expect("ready")
+    yield first, second
+    first.finish()
+    second.finish()
+    with Raw(daemon.path) as raw:
+        wait_for_regions(raw, 0)
+    assert_still_serves(daemon, spawn, store)
 
 
 @pytest.mark.timeout(60)
 def test_a_uid_holds_at_most_max_regions_regions_across_its_connections(serve, spawn, store):
-    daemon = serve("--max-regions", "5")
-    first, second = spawn("regions", daemon.path, store), spawn("regions", daemon.path, store)
-    first.expect("ready")
-    second.expect("ready")
-    held = [map_in(first, PAGE) for _ in range(3)] + [map_in(second, PAGE) for _ in range(2)]
-    assert all(result["ok"] for result in held), f"maps within the limit failed: {held}"
-    sixth = map_in(second, PAGE)
-    assert not sixth["ok"], "a 6th region was mapped under --max-regions 5 (over two connections of one uid)"
-    assert names_a_limit(sixth), f"the 6th map failed without naming the limit: {sixth}"
-    first.say("close 0")
-    assert first.expect("close")["ok"]
-    after_close = map_in(second, PAGE)
-    assert after_close["ok"], f"a region closed does not free its place under the limit: {after_close}"
-    first.finish()
-    second.finish()
-    with Raw(daemon.path) as raw:
-        wait_for_regions(raw, 0)
-    assert_still_serves(daemon, spawn, store)
+    with two_connections_of_one_uid(serve, spawn, store, "--max-regions", "5") as (first, second):
+        held = [map_in(first, PAGE) for _ in range(3)] + [map_in(second, PAGE) for _ in range(2)]
+        assert all(result["ok"] for result in held), f"maps within the limit failed: {held}"
+        sixth = map_in(second, PAGE)
+        assert not sixth["ok"], "a 6th region was mapped under --max-regions 5 (over two connections of one uid)"
+        assert names_a_limit(sixth), f"the 6th map failed without naming the limit: {sixth}"
+        first.send("close 0")
+        assert first.expect("close")["ok"]
+        after_close = map_in(second, PAGE)
+        assert after_close["ok"], f"a region closed does not free its place under the limit: {after_close}"
 
 
 @pytest.mark.timeout(60)
 def test_a_uid_maps_at_most_max_mapped_bytes_across_its_connections(serve, spawn, store):
-    daemon = serve("--max-mapped", str(1 << 20))
-    first, second = spawn("regions", daemon.path, store), spawn("regions", daemon.path, store)
-    first.expect("ready")
-    second.expect("ready")
-    whole = map_in(first, 1 << 20)
-    assert whole["ok"], f"a map of exactly --max-mapped bytes failed: {whole}"
-    for child in (first, second):
-        more = map_in(child, PAGE)
-        assert not more["ok"], "a uid mapped more than --max-mapped 1048576 bytes"
-        assert names_a_limit(more), f"the map past --max-mapped failed without naming the limit: {more}"
-    first.say("close 0")
-    assert first.expect("close")["ok"]
-    assert map_in(second, PAGE)["ok"], "bytes closed do not free their place under --max-mapped"
-    first.finish()
-    second.finish()
-    with Raw(daemon.path) as raw:
-        wait_for_regions(raw, 0)
-    assert_still_serves(daemon, spawn, store)
+    with two_connections_of_one_uid(serve, spawn, store, "--max-mapped", str(1 << 20)) as (first, second):
+        whole = map_in(first, 1 << 20)
+        assert whole["ok"], f"a map of exactly --max-mapped bytes failed: {whole}"
+        for child in (first, second):
+            more = map_in(child, PAGE)
+            assert not more["ok"], "a uid mapped more than --max-mapped 1048576 bytes"
+            assert names_a_limit(more), f"the map past --max-mapped failed without naming the limit: {more}"
+        first.send("close 0")
+        assert first.expect("close")["ok"]
+        assert map_in(second, PAGE)["ok"], "bytes closed do not free their place under --max-mapped"
 
 
 # === 5. strict validation ==========================================================================
@@ -972,15 +890,23 @@ def another_uids_files(tmp_path: Path) -> tuple[Path, bytes, Path, bytes]:
     return tuple(made)  # type: ignore[return-value]
 
 
+def map_without_dac(daemon: Any, spawn: Callable[..., Child],
+                    files: tuple[Path, bytes, Path, bytes]) -> list[dict[str, Any]]:
+    """The messages of a `map-without-dac` client (root without the DAC
+    capabilities) that maps another uid's private and public file."""
+    private, _secret, public, _data = files
+    return run_child(spawn, "map-without-dac", daemon.path, private, public, wrapper=ROOT_WITHOUT_DAC)
+
+
 @pytest.mark.timeout(60)
 def test_a_client_without_dac_capabilities_cannot_read_another_uids_file_through_the_daemon(
         daemon, spawn, store, another_uids_files):
-    private, secret, public, _data = another_uids_files
-    messages = run_child(spawn, "map-without-dac", daemon.path, private, public, wrapper=ROOT_WITHOUT_DAC)
-    caps = only(messages, "caps")
+    private, secret, _public, _data = another_uids_files
+    messages = map_without_dac(daemon, spawn, another_uids_files)
+    caps = one(messages, "caps")
     assert caps["sys_ptrace"] and not (caps["dac_override"] or caps["dac_read_search"] or caps["fowner"]), \
         f"the client's capabilities are not what this test needs: {caps}"
-    result = only(messages, "private")
+    result = one(messages, "private")
     read = [m for m in messages if m["what"] == "read-private"]
     assert not read, "the client read a 0600 file of another uid through the daemon" + (
         " (the secret itself)" if read and read[0]["sha256"] == hashlib.sha256(secret).hexdigest() else "")
@@ -992,9 +918,8 @@ def test_a_client_without_dac_capabilities_cannot_read_another_uids_file_through
 @pytest.mark.timeout(60)
 def test_a_client_without_dac_capabilities_cannot_write_another_uids_file_through_the_daemon(
         daemon, spawn, store, another_uids_files):
-    private, _secret, public, data = another_uids_files
-    messages = run_child(spawn, "map-without-dac", daemon.path, private, public, wrapper=ROOT_WITHOUT_DAC)
-    result = only(messages, "public")
+    _private, _secret, public, data = another_uids_files
+    result = one(map_without_dac(daemon, spawn, another_uids_files), "public")
     assert result["mapped"], f"map of another uid's 0644 file (readable) failed: {result}"
     assert result["sha256"] == hashlib.sha256(data).hexdigest(), "the 0644 file did not read as itself"
     flush = result["flush"]
@@ -1034,7 +959,7 @@ def test_an_encrypted_map_creates_no_catalog_where_the_client_may_not_write(daem
     os.chown(theirs, OTHER_UID, OTHER_UID)
     theirs.chmod(0o755)
     attempts = [{"store": f"file://{public}", "size": PAGE, "generated_key": True}]
-    result = only(run_child(spawn, "map-attempts", daemon.path, json.dumps(attempts), wrapper=ROOT_WITHOUT_DAC),
+    result = one(run_child(spawn, "map-attempts", daemon.path, json.dumps(attempts), wrapper=ROOT_WITHOUT_DAC),
                   "attempt")
     created = sorted(path.name for path in theirs.iterdir() if path != public)
     assert not created, f"the daemon created {created} in a directory of uid {OTHER_UID} for a client that may not"
@@ -1084,7 +1009,7 @@ def test_a_pseudo_file_is_refused_as_a_store(daemon, spawn, store, tmp_path, pse
         stdin = open(store, "rb")  # the client's fd 0 is a regular file on a real filesystem
     try:
         attempts = [{"store": f"file://{path}", "size": PAGE}]
-        result = only(run_child(spawn, "map-attempts", daemon.path, json.dumps(attempts), stdin=stdin), "attempt")
+        result = one(run_child(spawn, "map-attempts", daemon.path, json.dumps(attempts), stdin=stdin), "attempt")
     finally:
         if stdin is not subprocess.DEVNULL:
             stdin.close()
@@ -1203,7 +1128,7 @@ def test_map_refuses_offsets_and_sizes_past_what_a_file_or_address_space_holds(d
 @pytest.mark.timeout(60)
 def test_a_url_with_a_nul_byte_gets_an_error_naming_the_url(daemon, spawn, store):
     url = f"file://{store}%00.bin"
-    result = only(run_child(spawn, "map-attempts", daemon.path, json.dumps([{"store": url, "size": PAGE}])), "attempt")
+    result = one(run_child(spawn, "map-attempts", daemon.path, json.dumps([{"store": url, "size": PAGE}])), "attempt")
     assert not result["ok"], f"map of {url} was served"
     assert result["is_value"] or result["is_oserror"], result
     assert url in result["message"], f"the error does not name the URL: {result['message']!r}"

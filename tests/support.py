@@ -1,0 +1,133 @@
+"""Plain helpers shared by the test modules and conftest.py (not fixtures:
+a test module may not import conftest.py). `tests/` is on sys.path when
+pytest runs, so `from support import ...` works from any of them."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+
+def accepts(path: Path) -> bool:
+    """Whether a socket at `path` accepts a SOCK_SEQPACKET connection (a daemon listens there)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True
+
+
+def describe_returncode(code: int | None) -> str:
+    """A Popen return code in words: "still running", "killed by SIGBUS", "exit 1"."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit {code}"
+
+
+def stop_daemon(path: str, process: subprocess.Popen[bytes]) -> None:
+    """A daemon fixture's teardown: SIGTERM, and the daemon must exit with
+    status 0 within 10 s (else it is killed), having run through the test."""
+    crashed = process.poll()
+    process.terminate()
+    try:
+        status = process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the daemon on {path} ignored SIGTERM for 10 s")
+    assert crashed is None, f"the daemon on {path} died during the test ({describe_returncode(crashed)})"
+    assert status == 0, f"the daemon on {path} ended with {describe_returncode(status)} on SIGTERM"
+
+
+def one(messages: list[dict[str, Any]], what: str) -> dict[str, Any]:
+    """The one message of kind `what` among a child's messages (fails unless there is exactly one)."""
+    found = [m for m in messages if m["what"] == what]
+    assert len(found) == 1, f"expected one {what!r} message, got {len(found)}: {messages[-5:]}"
+    return found[0]
+
+
+class ChildScript:
+    """A running ``python SCRIPT NAME ARGS...`` (tests/scenarios.py,
+    tests/hostile_clients.py: see tests/child.py), through `wrapper` (e.g.
+    setpriv) if given, the leader of its own session. Threads of its own
+    read its messages (one JSON object a line on stdout; any other line
+    becomes {"what": "text"}) into a queue and its stderr into a list."""
+
+    def __init__(self, script: Path, name: str, *args: Any, wrapper: Sequence[str] = (),
+                 stdin: Any = subprocess.PIPE, pass_fds: Sequence[int] = ()) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, str(script), name, *map(str, args)],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            cwd="/",  # `python -m uffd_pager` (the private pager) imports from the working directory first
+            pass_fds=pass_fds,
+        )
+        self.seen: list[dict[str, Any]] = []
+        self._messages: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
+        self._stderr: list[bytes] = []
+        self._readers = [threading.Thread(target=self._read_messages, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_messages(self) -> None:
+        for raw in self.process.stdout:  # type: ignore[union-attr]
+            line = raw.decode(errors="replace").rstrip("\n")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = {"what": "text", "line": line}
+            self._messages.put(message)
+        self._messages.put(None)
+
+    def _read_stderr(self) -> None:
+        for raw in self.process.stderr:  # type: ignore[union-attr]
+            self._stderr.append(raw)
+
+    def send(self, line: str) -> None:
+        """One line on the child's stdin (an order, for child.order())."""
+        self.process.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+
+    def context(self) -> str:
+        """Its last messages and the end of its stderr, for a failure message."""
+        text = ""
+        if self.seen:
+            text += "\nlast messages:\n" + "\n".join(f"  {json.dumps(m)[:600]}" for m in self.seen[-6:])
+        stderr = b"".join(self._stderr).decode(errors="replace").strip()
+        if stderr:
+            text += f"\nstderr (end):\n{stderr[-3000:]}"
+        return text
+
+    def kill(self, *, join_readers: bool = False) -> None:
+        """SIGKILL to the whole session (a private pager, forked children);
+        with `join_readers`, waits (10 s at most each) for the reading threads
+        to see the output end, so that every message is in the queue."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        if join_readers:
+            for reader in self._readers:
+                reader.join(timeout=10)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            with contextlib.suppress(OSError, AttributeError):  # stdin is None unless a pipe
+                stream.close()  # type: ignore[union-attr]
