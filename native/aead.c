@@ -2,17 +2,36 @@
  * AES-256-GCM over whole pages, through the system's libcrypto (OpenSSL 3,
  * the same implementation the `cryptography` package wraps). It is here, in
  * C, because per-page Python overhead tripled the cost of encrypted faults
- * and write-back: one call seals a whole batch of pages.
+ * and write-back: one call seals a whole batch of pages, and the fill path
+ * opens a page with three preads (record, anchor entry, ciphertext) and no
+ * Python.
  *
  * The few EVP entry points used are declared below rather than taken from
  * <openssl/evp.h>, so that building needs only libcrypto.so.3 (present
  * wherever Python's ssl module is), not the OpenSSL development headers.
  * They are part of OpenSSL 3's stable ABI.
+ *
+ * What a page's bytes are checked against (catalog.py has the why):
+ * - its catalog record (beside the store, as untrusted as the store): two
+ *   slots of 40 bytes, each version (u64 LE), nonce (12 random bytes), tag
+ *   (16), 4 bytes of padding. A write goes to the slot that does not hold
+ *   the page's current bytes, so a write that fails half-way leaves the old
+ *   version's slot intact;
+ * - its anchor entry (in the pager's state directory, which the attacker
+ *   cannot write or roll back): the page's committed version (u64 LE), bit
+ *   63 set when the page was discarded (it reads as zero). Only a slot whose
+ *   version is at least the committed one may open the page: every older
+ *   ciphertext (a rollback of the page, with or without its record) is
+ *   refused, and a newer one can only be a write not yet committed.
  */
+#define _GNU_SOURCE
 #include "uffd_native.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
 typedef struct evp_cipher_st EVP_CIPHER;
@@ -34,19 +53,25 @@ int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr);
 
 #define TAG 16
 #define NONCE 12
+#define SLOT (UP_RECORD_SIZE / 2)
+#define HEADER 4096           /* catalog and anchor: a header, then one entry per store page */
+#define ENTRY 8               /* an anchor entry */
+#define HOLE (1ULL << 63)     /* anchor entry flag: discarded, reads as zero */
 
 /* Separate contexts: pages are sealed by write-back threads and opened by
  * the event loop at the same time. Each is used under its caller's lock. */
 struct up_aead {
     EVP_CIPHER_CTX *seal;
     EVP_CIPHER_CTX *open;
+    int anchor_fd;
 };
 
-struct up_aead *up_aead_new(const uint8_t *key)
+struct up_aead *up_aead_new(const uint8_t *key, int anchor_fd)
 {
     struct up_aead *a = calloc(1, sizeof(*a));
     if (!a)
         return NULL;
+    a->anchor_fd = anchor_fd;
     a->seal = EVP_CIPHER_CTX_new();
     a->open = EVP_CIPHER_CTX_new();
     if (!a->seal || !a->open || EVP_EncryptInit_ex(a->seal, EVP_aes_256_gcm(), NULL, key, NULL) != 1 ||
@@ -66,40 +91,99 @@ void up_aead_free(struct up_aead *a)
     free(a);
 }
 
-static void nonce_of(uint64_t counter, uint8_t *nonce)
+static uint64_t le64(const uint8_t *p)
 {
-    memset(nonce, 0, NONCE);
-    for (int i = 0; i < 8; i++)
-        nonce[NONCE - 1 - i] = (uint8_t)(counter >> (8 * i));
+    uint64_t v = 0;
+    for (int b = 0; b < 8; b++)
+        v |= (uint64_t)p[b] << (8 * b);
+    return v;
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+    for (int b = 0; b < 8; b++)
+        p[b] = (uint8_t)(v >> (8 * b));
+}
+
+static uint64_t slot_version(const uint8_t *record, int slot)
+{
+    return le64(record + slot * SLOT);
+}
+
+/* May this slot hold the page's bytes, given its anchor entry? */
+static int slot_usable(const uint8_t *record, int slot, uint64_t entry)
+{
+    uint64_t version = slot_version(record, slot);
+    return version != 0 && version >= (entry & ~HOLE);
+}
+
+/* Pages whose anchor entry is 0 (never committed) or a hole read as zero
+ * when no usable slot opens them: that is their last committed version. */
+static int zero_is_committed(uint64_t entry)
+{
+    return entry == 0 || (entry & HOLE);
 }
 
 /* store id (16 bytes) || page (u64 LE) || version (u64 LE): see crypto.py. */
 static void associated_data(const uint8_t *store_id, uint64_t page, uint64_t version, uint8_t *ad)
 {
     memcpy(ad, store_id, 16);
-    for (int i = 0; i < 8; i++) {
-        ad[16 + i] = (uint8_t)(page >> (8 * i));
-        ad[24 + i] = (uint8_t)(version >> (8 * i));
-    }
+    put_le64(ad + 16, page);
+    put_le64(ad + 24, version);
 }
 
-int up_aead_seal_pages(struct up_aead *a, const uint8_t *store_id, const uint64_t *pages, uint64_t first_nonce,
-                       const uint8_t *in, uint8_t *out, uint8_t *records, int n)
+/* Random nonces, NONCE bytes each. getrandom(2) never fails for 256 bytes
+ * or fewer once the pool is ready; more may come back short on a signal. */
+static int random_bytes(uint8_t *out, size_t n)
 {
-    uint8_t ad[32];
+    while (n) {
+        ssize_t got = getrandom(out, n, 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        out += got;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+int up_record_choose_slots(const uint8_t *records, const uint8_t *entries, int n, uint8_t *slots, int *keeps)
+{
+    int ambiguous = 0;
+    *keeps = 0;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *record = records + (size_t)i * UP_RECORD_SIZE;
+        uint64_t entry = le64(entries + (size_t)i * ENTRY);
+        int usable0 = slot_usable(record, 0, entry), usable1 = slot_usable(record, 1, entry);
+        if (usable0 && usable1) {
+            slots[i] = 2; /* a write since the last commit: which one the bytes are, only opening tells */
+            ambiguous++;
+        } else if (usable0 || usable1) {
+            slots[i] = usable0 ? 1 : 0;
+            (*keeps)++;
+        } else {
+            slots[i] = 0; /* nothing to keep: the page reads as zero, or is lost already */
+        }
+    }
+    return ambiguous;
+}
+
+int up_aead_seal_pages(struct up_aead *a, const uint8_t *store_id, const uint64_t *pages, uint64_t version,
+                       const uint8_t *in, uint8_t *out, uint8_t *records, const uint8_t *slots, int n)
+{
+    uint8_t ad[32], nonces[20 * NONCE];
     int len;
     for (int i = 0; i < n; i++) {
-        /* The catalog record: version (u64 LE), nonce, tag, 4 bytes of
-         * padding. The version is the nonce's counter: it grows with every
-         * write of the page, and needs no look-up of the previous one. */
-        uint64_t counter = first_nonce + (uint64_t)i;
-        uint8_t *record = records + (size_t)i * UP_RECORD_SIZE;
-        memset(record, 0, UP_RECORD_SIZE);
-        for (int b = 0; b < 8; b++)
-            record[b] = (uint8_t)(counter >> (8 * b));
-        uint8_t *nonce = record + 8, *tag = record + 8 + NONCE;
-        nonce_of(counter, nonce);
-        associated_data(store_id, pages[i], counter, ad);
+        if (i % 20 == 0 && random_bytes(nonces, sizeof(nonces)) < 0)
+            return -1;
+        uint8_t *slot = records + (size_t)i * UP_RECORD_SIZE + (slots[i] ? SLOT : 0);
+        memset(slot, 0, SLOT);
+        put_le64(slot, version);
+        uint8_t *nonce = slot + 8, *tag = slot + 8 + NONCE;
+        memcpy(nonce, nonces + (i % 20) * NONCE, NONCE);
+        associated_data(store_id, pages[i], version, ad);
         const uint8_t *src = in + (size_t)i * UP_PAGE_SIZE;
         uint8_t *dst = out + (size_t)i * UP_PAGE_SIZE;
         if (EVP_EncryptInit_ex(a->seal, NULL, NULL, NULL, nonce) != 1 ||
@@ -112,21 +196,135 @@ int up_aead_seal_pages(struct up_aead *a, const uint8_t *store_id, const uint64_
     return 0;
 }
 
-int up_aead_open_page(struct up_aead *a, const uint8_t *store_id, uint64_t page, uint64_t version,
-                      const uint8_t *nonce, const uint8_t *tag, const uint8_t *in, uint8_t *out)
+int up_aead_open_slot(struct up_aead *a, const uint8_t *store_id, uint64_t page, const uint8_t *record, int slot,
+                      const uint8_t *in, uint8_t *out)
 {
+    const uint8_t *s = record + (slot ? SLOT : 0);
     uint8_t ad[32], tag_copy[TAG];
     int len;
-    associated_data(store_id, page, version, ad);
-    memcpy(tag_copy, tag, TAG);
-    if (EVP_DecryptInit_ex(a->open, NULL, NULL, NULL, nonce) != 1 ||
+    associated_data(store_id, page, le64(s), ad);
+    memcpy(tag_copy, s + 8 + NONCE, TAG);
+    if (EVP_DecryptInit_ex(a->open, NULL, NULL, NULL, s + 8) != 1 ||
         EVP_DecryptUpdate(a->open, NULL, &len, ad, sizeof(ad)) != 1 ||
         EVP_DecryptUpdate(a->open, out, &len, in, UP_PAGE_SIZE) != 1 ||
-        EVP_CIPHER_CTX_ctrl(a->open, EVP_CTRL_GCM_SET_TAG, TAG, tag_copy) != 1)
-        return -1;
-    if (EVP_DecryptFinal_ex(a->open, out + len, &len) != 1) {
+        EVP_CIPHER_CTX_ctrl(a->open, EVP_CTRL_GCM_SET_TAG, TAG, tag_copy) != 1 ||
+        EVP_DecryptFinal_ex(a->open, out + len, &len) != 1) {
         memset(out, 0, UP_PAGE_SIZE); /* never leave unauthenticated bytes behind */
         return -1;
     }
     return 0;
+}
+
+/* A short read (past the end of a sparse file) is zeros: no record, entry 0. */
+static int pread_full(int fd, uint8_t *buf, size_t n, off_t at)
+{
+    ssize_t got = pread(fd, buf, n, at);
+    if (got < 0)
+        return -1;
+    if ((size_t)got < n)
+        memset(buf + got, 0, n - (size_t)got);
+    return 0;
+}
+
+static __thread uint8_t sealed_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
+
+int64_t up_aead_read_page(struct up_aead *a, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
+                          uint64_t offset, uint8_t *out)
+{
+    uint8_t record[UP_RECORD_SIZE], again[UP_RECORD_SIZE], entry_bytes[ENTRY] = {0};
+    if (pread_full(catalog_fd, record, sizeof(record), (off_t)(HEADER + page * UP_RECORD_SIZE)) < 0)
+        return -1;
+    for (int tries = 0;; tries++) {
+        if (a->anchor_fd >= 0 && pread_full(a->anchor_fd, entry_bytes, ENTRY, (off_t)(HEADER + page * ENTRY)) < 0)
+            return -1;
+        uint64_t entry = le64(entry_bytes);
+        int usable0 = slot_usable(record, 0, entry), usable1 = slot_usable(record, 1, entry);
+        if (usable0 || usable1) {
+            if (pread_full(fd, sealed_buf, UP_PAGE_SIZE, (off_t)offset) < 0)
+                return -1;
+            /* The newer slot first: after a commit it is the current one. */
+            int first = slot_version(record, 1) > slot_version(record, 0);
+            if (first ? usable1 : usable0) {
+                if (up_aead_open_slot(a, store_id, page, record, first, sealed_buf, out) == 0)
+                    return UP_PAGE_SIZE;
+            }
+            if (first ? usable0 : usable1) {
+                if (up_aead_open_slot(a, store_id, page, record, !first, sealed_buf, out) == 0)
+                    return UP_PAGE_SIZE;
+            }
+        }
+        if (zero_is_committed(entry)) {
+            memset(out, 0, UP_PAGE_SIZE);
+            return 0;
+        }
+        /* A write of the page under way in another thread or pager may have
+         * changed the record between our reads: if so, read it all again. */
+        if (tries > 0 || pread_full(catalog_fd, again, sizeof(again), (off_t)(HEADER + page * UP_RECORD_SIZE)) < 0 ||
+            memcmp(again, record, sizeof(record)) == 0) {
+            errno = EBADMSG;
+            return -1;
+        }
+        memcpy(record, again, sizeof(record));
+    }
+}
+
+/* The first page of [from, end) (counted from first_store_page) whose
+ * entry in fd (HEADER + store page * stride) passes `holds`: holes of the
+ * sparse file are skipped with SEEK_DATA, the rest read a block at a time.
+ * On an error: from. */
+static uint64_t next_entry(int fd, size_t stride, int (*holds)(const uint8_t *), uint64_t first_store_page,
+                           uint64_t from, uint64_t end)
+{
+    uint8_t entries[UP_PAGE_SIZE / ENTRY * ENTRY];
+    uint64_t per_read = sizeof(entries) / stride, page = from;
+    while (page < end) {
+        off_t at = (off_t)(HEADER + (first_store_page + page) * stride);
+        off_t data = lseek(fd, at, SEEK_DATA);
+        if (data < 0)
+            return errno == ENXIO ? end : page;
+        if (data > at) {
+            /* The entry that holds the first byte of data. */
+            page = ((uint64_t)data - HEADER) / stride - first_store_page;
+            if (page >= end)
+                return end;
+            at = (off_t)(HEADER + (first_store_page + page) * stride);
+        }
+        uint64_t want = end - page < per_read ? end - page : per_read;
+        ssize_t got = pread(fd, entries, (size_t)(want * stride), at);
+        if (got < 0)
+            return page;
+        for (uint64_t k = 0; k < (uint64_t)got / stride; k++) {
+            if (holds(entries + k * stride))
+                return page + k;
+        }
+        if ((uint64_t)got < want * stride)
+            return end; /* the file ends: no entries past it */
+        page += want;
+    }
+    return end;
+}
+
+static int record_holds(const uint8_t *record)
+{
+    return slot_version(record, 0) != 0 || slot_version(record, 1) != 0;
+}
+
+static int entry_holds(const uint8_t *entry)
+{
+    return !zero_is_committed(le64(entry));
+}
+
+uint64_t up_aead_next_stored(const struct up_aead *a, int catalog_fd, uint64_t first_store_page, uint64_t from,
+                             uint64_t end)
+{
+    /* A page may hold data if the catalog has a record for it, or if the
+     * anchor says it was committed (its record may be gone: that page must
+     * then fail authentication, never be skipped as a hole). */
+    uint64_t next = next_entry(catalog_fd, UP_RECORD_SIZE, record_holds, first_store_page, from, end);
+    if (a->anchor_fd >= 0 && next > from) {
+        uint64_t committed = next_entry(a->anchor_fd, ENTRY, entry_holds, first_store_page, from, next);
+        if (committed < next)
+            next = committed;
+    }
+    return next;
 }

@@ -101,31 +101,13 @@ static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, 
 
 static __thread uint8_t page_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
 
-static __thread uint8_t sealed_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
-
-/* Reads and opens an encrypted page into page_buf; returns the bytes of
- * data (0: never written, a hole) or -1 with errno (EBADMSG: it does not
- * authenticate, and page_buf holds nothing of it). */
+/* Reads and opens an encrypted page into page_buf (see aead.c); returns
+ * the bytes of data (0: it reads as zero) or -1 with errno (EBADMSG: it
+ * does not authenticate, and page_buf holds nothing of it). */
 static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
 {
-    uint64_t page = src->offset / UP_PAGE_SIZE + idx;
-    uint8_t record[UP_RECORD_SIZE];
-    ssize_t n = pread(src->catalog_fd, record, sizeof(record), (off_t)(UP_PAGE_SIZE + page * UP_RECORD_SIZE));
-    if (n < 0)
-        return -1;
-    uint64_t version = n == UP_RECORD_SIZE ? up_record_version(record) : 0;
-    if (version == 0)
-        return 0;
-    n = pread(src->fd, sealed_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
-    if (n < 0)
-        return -1;
-    if (n < UP_PAGE_SIZE)
-        memset(sealed_buf + n, 0, UP_PAGE_SIZE - (size_t)n); /* it will not authenticate */
-    if (up_aead_open_page(src->aead, src->store_id, page, version, record + 8, record + 20, sealed_buf, page_buf) < 0) {
-        errno = EBADMSG;
-        return -1;
-    }
-    return UP_PAGE_SIZE;
+    return up_aead_read_page(src->aead, src->catalog_fd, src->fd, src->store_id, src->offset / UP_PAGE_SIZE + idx,
+                             src->offset + idx * UP_PAGE_SIZE, page_buf);
 }
 
 /* Fills a missing page from where the portion chain holds it. */

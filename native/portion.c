@@ -242,41 +242,6 @@ uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint
     return up_bits_next_clear(p->materialized, from, end);
 }
 
-/* The first page of [from, end) of a sealed portion with a catalog record
- * (see up_record_version): holes of the sparse catalog are
- * skipped with SEEK_DATA, the rest read a block of records at a time. */
-static uint64_t next_record(const struct up_portion *p, uint64_t from, uint64_t end)
-{
-    enum { PER_READ = UP_PAGE_SIZE / UP_RECORD_SIZE };
-    uint8_t records[PER_READ * UP_RECORD_SIZE];
-    uint64_t first_store_page = p->offset / UP_PAGE_SIZE, page = from;
-    while (page < end) {
-        off_t at = (off_t)(UP_PAGE_SIZE + (first_store_page + page) * UP_RECORD_SIZE);
-        off_t data = lseek(p->catalog_fd, at, SEEK_DATA);
-        if (data < 0)
-            return errno == ENXIO ? end : page;
-        if (data > at) {
-            /* The record that holds the first byte of data. */
-            page = ((uint64_t)data - UP_PAGE_SIZE) / UP_RECORD_SIZE - first_store_page;
-            if (page >= end)
-                return end;
-            at = (off_t)(UP_PAGE_SIZE + (first_store_page + page) * UP_RECORD_SIZE);
-        }
-        uint64_t want = end - page < PER_READ ? end - page : PER_READ;
-        ssize_t got = pread(p->catalog_fd, records, (size_t)(want * UP_RECORD_SIZE), at);
-        if (got < 0)
-            return page;
-        for (uint64_t k = 0; k < (uint64_t)got / UP_RECORD_SIZE; k++) {
-            if (up_record_version(records + k * UP_RECORD_SIZE))
-                return page + k;
-        }
-        if ((uint64_t)got < want * UP_RECORD_SIZE)
-            return end; /* the catalog ends: no records past it */
-        page += want;
-    }
-    return end;
-}
-
 uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint64_t end)
 {
     if (end > p->npages)
@@ -286,7 +251,8 @@ uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint6
     if (p->fd < 0)
         return from;
     if (p->aead)
-        return p->catalog_fd < 0 ? from : next_record(p, from, end);
+        return p->catalog_fd < 0 ? from
+                                 : up_aead_next_stored(p->aead, p->catalog_fd, p->offset / UP_PAGE_SIZE, from, end);
     off_t data = lseek(p->fd, (off_t)(p->offset + from * UP_PAGE_SIZE), SEEK_DATA);
     if (data < 0)
         return errno == ENXIO ? end : from;

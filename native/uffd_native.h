@@ -7,7 +7,7 @@
 #include "uffd_compat.h"
 
 #define UP_PAGE_SIZE 4096
-#define UP_RECORD_SIZE 40 /* a catalog record: see catalog.py */
+#define UP_RECORD_SIZE 80 /* a catalog record, two slots: see aead.c and catalog.py */
 
 #include "uffd_pager.h"
 
@@ -23,14 +23,10 @@ int up_portion_chain_live(const struct up_portion *p);
 /* The portion of p's chain that holds page idx (the chain must be live). */
 const struct up_portion *up_portion_source(const struct up_portion *p, uint64_t idx);
 
-/* The version of a catalog record (its first 8 bytes, little-endian); 0:
- * no record, the page was never written through the catalog's key. */
-static inline uint64_t up_record_version(const uint8_t *record)
-{
-    uint64_t version = 0;
-    for (int b = 0; b < 8; b++)
-        version |= (uint64_t)record[b] << (8 * b);
-    return version;
-}
+/* The first page of [from, end) of a sealed portion that its store may
+ * hold: a catalog record or a committed anchor entry (see aead.c); from on
+ * any doubt. Pages are counted from first_store_page. */
+uint64_t up_aead_next_stored(const struct up_aead *a, int catalog_fd, uint64_t first_store_page, uint64_t from,
+                             uint64_t end);
 
 #endif

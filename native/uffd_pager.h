@@ -89,9 +89,9 @@ struct up_portion {
     struct up_bits *materialized; /* children only: the pages held here */
     uint64_t materialized_pages; /* its count */
     struct up_portion *parent;
-    /* An encrypted store's pages are sealed with aead; each page's catalog
-     * record (40 bytes: version, nonce, tag) is at 4096 + page * 40 in
-     * catalog_fd, page counted from the start of the store. */
+    /* An encrypted store's pages are sealed with aead (which also holds the
+     * store's anchor); each page's catalog record (80 bytes, see aead.c) is
+     * at 4096 + page * 80 in catalog_fd, page counted from the store's start. */
     struct up_aead *aead;       /* NULL: pages are stored as they are */
     int catalog_fd;
     uint8_t store_id[16];
@@ -208,20 +208,35 @@ int64_t up_pwrite_runs(int fd, const struct up_run *runs, int n, const uint8_t *
 
 /* --- AES-256-GCM over pages (aead.c) ----------------------------------- */
 
+/* Pages of one store under its 32-byte subkey. anchor_fd: the store's
+ * anchor in the state directory (its committed version per page), -1 for
+ * none (then no page is known to be committed). */
 struct up_aead;
-struct up_aead *up_aead_new(const uint8_t *key);   /* 32 bytes */
+struct up_aead *up_aead_new(const uint8_t *key, int anchor_fd);
 void up_aead_free(struct up_aead *aead);
-/* Seals n pages of in into out (n * 4096 bytes): page i under counter
- * c = first_nonce + i, as nonce (96-bit big-endian) and as version, with
- * associated data store_id (16 bytes) || pages[i] || c (little-endian
- * u64s). records gets each page's catalog record (see catalog.py): n * 40
- * bytes. Returns 0, or -1 if libcrypto failed. cffi releases the GIL. */
-int up_aead_seal_pages(struct up_aead *aead, const uint8_t *store_id, const uint64_t *pages,
-                       uint64_t first_nonce, const uint8_t *in, uint8_t *out, uint8_t *records, int n);
-/* Opens one page into out; returns 0, or -1 (out zeroed) if it does not
- * authenticate. */
-int up_aead_open_page(struct up_aead *aead, const uint8_t *store_id, uint64_t page, uint64_t version,
-                      const uint8_t *nonce, const uint8_t *tag, const uint8_t *in, uint8_t *out);
+/* Which slot of each page's catalog record (n records of 80 bytes, and the
+ * pages' anchor entries, n u64 LE) a new version goes to: slots[i] 0 or 1,
+ * the slot that does not hold the page's current bytes; 2 where both may
+ * (a write not yet committed: the caller opens the page to know). Returns
+ * the count of 2s; *keeps counts the pages whose old version a slot holds. */
+int up_record_choose_slots(const uint8_t *records, const uint8_t *entries, int n, uint8_t *slots, int *keeps);
+/* Seals n pages of in into out (n * 4096 bytes), page i with a random
+ * nonce and associated data store_id (16 bytes) || pages[i] || version
+ * (little-endian u64s), writing version, nonce and tag into slot slots[i]
+ * of records[i]. Returns 0, or -1 if libcrypto (or getrandom) failed. cffi
+ * releases the GIL. */
+int up_aead_seal_pages(struct up_aead *aead, const uint8_t *store_id, const uint64_t *pages, uint64_t version,
+                       const uint8_t *in, uint8_t *out, uint8_t *records, const uint8_t *slots, int n);
+/* Opens one page with one slot of its record; 0, or -1 (out zeroed). */
+int up_aead_open_slot(struct up_aead *aead, const uint8_t *store_id, uint64_t page, const uint8_t *record, int slot,
+                      const uint8_t *in, uint8_t *out);
+/* Reads store page `page` (its ciphertext at offset in fd) and opens it
+ * with the slot its anchor entry allows: 4096, 0 (it reads as zero: never
+ * committed, or discarded), or -1 with errno (EBADMSG: it does not
+ * authenticate, and out holds nothing of it). The fill path's and Python's
+ * one way to read an encrypted page. */
+int64_t up_aead_read_page(struct up_aead *aead, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
+                          uint64_t offset, uint8_t *out);
 
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);

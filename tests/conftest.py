@@ -78,6 +78,25 @@ def _hard_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     faulthandler.dump_traceback_later(BETWEEN_TESTS, exit=True, file=terminal)
 
 
+# --- the pagers' state directory ------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Pagers of the run (private ones and daemons inherit the environment)
+    keep encrypted stores' anchors in a directory of the run's own, never in
+    the machine's /var/lib/uffd-pager."""
+    state = tmp_path_factory.mktemp("state")
+    state.chmod(0o700)
+    previous = os.environ.get("UFFD_PAGER_STATE_DIR")
+    os.environ["UFFD_PAGER_STATE_DIR"] = str(state)
+    yield
+    if previous is None:
+        os.environ.pop("UFFD_PAGER_STATE_DIR", None)
+    else:
+        os.environ["UFFD_PAGER_STATE_DIR"] = previous
+
+
 # --- store files -----------------------------------------------------------------
 
 

@@ -2,10 +2,15 @@
 
 Pages are AES-256-GCM encrypted by the pager; the store holds only
 ciphertext, at each page's usual place; nonce, tag and version live in the
-catalog beside the store (`<store>.uffd-catalog`: a header and one 40-byte
-record per page; the helpers read and alter it as an attacker could). A page that does
-not authenticate (a flipped bit, two pages swapped, an old ciphertext put
-back) is never handed out: it is poisoned, so the access dies with SIGBUS.
+catalog beside the store (`<store>.uffd-catalog`: a header and one 80-byte
+record of two slots per page; the helpers read and alter it as an attacker
+could), and each page's committed version in the store's anchor in the
+pager's state directory (each test has its own: the `state_dir` fixture).
+The attacker of these tests can read, write, snapshot and restore the store
+and its catalog, never the key or the state directory. A page that does not
+authenticate (a flipped bit, two pages swapped, an old ciphertext put back,
+a page rolled back with its record) is never handed out: it is poisoned, so
+the access dies with SIGBUS.
 
 Every access to an encrypted region whose pages came from a store someone
 else wrote runs in a subprocess (`CLIENT_SCRIPT`, `FORK_SCRIPT`,
@@ -22,6 +27,7 @@ stats(); then it touches the page itself and must die with SIGBUS.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -71,25 +77,29 @@ def page_data(kind, tag, page, salt=""):
 exec(PATTERNS_SRC)  # defines page_data here too
 
 # The catalog, read and altered the way a store's owner (or an attacker)
-# could: a header, then one 40-byte record per page (uffd_pager.catalog).
+# could: a header, then one 80-byte record of two slots per page
+# (uffd_pager.catalog).
 CATALOG_SRC = r'''
 from uffd_pager import catalog as _catalog
 
 def read_catalog_rows(path):
-    # {page: (version, nonce, tag)} of every page the catalog holds
+    # {page: (version, nonce, tag)}: the newest slot of each page the catalog holds
     return {page: (version, bytes(nonce), bytes(tag))
             for page, (version, nonce, tag) in _catalog.read_records(path).items()}
 
 def read_catalog_meta(path):
-    # {"key_id": hex, "store_id": hex, "nonce_next": n}
+    # {"key_id": hex, "store_id": hex, "generation": n}
     with open(path, "rb") as f:
-        _magic, key_id, store_id, nonce_next = _catalog.HEADER.unpack(f.read(_catalog.HEADER.size))
-    return {"key_id": key_id.hex(), "store_id": store_id.hex(), "nonce_next": nonce_next}
+        _magic, key_id, store_id, generation, _mac, _checksum = _catalog.HEADER.unpack(f.read(_catalog.HEADER.size))
+    return {"key_id": key_id.hex(), "store_id": store_id.hex(), "generation": generation}
 
 def write_catalog_row(path, page, version, nonce, tag):
+    # overwrites the page's newest slot (the one that opens it now)
+    slots = _catalog.read_slots(path).get(page)
+    newest = 1 if slots and slots[1][0] > slots[0][0] else 0
     with open(path, "r+b") as f:
-        f.seek(_catalog.HEADER_BYTES + page * _catalog.RECORD.size)
-        f.write(_catalog.RECORD.pack(version, nonce, tag))
+        f.seek(_catalog.HEADER_BYTES + page * _catalog.RECORD_BYTES + newest * _catalog.SLOT.size)
+        f.write(_catalog.SLOT.pack(version, nonce, tag))
 '''
 exec(CATALOG_SRC)
 
@@ -121,6 +131,16 @@ def write_key(path: Path, key: Key) -> Path:
         os.write(fd, key.to_text().encode())
     finally:
         os.close(fd)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own pager state directory (where the stores' anchors
+    live), for this process and every pager it starts: they inherit the
+    environment."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("UFFD_PAGER_STATE_DIR", str(path))
     return path
 
 
@@ -196,7 +216,8 @@ def write_encrypted(pager: uffd_pager.Pager, store: Path, size: int, pages: dict
 
 # Maps (url, size, offset) with key_file; then, in this order:
 #   probe: for each page, makes the kernel read it (os.write into a pipe):
-#          "handed out" or the errno name (EFAULT: the page is poisoned)
+#          the sha256 of what it read, or the errno name (EFAULT: the page is
+#          poisoned)
 #   read:  sha256 of each page
 #   prints one JSON line: {"hashes", "probes", "stats"}
 #   touch: reads the page's first byte (expected to die with SIGBUS); prints {"touched"}.
@@ -213,8 +234,7 @@ r, w = os.pipe()
 for p in cfg.get("probe", []):
     try:
         n = os.write(w, view[p * PAGE:(p + 1) * PAGE])
-        os.read(r, n)
-        probes[p] = "handed out"
+        probes[p] = hashlib.sha256(os.read(r, n)).hexdigest()
     except OSError as exc:
         probes[p] = errno.errorcode.get(exc.errno, str(exc.errno))
 hashes = {p: hashlib.sha256(view[p * PAGE:(p + 1) * PAGE]).hexdigest() for p in cfg.get("read", [])}
@@ -929,7 +949,7 @@ def key_forms(key: Key) -> list[bytes]:
 
 @pytest.mark.timeout(60)
 def test_the_key_appears_in_no_file_and_no_log(tmp_path: Path, socket_dir: Path, key: Key, key_file: Path,
-                                               logging_daemon: tuple[str, Path, Any]) -> None:
+                                               state_dir: Path, logging_daemon: tuple[str, Path, Any]) -> None:
     sock, log_path, daemon = logging_daemon
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -960,7 +980,9 @@ def test_the_key_appears_in_no_file_and_no_log(tmp_path: Path, socket_dir: Path,
     for form in key_forms(key) + key_forms(wrong):
         assert form not in log, "a key appears in the daemon's log"
     files = [p for p in data_dir.rglob("*") if p.is_file()] + [p for p in socket_dir.iterdir() if p.is_file()]
+    files += [p for p in state_dir.rglob("*") if p.is_file()]
     assert any(p.name.endswith(CATALOG_SUFFIX) for p in files)
+    assert any(p.name.endswith(".anchor") for p in files)
     for path in files:
         content = path.read_bytes()
         for form in key_forms(key) + key_forms(wrong):
@@ -1029,3 +1051,507 @@ def test_encrypted_children_portions_in_a_second_file(tmp_path: Path, key_file: 
     report, result = client(parent["url"], size, key_file, read=range(N_FORK))
     assert result.returncode == 0, describe(result)
     assert_pages(report, dict(enumerate(parent_view)))
+
+
+# --- 11. no nonce repeats under one key, whatever is done to the files ----------------------------
+
+
+def snapshot(*paths: Path) -> dict[Path, bytes]:
+    """What an attacker who can copy the files keeps."""
+    return {path: path.read_bytes() for path in paths}
+
+
+def restore(saved: dict[Path, bytes]) -> None:
+    for path, data in saved.items():
+        path.write_bytes(data)
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(60)
+def test_two_stores_under_one_key_share_no_nonce_and_no_keystream(tmp_path: Path, pager: uffd_pager.Pager,
+                                                                  key: Key) -> None:
+    """Under GCM, one nonce used twice under one key gives the XOR of the
+    two plaintexts away (and lets the attacker forge tags)."""
+    n = 16
+    first, second = new_store(tmp_path, "first.bin"), new_store(tmp_path, "second.bin")
+    a = write_encrypted(pager, first, n * PAGE, {p: page_data("random", "A", p, "two") for p in range(n)}, key=key)
+    b = write_encrypted(pager, second, n * PAGE, {p: page_data("random", "B", p, "two") for p in range(n)}, key=key)
+    nonces_a = {row[1] for row in catalog_rows(first).values()}
+    nonces_b = {row[1] for row in catalog_rows(second).values()}
+    shared = nonces_a & nonces_b
+    assert not shared, f"{len(shared)} of {n} nonces are used by both stores under one key"
+    leaks = [p for p in range(n) if xor(raw_page(first, p), raw_page(second, p)) == xor(a[p], b[p])]
+    assert not leaks, f"pages {leaks}: ciphertext A XOR B is plaintext A XOR B (one keystream)"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("attack", ["store-and-catalog-restored", "catalog-counter-set-back"])
+def test_nonces_never_repeat_after_the_files_are_rolled_back(tmp_path: Path, key: Key, key_file: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, attack: str) -> None:
+    """The pager's own state directory refuses a rolled-back store (see
+    below); even a pager with a fresh state directory, which must trust the
+    files as it finds them, uses no nonce twice."""
+    store = new_store(tmp_path)
+    n = 8
+    nonces: list[bytes] = []
+
+    def flush_round(tag: str) -> None:
+        with uffd_pager.Pager() as pager:
+            write_encrypted(pager, store, n * PAGE, {p: page_data("random", tag, p, attack) for p in range(n)},
+                            key=key)
+        nonces.extend(row[1] for row in catalog_rows(store).values())
+
+    flush_round("one")
+    saved = snapshot(store, catalog_path(store))
+    flush_round("two")
+    if attack == "store-and-catalog-restored":
+        restore(saved)
+    else:
+        counter = (8 + 16 + 16, 8)  # where a nonce counter (or version) would sit in the header
+        header = bytearray(catalog_path(store).read_bytes()[:4096])
+        header[counter[0]:sum(counter)] = (1).to_bytes(8, "little")
+        with open(catalog_path(store), "r+b") as f:
+            f.write(header)
+    monkeypatch.setenv("UFFD_PAGER_STATE_DIR", str(tmp_path / "fresh-state"))
+    try:
+        flush_round("three")
+    except OSError as exc:  # a damaged header is refused: no nonce used at all
+        assert attack == "catalog-counter-set-back" and "damaged" in str(exc), exc
+    repeated = {nonce.hex() for nonce in nonces if nonces.count(nonce) > 1}
+    assert not repeated, f"{len(repeated)} nonces were used twice under one key: {sorted(repeated)[:3]}"
+
+
+# --- 12. rollback: the anchor in the state directory -----------------------------------------------
+
+
+def forge_catalog_generation(store: Path, generation: int) -> None:
+    """Rewrites the version in the catalog's header as an attacker could:
+    with its checksum, but without the key (so without its MAC)."""
+    from uffd_pager import catalog
+    path = catalog_path(store)
+    header = path.read_bytes()[:catalog.HEADER.size]
+    magic, key_id, store_id, _generation, mac, _checksum = catalog.HEADER.unpack(header)
+    fields = catalog.HEADER.pack(magic, key_id, store_id, generation, mac, bytes(16))[:-16]
+    with open(path, "r+b") as f:
+        f.write(fields + catalog._checksum(fields))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("header", ["as-restored", "given-the-latest-version"])
+def test_a_store_restored_with_its_catalog_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                             this_process, header: str) -> None:
+    store = new_store(tmp_path)
+    n = 6
+    write_encrypted(pager, store, n * PAGE, {p: page_data("random", "old", p, "restore") for p in range(n)}, key=key)
+    saved = snapshot(store, catalog_path(store))
+    write_encrypted(pager, store, n * PAGE, {p: page_data("random", "new", p, "restore") for p in range(n)}, key=key)
+    latest = catalog_meta(store)["generation"]
+    restore(saved)
+    if header == "given-the-latest-version":
+        forge_catalog_generation(store, latest)
+        saved = snapshot(store, catalog_path(store))
+    fds, regions = this_process.uffd_fds(), pager.status()["regions"]
+    with pytest.raises(OSError) as info:
+        pager.map(url(store), n * PAGE, key=key, writeback_interval=0)
+    message = str(info.value)
+    if header == "as-restored":
+        assert isinstance(info.value, PermissionError) and "rolled back" in message, f"not a clear message: {message}"
+    else:
+        assert "altered" in message, f"not a clear message: {message}"
+    assert str(store) in message
+    assert this_process.uffd_fds() == fds and pager.status()["regions"] == regions
+    assert snapshot(store, catalog_path(store)) == saved, "the refused map changed the files"
+
+
+@pytest.mark.timeout(60)
+def test_one_page_rolled_back_with_its_record_kills_the_access(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                               key_file: Path) -> None:
+    """An old ciphertext put back together with its old catalog record
+    authenticates on its own: only the anchor knows it is not the latest."""
+    from uffd_pager.catalog import HEADER_BYTES
+    from uffd_pager.crypto import RECORD_BYTES
+    store = new_store(tmp_path)
+    n = 8
+    bad = 3
+    first = write_encrypted(pager, store, n * PAGE, {p: page_data("random", "old", p, "page") for p in range(n)},
+                            key=key)
+    at = HEADER_BYTES + bad * RECORD_BYTES
+    old_record = catalog_path(store).read_bytes()[at:at + RECORD_BYTES]
+    old_page = raw_page(store, bad)
+    second = write_encrypted(pager, store, n * PAGE, {bad: page_data("random", "new", bad, "page"),
+                                                      5: page_data("random", "new", 5, "page")}, key=key)
+    put_raw_page(store, bad, old_page)
+    with open(catalog_path(store), "r+b") as f:
+        f.seek(at)
+        f.write(old_record)
+    now = {**first, **second}
+    report = assert_sigbus(url(store), n * PAGE, key_file, bad, {p: d for p, d in now.items() if p != bad})
+    assert report["probes"][str(bad)] == "EFAULT"
+
+
+# --- 13. a missing catalog, a missing record, a store mapped without its key ---------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["deleted", "emptied", "header-and-4-records"])
+def test_a_missing_or_truncated_catalog_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                          key_file: Path, how: str) -> None:
+    from uffd_pager.catalog import HEADER_BYTES
+    from uffd_pager.crypto import RECORD_BYTES
+    store = new_store(tmp_path)
+    n = 12
+    write_encrypted(pager, store, n * PAGE, {p: page_data("random", "A", p, how) for p in range(n)}, key=key)
+    catalog = catalog_path(store)
+    if how == "deleted":
+        catalog.unlink()
+    else:
+        os.truncate(catalog, 0 if how == "emptied" else HEADER_BYTES + 4 * RECORD_BYTES)
+    with pytest.raises(OSError) as info:
+        pager.map(url(store), n * PAGE, key=key, writeback_interval=0)
+    message = str(info.value)
+    assert str(store) in message and ("missing" in message or "truncated" in message or "empty" in message), \
+        f"not a clear message: {message}"
+    assert not isinstance(info.value, PermissionError) or "rolled back" not in message
+    # In another pager process too, and no page is ever read as zeros.
+    result = run_script(CLIENT_SCRIPT, {"url": url(store), "size": n * PAGE, "key_file": str(key_file),
+                                        "probe": list(range(n))})
+    assert result.returncode != 0 and not lines_of(result), f"a client mapped the store:\n{describe(result)}"
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_record_of_a_written_page_kills_the_access(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                             key_file: Path) -> None:
+    from uffd_pager.catalog import HEADER_BYTES
+    from uffd_pager.crypto import RECORD_BYTES
+    store = new_store(tmp_path)
+    n = 8
+    bad = 6
+    pages = write_encrypted(pager, store, n * PAGE, {p: page_data("random", "A", p, "record") for p in range(n)},
+                            key=key)
+    with open(catalog_path(store), "r+b") as f:
+        f.seek(HEADER_BYTES + bad * RECORD_BYTES)
+        f.write(bytes(RECORD_BYTES))
+    assert bad not in catalog_rows(store)
+    assert_sigbus(url(store), n * PAGE, key_file, bad, {p: d for p, d in pages.items() if p != bad})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("catalog", ["kept", "deleted"])
+def test_an_encrypted_store_is_refused_without_its_key(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                       this_process, catalog: str) -> None:
+    """Mapped without the key, its pages would read as ciphertext, and a
+    flush would overwrite them with plaintext."""
+    store = new_store(tmp_path)
+    n = 4
+    write_encrypted(pager, store, n * PAGE, {p: page_data("random", "A", p, "nokey") for p in range(n)}, key=key)
+    if catalog == "deleted":
+        catalog_path(store).unlink()
+    before = store.read_bytes()
+    fds = this_process.uffd_fds()
+    with pytest.raises(PermissionError) as info:
+        pager.map(url(store), n * PAGE, writeback_interval=0)
+    assert "encrypted" in str(info.value) and str(store) in str(info.value), f"not a clear message: {info.value}"
+    assert this_process.uffd_fds() == fds and pager.status()["regions"] == 0
+    assert store.read_bytes() == before
+
+
+# --- 14. a flush that fails or dies half-way --------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_flush_that_runs_out_of_space_leaves_every_page_old_or_new(small_tmpfs: Path, pager: uffd_pager.Pager,
+                                                                     key: Key, key_file: Path) -> None:
+    """The store and its catalog on a 1 MiB tmpfs: 32 pages written, then a
+    flush that rewrites them and adds 16 new ones, with room for 2."""
+    store = new_store(small_tmpfs)
+    old_n, new_n = 32, 48
+    old = write_encrypted(pager, store, new_n * PAGE, {p: page_data("random", "old", p, "full") for p in range(old_n)},
+                          key=key)
+    new = {p: page_data("random", "new", p, "full") for p in range(new_n)}
+    filler = small_tmpfs / "filler"
+    try:
+        region = pager.map(url(store), new_n * PAGE, key=key, writeback_interval=0)
+        try:
+            view = region.view()
+            for p, data in new.items():
+                view[p * PAGE:(p + 1) * PAGE] = data
+            del view
+            free = os.statvfs(small_tmpfs)
+            filler.write_bytes(b"\xff" * (free.f_bavail * free.f_frsize - 2 * PAGE))
+            with pytest.raises(OSError) as failed:
+                region.flush()
+            assert failed.value.errno == errno.ENOSPC, failed.value
+
+            # As a pager would read the store after a crash now: every page is
+            # its old or its new version (pages never written before: zeros or new).
+            report, result = client(url(store), new_n * PAGE, key_file, probe=list(range(new_n)))
+            assert result.returncode == 0, describe(result)
+            neither = {p: got for p, got in ((int(p), got) for p, got in report["probes"].items())
+                       if got not in (digest(new[p]), digest(old.get(p, bytes(PAGE))))}
+            assert not neither, f"{len(neither)} of {new_n} pages read as neither their old nor their new version: " \
+                                f"{sorted(neither)[:10]}"
+            assert report["stats"]["auth_failures"] == 0
+
+            filler.unlink()
+            assert region.flush()["pages"] == new_n
+        finally:
+            filler.unlink(missing_ok=True)
+            region.close()
+    finally:
+        filler.unlink(missing_ok=True)
+    report, result = client(url(store), new_n * PAGE, key_file, read=range(new_n))
+    assert result.returncode == 0, describe(result)
+    assert_pages(report, new)
+
+
+class Crash(BaseException):
+    """The pager dying in the middle of a write (SIGKILL stops a pwrite at a page boundary)."""
+
+
+def crashing_after(store: Any, pages: int) -> None:
+    """Makes the store's file writes stop (and the 'pager' die) after `pages` pages."""
+    inner = store._inner
+
+    def write_runs(runs: list[Any], data: bytes | bytearray | memoryview) -> None:
+        done = 0
+        for run in runs:
+            for k in range(run.length // PAGE):
+                if done == pages:
+                    raise Crash()
+                os.pwrite(inner.fill_fd, memoryview(data)[done * PAGE:(done + 1) * PAGE], run.store_offset + k * PAGE)
+                done += 1
+
+    inner.write_runs = write_runs
+
+
+@pytest.mark.timeout(90)
+def test_an_interrupted_flush_leaves_every_page_old_or_new(tmp_path: Path, state_dir: Path, key: Key,
+                                                           key_file: Path) -> None:
+    """Drives the store as the pager does: a write that dies after some
+    pages, then a pager that opens the store afresh and reads it (in Python
+    and through the C fill path of a real pager), writes it again and dies
+    again (a page left in doubt by the first crash), and finally a flush
+    that completes."""
+    from uffd_pager.stores import FileStore
+    from uffd_pager.stores.encrypted import EncryptedStore
+    from uffd_pager.uffd import Run
+    store = new_store(tmp_path)
+    n = 16
+    runs = [Run(0, 0, 6 * PAGE), Run(0, 8 * PAGE, 8 * PAGE)]  # pages 0-5 and 8-15; 6 and 7 never written
+    written = [p for run in runs for p in range(run.store_offset // PAGE, (run.store_offset + run.length) // PAGE)]
+
+    def versions(tag: str) -> dict[int, bytes]:
+        return {p: page_data("random", tag, p, "crash") for p in written}
+
+    def open_store() -> EncryptedStore:
+        return EncryptedStore(FileStore.open(url(store)), key, state_dir)
+
+    def write(data: dict[int, bytes], crash_after: int | None = None) -> None:
+        es = open_store()
+        if crash_after is not None:
+            crashing_after(es, crash_after)
+        try:
+            es.write_runs(runs, b"".join(data[p] for p in written))
+            es.sync()
+        except Crash:
+            pass
+        finally:
+            es.close()
+
+    def read_all() -> dict[int, bytes]:
+        es = open_store()
+        try:
+            return {p: es.read_page(p * PAGE) for p in range(n)}
+        finally:
+            es.close()
+
+    def expect(got: dict[int, bytes], allowed: dict[int, list[bytes]], where: str) -> None:
+        wrong = [p for p in range(n) if got[p] not in allowed.get(p, [bytes(PAGE)])]
+        assert not wrong, f"{where}: pages {wrong} read as neither version"
+
+    a, b, c, d = versions("a"), versions("b"), versions("c"), versions("d")
+    write(a)
+    expect(read_all(), {p: [a[p]] for p in written}, "after the first flush")
+    write(b, crash_after=5)  # dies in the first run: pages 0-4 hold b
+    expect(read_all(), {p: [b[p]] if p in written[:5] else [a[p]] for p in written}, "after a crash")
+    report, result = client(url(store), n * PAGE, key_file, probe=list(range(n)))
+    assert result.returncode == 0, describe(result)
+    wrong = [p for p in range(n) if report["probes"][str(p)] not in (digest(a.get(p, bytes(PAGE))),
+                                                                      digest(b.get(p, bytes(PAGE))))]
+    assert not wrong, f"through the fill path, pages {wrong} read as neither version after a crash"
+    assert report["stats"]["auth_failures"] == 0
+    write(c, crash_after=10)  # pages 0-4 were b, not a: the slot kept must be b's
+    expect(read_all(), {p: [c[p]] if p in written[:10] else [a[p]] for p in written}, "after a second crash")
+    write(d)
+    expect(read_all(), {p: [d[p]] for p in written}, "after a flush that completed")
+
+
+# --- 15. key files and catalog headers ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_key_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO put where the key file should be would block a reader forever."""
+    path = tmp_path / "keys" / "odd.key"
+    path.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "directory":
+        path.mkdir(mode=0o700)
+    else:
+        os.symlink("/dev/null", path)
+    code = (f"from uffd_pager import Key\ntry:\n    Key.from_file({str(path)!r})\n"
+            "except OSError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, describe(result)
+    assert "not a regular file" in result.stdout and str(path) in result.stdout, result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_key_file_makes_map_fail_not_hang(tmp_path: Path, pager: uffd_pager.Pager, this_process) -> None:
+    path = tmp_path / "keys" / "fifo.key"
+    path.parent.mkdir()
+    os.mkfifo(path, 0o600)
+    store = new_store(tmp_path)
+    fds = this_process.uffd_fds()
+    started = time.monotonic()
+    with pytest.raises(OSError, match="not a regular file"):
+        pager.map(url(store), 4 * PAGE, key_file=path)
+    assert time.monotonic() - started < 10
+    assert this_process.uffd_fds() == fds and not catalog_path(store).exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_symbolic_link_to_a_private_key_file_is_followed(tmp_path: Path, key: Key, key_file: Path) -> None:
+    """Key files are often links (a Kubernetes secret volume, /etc/alternatives)."""
+    link = tmp_path / "keys" / "link.key"
+    link.symlink_to(key_file)
+    assert Key.from_file(link).key_id == key.key_id
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", ["key-id", "store-id"])
+def test_a_damaged_catalog_header_is_not_called_a_wrong_key(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                            field: str) -> None:
+    store = new_store(tmp_path)
+    write_encrypted(pager, store, 2 * PAGE, {0: page_data("random", "A", 0, "header")}, key=key)
+    at = 8 if field == "key-id" else 8 + 16
+    with open(catalog_path(store), "r+b") as f:
+        f.seek(at + 3)
+        byte = f.read(1)
+        f.seek(at + 3)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(OSError) as info:
+        pager.map(url(store), 2 * PAGE, key=key, writeback_interval=0)
+    assert "wrong key" not in str(info.value), f"a damaged header is reported as a wrong key: {info.value}"
+    assert "damaged" in str(info.value) and str(store) in str(info.value), f"not a clear message: {info.value}"
+    # A wrong key is still called so.
+    with pytest.raises(PermissionError, match="wrong key"):
+        pager.map(url(store), 2 * PAGE, key=Key.generate(), writeback_interval=0)
+
+
+# --- 16. the state directory ----------------------------------------------------------------------------
+
+
+def test_the_default_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from uffd_pager import catalog
+    monkeypatch.setenv("UFFD_PAGER_STATE_DIR", str(tmp_path / "env"))
+    assert catalog.default_state_dir() == str(tmp_path / "env")
+    assert stat.S_IMODE(os.stat(tmp_path / "env").st_mode) == 0o700
+    monkeypatch.delenv("UFFD_PAGER_STATE_DIR")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert catalog._default_state_path() == str(tmp_path / "xdg" / "uffd-pager")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert catalog._default_state_path() == str(tmp_path / "home" / ".local" / "state" / "uffd-pager")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert catalog._default_state_path() == "/var/lib/uffd-pager"
+
+
+@pytest.mark.timeout(60)
+def test_a_state_directory_others_may_write_is_refused(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
+                                                       state_dir: Path) -> None:
+    state_dir.mkdir(mode=0o700)
+    state_dir.chmod(0o777)
+    store = new_store(tmp_path)
+    with pytest.raises(PermissionError, match="state directory"):
+        pager.map(url(store), 2 * PAGE, key=key)
+    assert not catalog_path(store).exists() or catalog_path(store).stat().st_size == 0, "a catalog was written"
+    region = pager.map(url(store), 2 * PAGE, writeback_interval=0)  # nothing made it an encrypted store
+    region.close()
+
+
+# --- 17. the store's own operations: discarded slots, a catalog descriptor from the client --------------
+
+
+def encrypted_store(store: Path, key: Key, state_dir: Path, **kwargs: Any) -> Any:
+    from uffd_pager.stores import FileStore
+    from uffd_pager.stores.encrypted import EncryptedStore
+    return EncryptedStore(FileStore.open(url(store)), key, state_dir, **kwargs)
+
+
+def write_pages(es: Any, pages: dict[int, bytes]) -> None:
+    from uffd_pager.uffd import Run
+    es.write_runs([Run(0, p * PAGE, PAGE) for p in sorted(pages)], b"".join(pages[p] for p in sorted(pages)))
+    es.sync()
+
+
+@pytest.mark.timeout(60)
+def test_a_discarded_range_reads_as_zero_even_with_its_old_pages_put_back(tmp_path: Path, key: Key,
+                                                                         state_dir: Path) -> None:
+    """A child's portion slot being reused: its old pages must not come back."""
+    from uffd_pager.catalog import HEADER_BYTES
+    from uffd_pager.crypto import RECORD_BYTES
+    store = new_store(tmp_path)
+    old = {p: page_data("random", "old", p, "discard") for p in range(4, 8)}
+    es = encrypted_store(store, key, state_dir)
+    try:
+        write_pages(es, old)
+        saved_pages = {p: raw_page(store, p) for p in old}
+        at = HEADER_BYTES + 4 * RECORD_BYTES
+        saved_records = catalog_path(store).read_bytes()[at:at + 4 * RECORD_BYTES]
+        es.discard(4 * PAGE, 4 * PAGE)
+        assert [es.read_page(p * PAGE) for p in old] == [bytes(PAGE)] * 4
+        assert not any(es.holds(p * PAGE) for p in old)
+        for p, data in saved_pages.items():
+            put_raw_page(store, p, data)
+        with open(catalog_path(store), "r+b") as f:
+            f.seek(at)
+            f.write(saved_records)
+        assert [es.read_page(p * PAGE) for p in old] == [bytes(PAGE)] * 4, "a discarded page came back"
+        new = {5: page_data("random", "new", 5, "discard")}
+        write_pages(es, new)
+        assert es.read_page(5 * PAGE) == new[5] and es.holds(5 * PAGE)
+    finally:
+        es.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_catalog_descriptor_from_the_client_is_used_instead_of_its_path(tmp_path: Path, key: Key,
+                                                                           state_dir: Path) -> None:
+    """A daemon must not create files with its own rights: the client opens
+    (and creates) the catalog and passes the descriptor."""
+    store = new_store(tmp_path)
+    elsewhere = tmp_path / "opened-by-the-client"
+    fd = os.open(elsewhere, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    es = encrypted_store(store, key, state_dir, catalog_fd=fd)
+    try:
+        write_pages(es, {0: page_data("random", "A", 0, "fd")})
+        assert es.read_page(0) == page_data("random", "A", 0, "fd")
+    finally:
+        es.close()
+    assert not catalog_path(store).exists(), "the catalog's path was opened"
+    assert 0 in read_catalog_rows(str(elsewhere))
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the store owned the descriptor and closed it
+    fd = os.open(elsewhere, os.O_RDWR | os.O_CLOEXEC)
+    with pytest.raises(PermissionError, match="wrong key"):
+        encrypted_store(store, Key.generate(), state_dir, catalog_fd=fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed on failure too

@@ -44,7 +44,8 @@ async def _serve(listener: socket.socket, args: argparse.Namespace) -> None:
     from uffd_pager.tenants import TenantLimits
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
-                           limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped))
+                           limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
+                           state_dir=args.state_dir)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # embedded pager: inherited listener
     serve.add_argument("--exit-when-idle", action="store_true",
                        help="exit once no client and no region is left")
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="where the pager keeps what an attacker of the stores must not roll back (encrypted "
+                            "stores' anchors); default $UFFD_PAGER_STATE_DIR, else /var/lib/uffd-pager for root, "
+                            "else $XDG_STATE_HOME/uffd-pager")
     serve.add_argument("--max-regions", type=_positive_int, default=DEFAULT_MAX_REGIONS, metavar="N",
                        help=f"regions one client uid may hold at once (default {DEFAULT_MAX_REGIONS})")
     serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",

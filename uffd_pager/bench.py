@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
-from uffd_pager.catalog import SUFFIX as CATALOG_SUFFIX
+from uffd_pager.catalog import forget_store
 from uffd_pager.client import Pager
 from uffd_pager.crypto import Key
 from uffd_pager.native import ffi, lib
@@ -145,14 +145,8 @@ def pager_read(w: Workload) -> list[int]:
         return _touch(region.address, w.offsets)
 
 
-def _fresh_catalog(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path + CATALOG_SUFFIX)
-
-
 def pager_read_encrypted(w: Workload) -> list[int]:
     """Read faults of pages stored encrypted (written and flushed first)."""
-    _fresh_catalog(w.path)
     with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
         _touch(region.address, w.offsets, write=True)
     with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
@@ -210,8 +204,6 @@ def kernel_msync(w: Workload) -> list[int]:
 
 def pager_flush(tracking: str, *, encrypted: bool = False) -> Callable[[Workload], list[int]]:
     def run(w: Workload) -> list[int]:
-        if encrypted:
-            _fresh_catalog(w.path)
         with w.pager.map(f"file://{w.path}", w.size, dirty_tracking=tracking, writeback_interval=0,
                          key=w.key if encrypted else None) as region:
             _touch(region.address, w.offsets, write=True)
@@ -420,13 +412,16 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
         rng = random.Random(1)
         order = list(range(pages))
         key = Key.generate()
-        with Pager() as pager:
+        state = os.path.join(tmp, "state")  # the encrypted rows' anchors, gone with the run
+        with Pager(state_dir=state) as pager:
             for _ in range(rounds):
                 rng.shuffle(order)
                 offsets = array.array("Q", (p * PAGE_SIZE for p in order))
                 for case in CASES:
                     # Each row starts from the same bytes, hot in the page cache.
+                    # (An encrypted row's store is forgotten: the next row starts it anew.)
                     path = os.path.join(tmp, "data.bin")
+                    forget_store(path, state)
                     shutil.copyfile(pristine, path)
                     samples[case.name].extend(case.run(Workload(path, size, offsets, pager, key)))
             samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))

@@ -49,7 +49,8 @@ from uffd_pager.layout import (
     parse_writeback_interval,
 )
 from uffd_pager.region import Region, RegionMapping, fork_lock
-from uffd_pager.stores.file import open_store_file
+from uffd_pager.catalog import open_catalog_file
+from uffd_pager.stores.file import file_path, open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -198,10 +199,14 @@ class Pager:
 
     ``Pager()`` starts a private pager process (stopped by `close()`);
     ``connect(path)`` attaches to a daemon started with ``uffd-pager serve``.
-    Both are context managers.
+    Both are context managers. `timeout`: seconds a control request may wait
+    for its answer (then PagerTimeout). `state_dir`: the private pager's
+    state directory (encrypted stores' rollback anchors; default
+    $UFFD_PAGER_STATE_DIR, else /var/lib/uffd-pager for root, else
+    $XDG_STATE_HOME/uffd-pager).
     """
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None) -> None:
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -211,7 +216,7 @@ class Pager:
             # never races its start-up.
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
-                 "--exit-when-idle"],
+                 "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else [])],
                 pass_fds=[listener.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -281,6 +286,10 @@ class Pager:
             if key is not None:
                 descriptors["key"] = _key_memfd(key)
                 passed.callback(os.close, descriptors["key"])
+                for name, url in (("catalog", store), ("children_catalog", children)):
+                    if url is not None:
+                        descriptors[name] = open_catalog_file(file_path(url))
+                        passed.callback(os.close, descriptors[name])
             uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
             mapped = size + PAGE_SIZE  # and the tag page (see Region)
             try:

@@ -33,7 +33,7 @@ __all__ = ["DescriptorsDropped", "LimitExceeded", "PagerError", "PagerGone", "Pa
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
-MAX_FDS = 4
+MAX_FDS = 6  # len(MAP_DESCRIPTORS)
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -75,7 +75,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
 }
 
 # map's descriptors, named in its "fds" field in the order they are attached.
-MAP_DESCRIPTORS = ("uffd", "store", "children", "key")
+MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog")
 REQUIRED_MAP_DESCRIPTORS = ("uffd", "store")
 
 
@@ -117,6 +117,11 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
         for fd in fds:
             _close_quietly(fd)
         return None
+    if flags & socket.MSG_TRUNC:
+        # SOCK_SEQPACKET cuts a longer message to the buffer: never parse the rest.
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes")
     if flags & socket.MSG_CTRUNC:
         # The kernel drops descriptors that do not fit the receiver's table.
         for fd in fds:

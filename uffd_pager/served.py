@@ -64,6 +64,7 @@ class ServedRegion:
     spans: list[Span] = field(default_factory=list)
     last_error: str = ""
     uid: int | None = None  # the tenant of a root region (see tenants.py)
+    holds_children_store: bool = False  # a root region whose map(children=...) took a use of that store
     writable: bool = True  # its client's store descriptors allow writing
     # A forked child's pages are served only once its own process holds its
     # uffd (see PagerService._op_adopt): if the pager died before, the

@@ -136,7 +136,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 class PagerService:
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
-                 limits: TenantLimits | None = None) -> None:
+                 limits: TenantLimits | None = None, state_dir: str | None = None) -> None:
         self._listener = listener
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
@@ -150,6 +150,7 @@ class PagerService:
         self._child_probe: asyncio.TimerHandle | None = None
         self._accept_paused = False
         self._tenants = Tenants(limits or TenantLimits())
+        self._state_dir = state_dir  # encrypted stores' anchors (None: catalog.default_state_dir())
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
@@ -349,11 +350,15 @@ class PagerService:
         opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
-            store = self._open_store(url, key, _claim(fds, named["store"]))
+            if key is not None and ("catalog" not in named or (children_url is None) != ("children_catalog" not in named)):
+                raise protocol.ProtocolError("an encrypted map carries each store's catalog descriptor")
+            catalog = _claim(fds, named["catalog"]) if "catalog" in named else None
+            store = self._open_store(url, key, _claim(fds, named["store"]), catalog)
             opened.append(store)
             child_store = store
             if children_url is not None:
-                child_store = self._open_store(children_url, key, _claim(fds, named["children"]))
+                catalog = _claim(fds, named["children_catalog"]) if "children_catalog" in named else None
+                child_store = self._open_store(children_url, key, _claim(fds, named["children"]), catalog)
                 opened.append(child_store)
             if tracking == Tracking.ASYNC_WP:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -373,6 +378,7 @@ class PagerService:
         region.pagemap_fd = pagemap_fd
         region.connection = conn
         region.uid = conn.uid
+        region.holds_children_store = children_url is not None
         region.writable = _writable(store.store) and _writable(child_store.store)
         conn.regions[region.id] = region
         self._tenants.add(conn.uid, size)
@@ -503,8 +509,8 @@ class PagerService:
 
     # --- stores -------------------------------------------------------------------
 
-    def _open_store(self, url: str, key: Key | None, fd: int) -> OpenStore:
-        store = open_store(url, key, fd=fd)
+    def _open_store(self, url: str, key: Key | None, fd: int, catalog_fd: int | None = None) -> OpenStore:
+        store = open_store(url, key, fd=fd, catalog_fd=catalog_fd, state_dir=self._state_dir)
         try:
             identity = store.identity
             shared = self._stores.get(identity)
@@ -593,8 +599,8 @@ class PagerService:
         region.fill.close()
         region.portion.in_use_by_region = False
         self._free_portions(region.portion, keep=region.parent is not None and region.keep_child_portions)
-        if region.parent is None and region.child_store.store is not region.portion.store:
-            self._release_store(region.child_store)  # the use map(children=...) took
+        if region.holds_children_store:
+            self._release_store(region.child_store)  # the use map(children=...) took, even of the same file
 
     def _free_portions(self, portion: Portion | None, *, keep: bool) -> None:
         """Frees a portion no region uses and no child inherits from, then
