@@ -131,3 +131,15 @@ class ChildScript:
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             with contextlib.suppress(OSError, AttributeError):  # stdin is None unless a pipe
                 stream.close()  # type: ignore[union-attr]
+
+
+def descriptor_kind(fd: int) -> str:
+    """What a descriptor of this process is: "uffd", "memfd", "file", or its /proc link text."""
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    if link == "anon_inode:[userfaultfd]":
+        return "uffd"
+    if link.startswith("/memfd:"):
+        return "memfd"
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return "file"
+    return link

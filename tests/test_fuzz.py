@@ -2,13 +2,14 @@
 inputs, over thousands of connections.
 
 The inputs are random bytes (0 to 70,000 of them, past the 64 KiB a message
-may hold), the requests the library itself sends (each op of the protocol
+may hold), the requests the library itself sends (each op of the protocol,
 and map with a key and with children, learned from a real client at the
 start of the run) mutated field by field and byte by byte, random
 descriptors attached (0 to 6 of a dozen kinds, userfaultfds of this process
-and of another one among them), and maps whose "uffd" is a pipe full of
-forged `struct uffd_msg`s (FORK events naming descriptor numbers, UNMAP
-events of huge ranges, page faults). Connections live for one message or
+and of another one among them; at times more than a message may carry),
+and maps whose "uffd" is a pipe full of forged `struct uffd_msg`s (FORK
+events naming descriptor numbers, UNMAP events of huge ranges, page
+faults). Connections live for one message or
 for hundreds, some start without hello, some are dropped with requests
 unanswered, up to four are open at once, some hold a region the daemon
 serves (and whose pages this process writes).
@@ -46,7 +47,6 @@ import random
 import re
 import select
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -60,7 +60,7 @@ import pytest
 
 import uffd_pager
 from hostile_clients import MAX_MESSAGE, PAGE, REGION_UFFD_FEATURES, Raw, registered_uffd
-from support import describe_returncode
+from support import describe_returncode, descriptor_kind
 from uffd_pager import protocol
 from uffd_pager.client import _key_memfd
 from uffd_pager.crypto import Key
@@ -117,15 +117,18 @@ class Files:
     def url(self, path: Path) -> str:
         return f"file://{path}"
 
-    def reset(self, state: Path) -> None:
+    def reset(self, state: Path, sent: set[Path]) -> None:
         """Between batches (no store open): every file but the four stores
-        goes (catalogs beside them, files made at paths inputs named), and
-        the daemon's state directory is emptied, so that a store an input
-        made encrypted is plain again for the next batch."""
+        goes (catalogs beside them, files made at paths inputs named), or is
+        emptied if it is one the library sent a descriptor of (`sent`, a
+        catalog say), and the daemon's state directory is emptied: a store
+        an input made encrypted is plain again for the next batch."""
         keep = {self.plain, self.encrypted, self.children, self.held}
         for directory in (self.root, state):
             for path in directory.rglob("*"):
-                if path not in keep and (path.is_symlink() or not path.is_dir()):
+                if path in sent:
+                    os.truncate(path, 0)
+                elif path not in keep and (path.is_symlink() or not path.is_dir()):
                     path.unlink()
 
 
@@ -142,15 +145,10 @@ class Template:
     slots: tuple[str, ...]
 
 
-def descriptor_kind(fd: int) -> str:
-    link = os.readlink(f"/proc/self/fd/{fd}")
-    if link == "anon_inode:[userfaultfd]":
-        return "uffd"
-    if link.startswith("/memfd:"):
-        return "memfd"
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        return f"file {link}"
-    return link
+def file_descriptor_kind(fd: int) -> str:
+    """descriptor_kind, with a file's path ("file PATH")."""
+    kind = descriptor_kind(fd)
+    return f"file {os.readlink(f'/proc/self/fd/{fd}')}" if kind == "file" else kind
 
 
 def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[str, Template]:
@@ -169,7 +167,7 @@ def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[st
                 fds = [fd for level, kind, data in ancdata if level == socket.SOL_SOCKET
                        and kind == socket.SCM_RIGHTS for fd in memoryview(data).cast("B").cast("i")]
                 name = next(maps, "another map") if message["op"] == "map" else message["op"]
-                seen.setdefault(name, Template(name, tuple(message.items()), tuple(map(descriptor_kind, fds))))
+                seen.setdefault(name, Template(name, tuple(message.items()), tuple(map(file_descriptor_kind, fds))))
         return real_sendmsg(sock, buffers, ancdata, *args)
 
     socket.socket.sendmsg = recording_sendmsg  # type: ignore[method-assign]
@@ -561,8 +559,7 @@ class Generator:
             elif how == "swap" and len(fds) > 1:
                 fds.reverse()
             elif how == "many":
-                fds.extend(rng.choice(ALL_KINDS) for _ in range(rng.randrange(1, 7)))
-                del fds[6:]
+                fds.extend(self.random_fds() or ["/dev/null"])
             elif how == "none":
                 fds.clear()
             return f"attach {how}"
@@ -594,10 +591,12 @@ class Generator:
         return op, rng.choice(["utf-16", "utf-16-le", "utf-32", "utf-8-sig", "latin-1"])
 
     def random_fds(self) -> list[str]:
+        """None most often, else 1 to 6; at times more than a message may carry."""
         rng = self.rng
         if rng.random() < 0.6:
             return []
-        return [rng.choice(ALL_KINDS) for _ in range(rng.randrange(1, 7))]
+        count = rng.randrange(1, 7) if rng.random() < 0.9 else protocol.MAX_FDS + rng.randrange(1, 3)
+        return [rng.choice(ALL_KINDS) for _ in range(count)]
 
     # the input ---------------------------------------------------------
 
@@ -1134,7 +1133,8 @@ class Fuzz:
                 for conn in list(self.conns):
                     self.close_connection(conn)
                 now = self.check(self.baseline)
-                self.files.reset(self.state)
+                self.files.reset(self.state, {Path(slot[5:]) for template in self.templates.values()
+                                              for slot in template.slots if slot.startswith("file ")})
                 print(f"batch {self.batch}: {stats['inputs']} inputs, {stats['connections']} connections, "
                       f"{now['open_fds']} fds, {time.monotonic() - self.started:.1f} s")
         except OSError as exc:  # connecting or sending failed: the daemon is gone, or the fuzz is wrong

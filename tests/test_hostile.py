@@ -26,7 +26,6 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import pytest
 
 import uffd_pager
 from hostile_clients import PAGE, Raw, map_at, refused, registered_uffd, unmap_at
-from support import ChildScript, accepts, describe_returncode, one, stop_daemon
+from support import ChildScript, accepts, describe_returncode, descriptor_kind, one, stop_daemon
 
 HOSTILE_CLIENTS = Path(__file__).with_name("hostile_clients.py")
 NOBODY = 65534
@@ -237,17 +236,6 @@ class MapShape:
 
     fields: dict[str, Any]
     slots: tuple[str, ...]
-
-
-def descriptor_kind(fd: int) -> str:
-    link = os.readlink(f"/proc/self/fd/{fd}")
-    if link == "anon_inode:[userfaultfd]":
-        return "uffd"
-    if link.startswith("/memfd:"):
-        return "memfd"
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        return "file"
-    return link
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def parse_writeback_interval(seconds: object) -> float:
     if seconds is None or (not isinstance(seconds, bool) and seconds == 0):
         return 0.0
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not MIN_WRITEBACK_INTERVAL <= seconds < float("inf"):
+            or not MIN_WRITEBACK_INTERVAL <= seconds < 1e9:  # a huge int would overflow float()
         raise ValueError(f"writeback_interval must be a number of seconds, at least {MIN_WRITEBACK_INTERVAL} "
                          f"(0 or None: off), not {seconds!r}")
     return float(seconds)
