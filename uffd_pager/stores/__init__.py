@@ -1,7 +1,9 @@
 """Backing stores, opened from a URL.
 
-A store is where the pages of a region live. Every store is opened by the
-pager, never by the client, and `open_store` reports a bad URL, a missing
+A store is where the pages of a region live. The client opens a file
+store's file with its own rights (`file.open_store_file`) and passes the
+descriptor; the pager makes the store of it (`open_store(url, key, fd=)`),
+never opening a client's path itself. Both report a bad URL, a missing
 file or a permission problem before anything is registered.
 """
 from __future__ import annotations
