@@ -547,10 +547,10 @@ class PagerService:
                               owner_pid=owner_pid, fork_policy=fork_policy, child_store=child_store,
                               keep_child_portions=keep_child_portions, parent=parent,
                               spans=[(fill.base, fill.base + fill.length + PAGE_SIZE)])
+        os.set_blocking(uffd.fd, False)
+        self._loop.add_reader(uffd.fd, self._on_faults, region)  # first: if it fails, nothing is left behind
         self._next_region_id += 1
         self._regions[region.id] = region
-        os.set_blocking(uffd.fd, False)
-        self._loop.add_reader(uffd.fd, self._on_faults, region)
         return region
 
     @contextlib.contextmanager
