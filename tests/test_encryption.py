@@ -335,7 +335,7 @@ def test_keygen_writes_distinct_private_keys(tmp_path: Path, pager: uffd_pager.P
         assert text.endswith("\n") and text.count("\n") == 1 and text.strip(), \
             f"{make.__name__}: not one line of text: {text!r}"
         key = Key.from_file(path)
-        assert len(bytes.fromhex(key.to_wire())) == 32, "not a 256-bit key"
+        assert len(key.secret_bytes()) == 32, "not a 256-bit key"
         texts.append(text)
         key_ids.append(key.key_id)
     assert len(set(texts)) == len(texts) and len(set(key_ids)) == len(key_ids), "keygen wrote the same key twice"
@@ -725,7 +725,7 @@ def test_the_wrong_key_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager
         else:
             pager.map(url(store), size, key_file=wrong_file, writeback_interval=0)
     assert "wrong key" in str(info.value), f"not a clear message: {info.value}"
-    assert wrong.to_wire() not in str(info.value) and key.to_wire() not in str(info.value)
+    assert wrong.secret_bytes().hex() not in str(info.value) and key.secret_bytes().hex() not in str(info.value)
     assert this_process.uffd_fds() == fds, "a userfaultfd was left in this process"
     assert pager.status()["regions"] == regions, "a region was registered in the pager"
     # Nothing changed: the store is still under the right key and reads as written.
@@ -943,7 +943,7 @@ def logging_daemon(socket_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path
 
 
 def key_forms(key: Key) -> list[bytes]:
-    hexed = key.to_wire()
+    hexed = key.secret_bytes().hex()
     return [bytes.fromhex(hexed), hexed.lower().encode(), hexed.upper().encode()]
 
 

@@ -397,7 +397,7 @@ def _key_memfd(key: Key) -> int:
     it never travels as text in a message."""
     fd = os.memfd_create("uffd-pager-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.write(fd, bytes.fromhex(key.to_wire()))
+        os.write(fd, key.secret_bytes())
         fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE | _F_SEAL_SEAL)
     except BaseException:
         os.close(fd)

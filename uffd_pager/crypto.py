@@ -106,18 +106,9 @@ class Key:
     def to_text(self) -> str:
         return f"{_KEY_FILE_HEADER}{self._secret.hex()}\n"
 
-    def to_wire(self) -> str:
-        """For the local control socket only."""
-        return self._secret.hex()
-
-    @classmethod
-    def from_wire(cls, text: object) -> "Key":
-        if not isinstance(text, str):
-            raise ValueError("the key must be sent as hex text")
-        try:
-            return cls(bytes.fromhex(text))
-        except ValueError:
-            raise ValueError("the key sent is not 64 hex digits") from None
+    def secret_bytes(self) -> bytes:
+        """The key itself: for the sealed memfd that hands it to the pager only."""
+        return self._secret
 
     def subkey(self, store_id: bytes) -> bytes:
         """The key of one store's pages: HKDF-SHA256 of the key, with the
