@@ -4,7 +4,7 @@
 # missing, run pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
-native/build-deps.sh setpriv:util-linux
+native/build-deps.sh setpriv:util-linux redis-server:redis-server redis-cli:redis-tools
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

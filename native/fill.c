@@ -152,6 +152,24 @@ int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
     return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
 }
 
+int up_fill_place(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n)
+{
+    uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
+    if (!fill_live(f))
+        return -EBADF;
+    if (addr < f->base || addr >= f->base + f->len || n > UP_PAGE_SIZE)
+        return -EFAULT;
+    uint64_t idx = page_index(f, addr);
+    if (up_bits_test(f->resident, idx)) {
+        f->duplicates++;
+        if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
+            return -errno;
+        return 0;
+    }
+    memcpy(page_buf, data, n); /* place_page pads it with zeros */
+    return place_page(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, page_buf, n);
+}
+
 int up_fill_forget(struct up_fill *f, uint64_t start, uint64_t end)
 {
     if (!f->live) {

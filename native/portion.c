@@ -74,7 +74,7 @@ void up_portion_release(struct up_portion *p)
 /* Whether p holds page idx itself. */
 static int holds(const struct up_portion *p, uint64_t idx)
 {
-    return !p->parent || (p->fd >= 0 && up_bits_test(p->materialized, idx));
+    return !p->parent || (p->placed && up_bits_test(p->materialized, idx));
 }
 
 const struct up_portion *up_portion_source(const struct up_portion *p, uint64_t idx)
@@ -93,8 +93,8 @@ static const struct up_portion *source_run(const struct up_portion *p, uint64_t 
 {
     uint64_t limit = end;
     for (*depth = 0; p->parent; p = p->parent, (*depth)++) {
-        if (p->fd < 0)
-            continue; /* not placed: holds nothing */
+        if (!p->placed)
+            continue; /* holds nothing */
         if (up_bits_test(p->materialized, from)) {
             *run_end = up_bits_next_clear(p->materialized, from, limit);
             return p;
@@ -178,8 +178,12 @@ int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, ui
         errno = EBADF;
         return -1;
     }
-    if (p->fd < 0 || !p->parent || first > p->npages || npages > p->npages - first) {
+    if (!p->placed || !p->parent || first > p->npages || npages > p->npages - first) {
         errno = EINVAL;
+        return -1;
+    }
+    if (p->fd < 0) {
+        errno = EOPNOTSUPP; /* a remote store: copied through Python */
         return -1;
     }
     uint64_t end = first + npages, i = first;
@@ -237,7 +241,7 @@ uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint
         end = p->npages;
     if (!p->live || !p->parent || from >= end)
         return end;
-    if (p->fd < 0)
+    if (!p->placed)
         return from;
     return up_bits_next_clear(p->materialized, from, end);
 }
@@ -249,7 +253,7 @@ uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint6
     if (!p->live || from >= end)
         return end;
     if (p->fd < 0)
-        return from;
+        return from; /* not placed, or remote: it may hold any page */
     if (p->aead)
         return p->catalog_fd < 0 ? from
                                  : up_aead_next_stored(p->aead, p->catalog_fd, p->offset / UP_PAGE_SIZE, from, end);

@@ -83,7 +83,8 @@ enum up_tracking {
  * 0, or "nothing held"), never a read of freed memory. */
 struct up_portion {
     int live;
-    int fd;                     /* -1: not allocated yet (a child's, chosen lazily) */
+    int placed;                 /* 0: not allocated yet (a child's, chosen lazily) */
+    int fd;                     /* -1: no local descriptor (a remote store: pages come through Python) */
     uint64_t offset;            /* byte offset of the region's page 0 in fd */
     uint64_t npages;
     struct up_bits *materialized; /* children only: the pages held here */
@@ -149,6 +150,11 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
  * a write-protected page and unprotects it. Returns 0, or -errno: -EBADMSG
  * for an encrypted page that fails authentication. */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
+/* Serves a missing-page fault with n bytes of data fetched elsewhere (the
+ * rest of the page reads as zero; n 0: a hole), as up_fill_fault would
+ * have from a descriptor; a page resident meanwhile is only woken. Returns
+ * 0 or -errno (-EAGAIN: an event is unread, call again). */
+int up_fill_place(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n);
 /* Marks the pages of [start, end) (addresses) neither resident nor dirty
  * (REMOVE/UNMAP events); costs what was set there, not the range. */
 int up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
@@ -159,13 +165,14 @@ int up_fill_is_dirty(const struct up_fill *fill, uint64_t addr);
 /* --- portions (portion.c) ----------------------------------------------- */
 
 /* A root portion if parent is NULL, else a child of parent (which must be
- * live). Not placed yet: fd -1. -1 with errno (EBADF, EINVAL, ENOMEM). */
+ * live). Not placed yet. -1 with errno (EBADF, EINVAL, ENOMEM). */
 int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *parent);
 /* Idempotent. */
 void up_portion_release(struct up_portion *p);
 /* Copies pages [first, first+npages) that are not yet materialized in p
  * from where p's parent chain holds them, and marks them materialized.
- * p must be placed. Only the data the sources hold is copied: p reads as
+ * p must be placed, and it and every source must have a descriptor
+ * (EOPNOTSUPP otherwise). Only the data the sources hold is copied: p reads as
  * zero wherever nothing was copied (see the invariant in portion.c).
  * Returns 0 or -1 with errno; *copied counts the pages materialized. */
 int up_portion_copy_in(struct up_portion *p, uint64_t first, uint64_t npages, uint64_t *copied);

@@ -30,6 +30,9 @@ import pytest
 import uffd_pager
 from support import accepts, stop_daemon
 
+# Real redis-server processes for the remote-store tests (started only when used).
+pytest_plugins = ["redis_fixtures"]
+
 WATCHDOG_MARGIN = 30.0  # seconds after pytest-timeout's own limit
 BETWEEN_TESTS = 120.0  # seconds for what runs after a test: wider fixtures, the interpreter's exit
 

@@ -1321,7 +1321,7 @@ def crashing_after(store: Any, pages: int) -> None:
             for k in range(run.length // PAGE):
                 if done == pages:
                     raise Crash()
-                os.pwrite(inner.fill_fd, memoryview(data)[done * PAGE:(done + 1) * PAGE], run.store_offset + k * PAGE)
+                os.pwrite(inner.local_fd, memoryview(data)[done * PAGE:(done + 1) * PAGE], run.store_offset + k * PAGE)
                 done += 1
 
     inner.write_runs = write_runs
@@ -1355,7 +1355,7 @@ def test_an_interrupted_flush_leaves_every_page_old_or_new(tmp_path: Path, state
             crashing_after(es, crash_after)
         try:
             es.write_runs(runs, b"".join(data[p] for p in written))
-            es.sync()
+            es.sync_blocking()
         except Crash:
             pass
         finally:
@@ -1499,7 +1499,7 @@ def encrypted_store(store: Path, key: Key, state_dir: Path, **kwargs: Any) -> An
 def write_pages(es: Any, pages: dict[int, bytes]) -> None:
     from uffd_pager.uffd import Run
     es.write_runs([Run(0, p * PAGE, PAGE) for p in sorted(pages)], b"".join(pages[p] for p in sorted(pages)))
-    es.sync()
+    es.sync_blocking()
 
 
 @pytest.mark.timeout(60)
@@ -1516,7 +1516,7 @@ def test_a_discarded_range_reads_as_zero_even_with_its_old_pages_put_back(tmp_pa
         saved_pages = {p: raw_page(store, p) for p in old}
         at = HEADER_BYTES + 4 * RECORD_BYTES
         saved_records = catalog_path(store).read_bytes()[at:at + 4 * RECORD_BYTES]
-        es.discard(4 * PAGE, 4 * PAGE)
+        es.discard_blocking(4 * PAGE, 4 * PAGE)
         assert [es.read_page(p * PAGE) for p in old] == [bytes(PAGE)] * 4
         assert not any(es.holds(p * PAGE) for p in old)
         for p, data in saved_pages.items():

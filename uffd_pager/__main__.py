@@ -111,6 +111,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.store != "file":
+        from uffd_pager.bench_remote import run_remote_bench
+        return run_remote_bench(args.store, quick=args.quick, pages=args.pages, directory=args.dir)
     from uffd_pager.bench import run_bench
 
     return run_bench(quick=args.quick, pages=args.pages, directory=args.dir, json_path=args.json)
@@ -183,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
     bench.add_argument("--quick", action="store_true", help="fewer pages: the run of ./run.sh")
+    bench.add_argument("--store", choices=("file", "redis", "redis+unix"), default="file",
+                       help="file (default): the full table over a file store; redis, redis+unix: remote faults "
+                            "and write-back over a private redis-server beside a plain GET / pipelined SET")
     bench.add_argument("--pages", type=_positive_int, metavar="N", help="faults per row (default 16384, quick 4096)")
     bench.add_argument("--dir", type=_writable_directory,
                        help="where to put the benchmark file (default: a new temp dir)")

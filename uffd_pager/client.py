@@ -50,6 +50,7 @@ from uffd_pager.layout import (
 )
 from uffd_pager.region import Region, RegionMapping, fork_lock
 from uffd_pager.catalog import open_catalog_file
+from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
@@ -277,17 +278,20 @@ class Pager:
             key = Key.from_file(key_file)
         # The pager never opens a path for us: we open the files with our own
         # rights and hand the descriptors over (SCM_RIGHTS).
+        # A remote store is the pager's to reach: only its URL is checked here.
         with contextlib.ExitStack() as passed:
-            descriptors = {"store": open_store_file(store)}
-            passed.callback(os.close, descriptors["store"])
-            if children is not None:
-                descriptors["children"] = open_store_file(children)
-                passed.callback(os.close, descriptors["children"])
+            descriptors: dict[str, int] = {}
+            for name, url in (("store", store), ("children", children)):
+                if url is not None and not is_remote(url):
+                    descriptors[name] = open_store_file(url)
+                    passed.callback(os.close, descriptors[name])
             if key is not None:
                 descriptors["key"] = _key_memfd(key)
                 passed.callback(os.close, descriptors["key"])
                 for name, url in (("catalog", store), ("children_catalog", children)):
                     if url is not None:
+                        if is_remote(url):
+                            raise ValueError(f"{url}: encryption is over file stores only, so far")
                         descriptors[name] = open_catalog_file(file_path(url))
                         passed.callback(os.close, descriptors[name])
             uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])

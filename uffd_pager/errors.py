@@ -3,6 +3,8 @@ subclasses that are also the builtin a caller would catch (a dead pager is
 a ConnectionError, a late answer a TimeoutError), as pynacl does."""
 from __future__ import annotations
 
+import errno
+
 
 class PagerError(Exception):
     """The base of every error that is the pager's, not the caller's."""
@@ -31,3 +33,17 @@ class StoreReadOnly(PermissionError, PagerError):
 
 class LimitExceeded(OSError, PagerError):
     """A tenant limit of the pager (regions, bytes mapped) would be exceeded."""
+
+
+class StoreUnavailable(ConnectionError, PagerError):
+    """The store cannot be reached now (a server down, a timeout): the
+    operation may succeed if retried later."""
+
+
+class StoreLost(OSError, PagerError):
+    """A remote server no longer holds the pseudo file this pager wrote (it
+    came back empty, or another took its name): its pages must not read as
+    zero. Not retried: it does not come back by waiting."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENODATA, message)

@@ -8,12 +8,14 @@ child reads it through its parent's portion (see native/portion.c).
 """
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
-from uffd_pager.uffd import PAGE_SIZE, PortionState, Run, Tracking
+from uffd_pager.stores.base import BadPage, BlockingStore, Extent, run_blocking
+from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
 
 if TYPE_CHECKING:
-    from uffd_pager.stores import Store
+    from uffd_pager.stores.base import Store
 
 # map(dirty_tracking=...) names -> the kernel mechanism behind them.
 TRACKING_MODES = {"async": Tracking.ASYNC_WP, "sync": Tracking.SYNC_WP}
@@ -79,19 +81,26 @@ def parse_fork_policy(name: object) -> str:
 
 class PortionAllocator:
     """Places children's portions in one backing store: in a slot freed by
-    an exited child, discarded first, else past the end of the store and of
-    every portion in use (never over bytes that are already there). So a new
-    portion reads as zero throughout, which copies between portions rely on
-    (see native/portion.c): they write only the data their sources hold."""
+    an exited child and discarded since, else past the end of the store and
+    of every portion in use (never over bytes that are already there). So a
+    new portion reads as zero throughout, which copies between portions rely
+    on (see native/portion.c): they write only the data their sources hold.
+    A local file's slot is discarded when it is reused (a hole punched: an
+    exited child's bytes stay readable until then); a remote store's at
+    once, since it holds the slot in a server's memory: `release` hands the
+    slot to its caller, which gives it back with `add_free` once the store
+    has discarded it."""
 
     def __init__(self, store: "Store") -> None:
         self.store = store
+        self._discard_on_reuse = isinstance(store, BlockingStore)
         self.in_use: dict[int, int] = {}  # offset -> length
         self._users: dict[int, int] = {}  # offset -> regions mapping that portion
         self._free: list[tuple[int, int]] = []
         # Portions kept after their child exited (keep_child_portions=True)
         # stay out of reach of later allocations.
         self._kept: list[tuple[int, int]] = []
+        self._discarding: list[tuple[int, int]] = []  # freed, not yet discarded by the store
 
     def reserve(self, offset: int, length: int) -> None:
         """Records a portion placed by its owner (a root region); the same
@@ -103,27 +112,41 @@ class PortionAllocator:
         for i, (offset, size) in enumerate(self._free):
             if size == length:
                 del self._free[i]
-                self.store.discard(offset, length)  # it may hold an exited child's bytes
+                if isinstance(self.store, BlockingStore):
+                    self.store.discard_blocking(offset, length)  # a hole punched: quick
                 self.in_use[offset], self._users[offset] = length, 1
                 return offset
         end = max([self.store.end(), *(o + n for o, n in self.in_use.items()),
-                   *(o + n for o, n in self._free), *(o + n for o, n in self._kept)])
+                   *(o + n for o, n in self._free), *(o + n for o, n in self._kept),
+                   *(o + n for o, n in self._discarding)])
         offset = -(-end // PAGE_SIZE) * PAGE_SIZE
         self.in_use[offset], self._users[offset] = length, 1
         return offset
 
-    def release(self, offset: int, *, reuse: bool) -> None:
+    def release(self, offset: int, *, reuse: bool) -> Extent | None:
+        """Its last user let the portion go: the slot to discard before it
+        is reused (then `add_free`), or None."""
         self._users[offset] = self._users.get(offset, 1) - 1
         if self._users[offset] > 0:
-            return
+            return None
         del self._users[offset]
         length = self.in_use.pop(offset, None)
         if length is None:
-            return
-        if reuse:
-            self._free.append((offset, length))
-        else:
+            return None
+        if not reuse:
             self._kept.append((offset, length))
+            return None
+        if self._discard_on_reuse:
+            self._free.append((offset, length))
+            return None
+        self._discarding.append((offset, length))
+        return offset, length
+
+    def add_free(self, offset: int, length: int, *, discarded: bool) -> None:
+        """A released slot, discarded by the store (or not: then it is
+        never handed out again, since it may hold an exited child's bytes)."""
+        self._discarding.remove((offset, length))
+        (self._free if discarded else self._kept).append((offset, length))
 
 
 class Portion:
@@ -153,7 +176,7 @@ class Portion:
         return self.state.offset if self.state.placed else None
 
     def place_at(self, offset: int) -> None:
-        self.state.place(self.store.fill_fd, offset)
+        self.state.place(self.store.local_fd, offset)
         sealing = self.store.sealing()
         if sealing is not None:
             self.state.seal_with(*sealing)
@@ -174,22 +197,24 @@ class Portion:
             portion = portion.parent
         return portion
 
-    def read_page(self, page: int) -> bytes:
-        """The page as this portion's process sees it in the store."""
-        source = self.source(page)
-        return source.store.read_page(source.offset + page * PAGE_SIZE)  # type: ignore[operator]
-
-    def copy_in(self, first: int, npages: int) -> int:
-        """Materializes pages here from the parent chain (placing the portion first)."""
+    async def copy_in(self, first: int, npages: int) -> int:
+        """Materializes pages here from the parent chain (placing the
+        portion first). The caller holds the lineage's copy lock."""
         self.place()
-        if self._chain_is_direct():
-            copied = self.state.copy_in(first, npages)  # copy_file_range, in C
-        else:
-            copied = self._copy_in_through_store(first, npages)
+        if self.chain_is_direct():
+            return await run_blocking(self.copy_in_direct, first, npages)
+        copied = await self._copy_in_through_store(first, npages)
         self.copied_in += copied
         return copied
 
-    def _chain_is_direct(self) -> bool:
+    def copy_in_direct(self, first: int, npages: int) -> int:
+        """copy_in for a placed portion whose chain is all local files in
+        the clear: copy_file_range, in C. Blocking (a worker thread's)."""
+        copied = self.state.copy_in(first, npages)
+        self.copied_in += copied
+        return copied
+
+    def chain_is_direct(self) -> bool:
         portion: Portion | None = self
         while portion is not None:
             if not portion.store.direct:
@@ -197,57 +222,66 @@ class Portion:
             portion = portion.parent
         return True
 
-    def _copy_in_through_store(self, first: int, npages: int) -> int:
-        """Pages of an encrypted chain are decrypted from where they are and
-        encrypted anew for this portion: a ciphertext is bound to its place.
-        Only the pages a source holds are copied; the others read as zero
-        here already (see native/portion.c), so they are only marked."""
+    async def _copy_in_through_store(self, first: int, npages: int) -> int:
+        """Pages of a chain that is not all local files in the clear (a
+        remote store; an encrypted one, whose pages are decrypted from where
+        they are and encrypted anew for this portion: a ciphertext is bound
+        to its place) are read and written through the stores. Only the
+        pages a source holds are copied; the others read as zero here
+        already (see native/portion.c), so they are only marked."""
         assert self.parent is not None and self.offset is not None
         end = first + npages
         copied = written = 0
         page = self.state.next_missing(first, end)
         while page < end:
             depth, run_end = self.state.source_run(page, end)
-            written += self._copy_stored_pages(self._ancestor(depth), page, run_end)
+            written += await self._copy_stored_pages(self._ancestor(depth), page, run_end)
             self.state.mark(page, run_end - page)
             copied += run_end - page
             page = self.state.next_missing(run_end, end)
         if written:
-            self.store.sync()
+            await self.store.sync()
         return copied
 
     _COPY_BATCH = 64  # pages read, then written, at a time
 
-    def _copy_stored_pages(self, source: "Portion", first: int, end: int) -> int:
+    async def _copy_stored_pages(self, source: "Portion", first: int, end: int) -> int:
         """Copies the pages of [first, end) that source's store holds (it is
         their source) to the same pages here; returns how many."""
         batch: list[int] = []
         written = 0
         page = source.state.next_stored(first, end)
         while page < end:
-            if source.store.holds(source.offset + page * PAGE_SIZE):  # type: ignore[operator]
-                batch.append(page)
-                if len(batch) == self._COPY_BATCH:
-                    written += self._copy_pages(source, batch)
-                    batch = []
+            batch.append(page)
+            if len(batch) == self._COPY_BATCH:
+                written += await self._copy_pages(source, batch)
+                batch = []
             page = source.state.next_stored(page + 1, end)
         if batch:
-            written += self._copy_pages(source, batch)
+            written += await self._copy_pages(source, batch)
         return written
 
-    def _copy_pages(self, source: "Portion", pages: list[int]) -> int:
-        """Reads pages (ascending) as source holds them, writes them here."""
+    async def _copy_pages(self, source: "Portion", pages: list[int]) -> int:
+        """Reads pages (ascending) as source holds them, writes those it
+        holds here; returns how many it wrote."""
         assert source.offset is not None and self.offset is not None
-        data = b"".join(source.store.read_page(source.offset + p * PAGE_SIZE) for p in pages)
-        runs: list[Run] = []
-        for p in pages:
+        values = await source.store.read([source.offset + p * PAGE_SIZE for p in pages])
+        extents: list[Extent] = []
+        data: list[bytes] = []
+        for p, value in zip(pages, values):
+            if isinstance(value, BadPage):
+                raise OSError(errno.EIO, f"{source.store.url}: {value}")
+            if value is None:
+                continue  # a hole: it reads as zero here already
             offset = self.offset + p * PAGE_SIZE
-            if runs and runs[-1].store_offset + runs[-1].length == offset:
-                runs[-1] = Run(0, runs[-1].store_offset, runs[-1].length + PAGE_SIZE)
+            if extents and extents[-1][0] + extents[-1][1] == offset:
+                extents[-1] = (extents[-1][0], extents[-1][1] + PAGE_SIZE)
             else:
-                runs.append(Run(0, offset, PAGE_SIZE))
-        self.store.write_runs(runs, data)
-        return len(pages)
+                extents.append((offset, PAGE_SIZE))
+            data.append(value)
+        if extents:
+            await self.store.write(extents, b"".join(data))
+        return len(data)
 
     def _ancestor(self, depth: int) -> "Portion":
         portion = self
@@ -256,10 +290,58 @@ class Portion:
             portion = portion.parent
         return portion
 
-    def complete(self) -> int:
+    async def complete(self) -> int:
         """Copies every page still inherited, so this portion alone holds the
         process's view (a fresh map() of it reproduces the view)."""
-        return self.copy_in(0, self.size // PAGE_SIZE) if self.parent is not None else 0
+        return await self.copy_in(0, self.size // PAGE_SIZE) if self.parent is not None else 0
+
+
+async def copy_to_children(children: list[Portion], spans: list[tuple[int, int]], own: Portion | None, *,
+                           own_whole: bool = True) -> int:
+    """Copies the pages of spans [(first, npages)] into each child that
+    still inherits them, then materializes in `own` (a child's portion)
+    every page it inherits (own_whole) or those of spans. Returns the pages
+    copied into the children. The caller holds the lineage's copy lock."""
+    for portion in [*children, *([own] if own is not None else [])]:
+        portion.place()  # the allocator is the loop's
+    direct = [child for child in children if child.chain_is_direct()]
+    own_direct = own is not None and own.chain_is_direct()
+    # Local files: every copy in one worker thread (one hop, however many spans).
+    own_spans = [(0, own.size // PAGE_SIZE)] if own is not None and own_whole else spans
+    copied = await run_blocking(_copy_direct, direct, spans, own if own_direct else None, own_spans) \
+        if direct or own_direct else 0
+    for child in children:
+        if child in direct:
+            continue
+        for first, npages in spans:
+            if not child.state.live:
+                break  # the child exited while we copied: its portion is gone
+            try:
+                copied += await child.copy_in(first, npages)
+            except OSError as exc:
+                if exc.errno != errno.EBADF or child.state.live:
+                    raise
+    if own is not None and not own_direct:
+        for first, npages in own_spans:
+            await own.copy_in(first, npages)
+    return copied
+
+
+def _copy_direct(children: list[Portion], spans: list[tuple[int, int]], own: Portion | None,
+                 own_spans: list[tuple[int, int]]) -> int:
+    """copy_to_children's part for local files, in a worker thread."""
+    copied = 0
+    for child in children:
+        for first, npages in spans:
+            try:
+                copied += child.copy_in_direct(first, npages)
+            except OSError as exc:
+                if exc.errno != errno.EBADF or child.state.live:
+                    raise
+                break  # the child exited while we copied: its portion is gone
+    for first, npages in own_spans if own is not None else []:
+        own.copy_in_direct(first, npages)  # type: ignore[union-attr]
+    return copied
 
 
 # --- spans: the address ranges a region's registration still covers -------------

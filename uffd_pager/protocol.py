@@ -25,11 +25,13 @@ from uffd_pager.errors import (
     PagerGone,
     PagerTimeout,
     ProtocolError,
+    StoreLost,
     StoreReadOnly,
+    StoreUnavailable,
 )
 
 __all__ = ["DescriptorsDropped", "LimitExceeded", "PagerError", "PagerGone", "PagerTimeout", "ProtocolError",
-           "StoreReadOnly"]
+           "StoreLost", "StoreReadOnly", "StoreUnavailable"]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
@@ -76,7 +78,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
 
 # map's descriptors, named in its "fds" field in the order they are attached.
 MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog")
-REQUIRED_MAP_DESCRIPTORS = ("uffd", "store")
+REQUIRED_MAP_DESCRIPTORS = ("uffd",)  # a remote store has no descriptor
 
 
 def check_request(request: dict[str, Any]) -> str:
@@ -157,6 +159,10 @@ def raise_for_error(reply: dict[str, Any]) -> dict[str, Any]:
         raise StoreReadOnly(error.get("errno", errno.EBADF), message)
     if error.get("type") == "LimitExceeded":
         raise LimitExceeded(error.get("errno", errno.EDQUOT), message)
+    if error.get("type") == "StoreUnavailable":
+        raise StoreUnavailable(error.get("errno", errno.EIO), message)
+    if error.get("type") == "StoreLost":
+        raise StoreLost(message)
     if "errno" in error:
         # OSError(errno, ...) picks the subclass itself (FileNotFoundError, ...).
         raise OSError(error["errno"], message)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from uffd_pager.layout import Portion, PortionAllocator, Span, clip_spans, tracking_name
-from uffd_pager.stores import Store
+from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
 from uffd_pager.writeback import pages_of
 
@@ -81,6 +81,13 @@ class ServedRegion:
     retry_delay: float = 0.0
     # Pages whose poisoning failed with EAGAIN: poisoned on the next retry.
     unfillable: dict[int, int] = field(default_factory=dict)
+    # Pages fetched from a remote store whose placing failed with EAGAIN
+    # (address -> bytes, None: a hole): placed on the next retry.
+    fetched: dict[int, bytes | None] = field(default_factory=dict)
+    fetched_pages: int = 0  # pages fetched from stores without a descriptor
+    fetch_failures: int = 0  # ... that could not be (poisoned)
+    # fork_policy="on-access": pages whose copy is done, to be filled.
+    copied: set[int] = field(default_factory=set)
 
     @property
     def tag_address(self) -> int:
@@ -90,7 +97,7 @@ class ServedRegion:
 
     @property
     def encrypted(self) -> bool:
-        return not self.portion.store.direct
+        return self.portion.store.key_id is not None
 
     @property
     def paged_spans(self) -> list[Span]:
@@ -124,6 +131,8 @@ class ServedRegion:
             "poisoned": self.poisoned,
             "encrypted": self.encrypted,
             "auth_failures": self.auth_failures,
+            "fetched_pages": self.fetched_pages,
+            "fetch_failures": self.fetch_failures,
             "pending": len(self.pending),
             "last_error": self.last_error,
             "fork": {

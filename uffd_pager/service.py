@@ -35,7 +35,9 @@ control connections with EOF, and children not yet known by a periodic
 probe of their uffd.
 
 The hot path (read a batch, pread, UFFDIO_COPY) runs in C (`FillRange.serve`);
-this module handles what C hands back.
+this module handles what C hands back: a page of a store without a local
+descriptor comes back as -EOPNOTSUPP and is fetched (fetch.py), then
+placed with `FillRange.place`.
 """
 from __future__ import annotations
 
@@ -51,13 +53,15 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator
 
 from uffd_pager import protocol
+from uffd_pager.fetch import Fetcher, Result
 from uffd_pager.layout import (
     Portion,
     PortionAllocator,
     check_geometry,
+    copy_to_children,
     cut_span,
     move_span,
     parse_fork_policy,
@@ -67,6 +71,7 @@ from uffd_pager.layout import (
 from uffd_pager.crypto import Key, PageAuthError
 from uffd_pager.served import OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, open_store
+from uffd_pager.stores.base import BadPage, run_blocking
 from uffd_pager.tenants import TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
@@ -86,8 +91,6 @@ from uffd_pager.uffd import (
 from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
 
 log = logging.getLogger("uffd_pager.pager")
-
-T = TypeVar("T")
 
 # Faults that lost their target (the process exited, or the page's mapping
 # changed under the copy): wake the range so any thread still waiting
@@ -150,6 +153,7 @@ class PagerService:
         self._child_probe: asyncio.TimerHandle | None = None
         self._accept_paused = False
         self._tenants = Tenants(limits or TenantLimits())
+        self._fetcher = Fetcher(self._loop, self._fetched)
         self._state_dir = state_dir  # encrypted stores' anchors (None: catalog.default_state_dir())
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -178,6 +182,7 @@ class PagerService:
                 self._loop.remove_reader(self._listener.fileno())
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
+            self._fetcher.close()
             for region in list(self._regions.values()):
                 self._release_region(region)
             for conn in list(self._connections):
@@ -353,12 +358,14 @@ class PagerService:
             if key is not None and ("catalog" not in named or (children_url is None) != ("children_catalog" not in named)):
                 raise protocol.ProtocolError("an encrypted map carries each store's catalog descriptor")
             catalog = _claim(fds, named["catalog"]) if "catalog" in named else None
-            store = self._open_store(url, key, _claim(fds, named["store"]), catalog)
+            store = await self._open_store(url, key, _claim(fds, named["store"]) if "store" in named else None,
+                                           catalog)
             opened.append(store)
             child_store = store
             if children_url is not None:
                 catalog = _claim(fds, named["children_catalog"]) if "children_catalog" in named else None
-                child_store = self._open_store(children_url, key, _claim(fds, named["children"]), catalog)
+                child_store = await self._open_store(children_url, key, _claim(fds, named["children"])
+                                                     if "children" in named else None, catalog)
                 opened.append(child_store)
             if tracking == Tracking.ASYNC_WP:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -509,8 +516,9 @@ class PagerService:
 
     # --- stores -------------------------------------------------------------------
 
-    def _open_store(self, url: str, key: Key | None, fd: int, catalog_fd: int | None = None) -> OpenStore:
-        store = open_store(url, key, fd=fd, catalog_fd=catalog_fd, state_dir=self._state_dir)
+    async def _open_store(self, url: str, key: Key | None, fd: int | None,
+                          catalog_fd: int | None = None) -> OpenStore:
+        store = await open_store(url, key, fd=fd, catalog_fd=catalog_fd, state_dir=self._state_dir)
         try:
             identity = store.identity
             shared = self._stores.get(identity)
@@ -564,9 +572,13 @@ class PagerService:
         try:
             yield
         finally:
-            region.holds -= 1
-            if region.released and region.holds == 0:
-                self._tear_down(region)
+            self._let_go(region)
+
+    def _let_go(self, region: ServedRegion) -> None:
+        """Ends one hold (see _holding) taken by hand."""
+        region.holds -= 1
+        if region.released and region.holds == 0:
+            self._tear_down(region)
 
     def _release_region(self, region: ServedRegion) -> None:
         """Stops serving the region at once; its state goes when unused."""
@@ -598,6 +610,18 @@ class PagerService:
         region.uffd.close()
         region.fill.close()
         region.portion.in_use_by_region = False
+        if region.copy_lock.locked():
+            # A copy in this lineage (in a worker thread, maybe into this very
+            # portion) is under way: its native state goes once it is done.
+            self._spawn(self._free_after_copies(region))
+        else:
+            self._free_region_portions(region)
+
+    async def _free_after_copies(self, region: ServedRegion) -> None:
+        async with region.copy_lock:
+            self._free_region_portions(region)
+
+    def _free_region_portions(self, region: ServedRegion) -> None:
         self._free_portions(region.portion, keep=region.parent is not None and region.keep_child_portions)
         if region.holds_children_store:
             self._release_store(region.child_store)  # the use map(children=...) took, even of the same file
@@ -607,18 +631,37 @@ class PagerService:
         its parent if that was the parent's last reason to stay."""
         while portion is not None and not portion.in_use_by_region and not portion.children:
             parent = portion.parent
+            shared = self._store_of(portion)
             if portion.placed:
                 # A root portion is the user's data: never handed out again.
-                portion.allocator.release(portion.offset, reuse=parent is not None and not keep)
+                slot = portion.allocator.release(portion.offset, reuse=parent is not None and not keep)
+                if slot is not None:
+                    shared.users += 1  # the discard's, until it is done
+                    self._spawn(self._discard_slot(shared, *slot))
             if parent is not None:
                 parent.children.remove(portion)
-            self._release_store(self._store_of(portion))  # each portion holds one use of its store
+            self._release_store(shared)  # each portion holds one use of its store
             portion.state.close()
             portion, keep = parent, False
+
+    async def _discard_slot(self, shared: OpenStore, offset: int, length: int) -> None:
+        """An exited child's portion is discarded before its slot is reused
+        (it may hold the child's bytes; a new portion must read as zero)."""
+        discarded = False
+        try:
+            await shared.store.discard(offset, length)
+            discarded = True
+        except OSError as exc:
+            log.warning("%s: discarding an exited child's portion at %d failed (the slot is not reused): %s",
+                        shared.store.url, offset, exc)
+        finally:
+            shared.allocator.add_free(offset, length, discarded=discarded)
+            self._release_store(shared)
 
     def _on_faults(self, region: ServedRegion) -> None:
         with self._holding(region):
             self._serve_faults(region)
+        self._fetcher.send_all()  # the faults of this read, in one batch per store
 
     def _serve_faults(self, region: ServedRegion) -> None:
         try:
@@ -644,7 +687,10 @@ class PagerService:
     def _take(self, region: ServedRegion, item: Deferred) -> None:
         event = item.event
         if isinstance(event, PageFault):
-            region.pending.append(event)
+            if item.status == -errno.EOPNOTSUPP:
+                self._fetch(region, event)  # its page is in a store without a descriptor
+            else:
+                region.pending.append(event)
         elif isinstance(event, ForkEvent):
             region.events["fork"] += 1
             self._adopt_fork_child(region, event)
@@ -670,6 +716,10 @@ class PagerService:
         for fault in region.pending:
             if fault.page in region.unfillable:
                 rc = self._fail_page(region, fault, region.unfillable[fault.page])
+            elif fault.page in region.fetched:
+                rc = region.fill.place(region.uffd, fault, region.fetched[fault.page])
+                if rc != -errno.EAGAIN:
+                    del region.fetched[fault.page]
             elif fault.page == region.tag_address:
                 rc = self._serve_tag_page(region, fault)
             elif not region.handed and not fault.wp:
@@ -679,7 +729,10 @@ class PagerService:
                 rc = self._serve_deferred(region, fault)
             else:
                 rc = region.fill.fill_fault(region.uffd, fault)
-            if rc == 0:
+            if rc in (0, -errno.EINPROGRESS):  # served, or a task serves it
+                continue
+            if rc == -errno.EOPNOTSUPP:
+                self._fetch(region, fault)
                 continue
             if rc == -errno.EAGAIN:
                 still.append(fault)
@@ -734,7 +787,58 @@ class PagerService:
             _wake_quietly(region.uffd, fault.page)
         return 0
 
-    def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int) -> int:
+    def _fetch(self, region: ServedRegion, fault: PageFault) -> None:
+        """Fetches a missing page from the store of the portion that holds
+        it (see fetch.py); `_fetched` places it. The region is held until
+        then, so its store and state outlive the fetch."""
+        index = region.page_index(fault.page)
+        source = region.portion.source(index)
+        assert source.offset is not None  # the C path found it placed
+        region.holds += 1
+        self._fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source))
+
+    def _fetched(self, waiter: tuple[ServedRegion, PageFault, Portion], result: Result) -> None:
+        region, fault, source = waiter
+        try:
+            if region.released or isinstance(result, asyncio.CancelledError):
+                return
+            if isinstance(result, (BaseException, BadPage)):
+                region.fetch_failures += 1
+                region.last_error = f"{source.store.url}: {result}"
+                rc = -errno.EBADMSG if isinstance(result, PageAuthError) else -errno.EIO
+                self._settle(region, fault, self._fail_page(region, fault, rc, cause=region.last_error))
+                return
+            if result is not None and len(result) != PAGE_SIZE:
+                region.fetch_failures += 1
+                region.last_error = f"{source.store.url}: a page of {len(result)} bytes"
+                self._settle(region, fault, self._fail_page(region, fault, -errno.EIO, cause=region.last_error))
+                return
+            if region.portion.source(region.page_index(fault.page)) is not source:
+                self._fetch(region, fault)  # copied into a child's own portion meanwhile: read it there
+                return
+            region.fetched_pages += 1
+            rc = region.fill.place(region.uffd, fault, result)
+            if rc == -errno.EAGAIN:
+                region.fetched[fault.page] = result
+            self._settle(region, fault, rc)
+        finally:
+            self._let_go(region)
+
+    def _settle(self, region: ServedRegion, fault: PageFault, rc: int) -> None:
+        """What became of a fault served outside _retry_pending (a fetch, a
+        copy): kept for the retry timer, woken, or failed."""
+        if rc == 0:
+            return
+        if rc == -errno.EAGAIN:
+            region.pending.append(fault)
+            self._schedule_retry(region)
+        elif rc in _STALE_FAULT:
+            _wake_quietly(region.uffd, fault.page)
+        elif self._fail_page(region, fault, rc) == -errno.EAGAIN:
+            region.pending.append(fault)
+            self._schedule_retry(region)
+
+    def _fail_page(self, region: ServedRegion, fault: PageFault, rc: int, *, cause: str | None = None) -> int:
         """The page's data could not be produced (the store failed, an
         encrypted page did not authenticate, the address is outside the
         region). It is never handed out as zeros or as unauthenticated
@@ -746,7 +850,7 @@ class PagerService:
                 region.auth_failures += 1
                 reason = "its ciphertext fails authentication (altered, swapped or replayed in the store)"
             else:
-                reason = os.strerror(-rc)
+                reason = cause or os.strerror(-rc)
             log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
                       region.id, fault.page, region.owner_pid, reason)
         try:
@@ -812,7 +916,7 @@ class PagerService:
             await self._preserve_for_children(region, runs)
             if not runs and region.parent is None:
                 return {"pages": 0, "bytes": 0}
-            result = await self._in_worker(write_back, portion.store, region.owner_pid, runs)
+            result = await write_back(portion.store, region.owner_pid, runs)
         except OSError as exc:
             region.retry_pages |= region.in_flight
             region.writeback["writeback_errors"] += 1
@@ -930,14 +1034,8 @@ class PagerService:
         for child in children:
             child.place()  # the allocator is the loop's
         async with region.copy_lock:
-            copied = await self._in_worker(_copy_pages, children, spans,
-                                             region.portion if region.parent is not None else None)
+            copied = await copy_to_children(children, spans, region.portion if region.parent is not None else None)
         region.copied_to_children += copied
-
-    def _copy_to_children(self, region: ServedRegion, first: int, npages: int) -> None:
-        """Copies pages into every child that still inherits them from the region."""
-        for child in region.portion.inheriting_children():
-            region.copied_to_children += child.copy_in(first, npages)
 
     async def _copy_at_fork(self, parent: ServedRegion, child: ServedRegion) -> None:
         """fork_policy="at-fork": the child's portion gets every page at once
@@ -949,31 +1047,12 @@ class PagerService:
                 if child.released:
                     return
                 try:
-                    copied = await self._in_worker(child.portion.complete)
+                    copied = await child.portion.complete()
                 except OSError as exc:
                     log.error("region %d: copying the forked child's portion at fork failed (its flush "
                               "completes it): %s", child.id, exc)
                     return
             parent.copied_to_children += copied
-
-    async def _in_worker(self, work: Callable[..., T], *args: Any) -> T:
-        """Runs blocking work in a worker thread. A thread cannot be stopped:
-        if the awaiting task is cancelled (a region's timer, at shutdown),
-        it still waits for the thread to end, so that the holds it keeps
-        (see _holding) outlive every use of the descriptors and state."""
-        future = self._loop.run_in_executor(None, work, *args)
-        cancelled = False
-        while True:
-            try:
-                result = await asyncio.shield(future)
-                break
-            except asyncio.CancelledError:
-                if future.done():
-                    raise
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
 
     async def _settled(self, region: ServedRegion) -> None:
         """Waits for copies under way in the region's lineage."""
@@ -983,22 +1062,45 @@ class PagerService:
 
     def _serve_deferred(self, region: ServedRegion, fault: PageFault) -> int:
         """fork_policy="on-access": any access by either process first
-        copies the page into the child's portion (claim 4)."""
+        copies the page into the child's portion (claim 4), in a task
+        (-EINPROGRESS), which then fills the page."""
         index = region.page_index(fault.page)
         if not 0 <= index < region.fill.length // PAGE_SIZE:
             return -errno.EFAULT
+        if fault.page in region.copied:
+            region.copied.discard(fault.page)
+            rc = region.fill.fill_fault(region.uffd, fault)
+            if rc == -errno.EAGAIN:
+                region.copied.add(fault.page)
+            return rc
         if region.copy_lock.locked():
-            return -errno.EAGAIN  # a worker is copying in this lineage: retried on the timer
+            return -errno.EAGAIN  # a copy is under way in this lineage: retried on the timer
+        region.holds += 1
+        self._spawn(self._copy_then_fill(region, fault, index))
+        return -errno.EINPROGRESS
+
+    async def _copy_then_fill(self, region: ServedRegion, fault: PageFault, index: int) -> None:
         try:
-            if region.parent is not None:
-                region.portion.copy_in(index, 1)
-            self._copy_to_children(region, index, 1)
-        except PageAuthError as exc:
-            log.error("region %d: %s", region.id, exc)
-            return -errno.EBADMSG
-        except OSError as exc:
-            return -(exc.errno or errno.EIO)
-        return region.fill.fill_fault(region.uffd, fault)
+            async with region.copy_lock:
+                if region.released:
+                    return
+                try:
+                    region.copied_to_children += await copy_to_children(
+                        region.portion.inheriting_children(), [(index, 1)],
+                        region.portion if region.parent is not None else None, own_whole=False)
+                except PageAuthError as exc:
+                    log.error("region %d: %s", region.id, exc)
+                    self._settle(region, fault, -errno.EBADMSG)
+                    return
+                except OSError as exc:
+                    self._settle(region, fault, -(exc.errno or errno.EIO))
+                    return
+            if not region.released:
+                region.copied.add(fault.page)
+                region.pending.append(fault)
+                self._retry_pending(region)
+        finally:
+            self._let_go(region)
 
     def _sync_defer_missing(self) -> None:
         """fork_policy="on-access" regions route their missing faults
@@ -1049,20 +1151,6 @@ class PagerService:
                     exited = exc.errno == errno.ESRCH
             if exited:
                 self._release_region(region)
-
-
-def _copy_pages(children: list[Portion], spans: list[tuple[int, int]], own: Portion | None) -> int:
-    """In a worker thread: copies the pages of spans [(first, npages)] into
-    each child that still inherits them, then completes `own` (a child's
-    portion) with every page it inherits. Returns the pages copied into the
-    children."""
-    copied = 0
-    for child in children:
-        for first, npages in spans:
-            copied += child.copy_in(first, npages)
-    if own is not None:
-        own.complete()
-    return copied
 
 
 def _claim(fds: list[int], fd: int) -> int:

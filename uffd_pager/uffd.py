@@ -324,9 +324,12 @@ class PortionState:
         return self._c
 
     def place(self, fd: int, offset: int) -> None:
+        """fd: the store's local descriptor, or -1 for a store without one
+        (the C paths then hand its pages to Python: -EOPNOTSUPP)."""
         c = self._live()
         c.fd = fd
         c.offset = offset
+        c.placed = 1
 
     def seal_with(self, aead: Any, catalog_fd: int, store_id: bytes) -> None:
         """The portion's pages are encrypted: the C fill path opens them with
@@ -339,7 +342,12 @@ class PortionState:
 
     @property
     def placed(self) -> bool:
-        return self._c.fd >= 0
+        return bool(self._c.placed)
+
+    @property
+    def live(self) -> bool:
+        """False once closed (its process is gone)."""
+        return bool(self._c.live)
 
     @property
     def offset(self) -> int:
@@ -473,6 +481,12 @@ class FillRange:
         """Serves one fault (again, after EAGAIN); returns 0 or -errno
         (-EBADMSG: an encrypted page that fails authentication)."""
         return lib.up_fill_fault(uffd.fd, self._live(), fault.address, fault.flags)
+
+    def place(self, uffd: Uffd, fault: PageFault, data: bytes | None) -> int:
+        """Serves a missing-page fault with a page fetched elsewhere (None
+        or short: the rest reads as zero); returns 0 or -errno."""
+        data = data or b""
+        return lib.up_fill_place(uffd.fd, self._live(), fault.address, fault.flags, data, len(data))
 
     def forget(self, start: int, end: int) -> None:
         """[start, end) was removed or unmapped: neither resident nor dirty now."""

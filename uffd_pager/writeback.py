@@ -4,13 +4,15 @@ Which pages are dirty comes from the region's tracking mode (see
 `FillRange.take_dirty` and `FillRange.scan_written`); both re-protect the
 pages they return in the same step, so a write racing a flush is either in
 this flush or dirty for the next one. This module turns those runs into
-store writes; it blocks and runs in a worker thread of the pager.
+store writes: the copy out of the client runs in a worker thread (a
+hostile client could make process_vm_readv wait), the writes are the
+store's, asynchronous.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from uffd_pager.stores import Store
+from uffd_pager.stores.base import Store, run_blocking
 from uffd_pager.uffd import PAGE_SIZE, Run, copy_out
 
 # Bytes copied out of the client per batch. Stores start writing each batch
@@ -50,7 +52,7 @@ def runs_of_pages(pages: set[int], base: int, store_offset: int) -> list[Run]:
     return merge_runs([Run(base + p * PAGE_SIZE, store_offset + p * PAGE_SIZE, PAGE_SIZE) for p in pages])
 
 
-def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
+async def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
     """Copies runs out of process pid into store, batch by batch, then syncs
     the store. Raises on the first failure; the caller keeps the runs dirty."""
     buf = bytearray(BATCH_BYTES)
@@ -59,15 +61,20 @@ def write_back(store: Store, pid: int, runs: list[Run]) -> WritebackResult:
     total = 0
     for run in _split(runs):
         if batch_bytes + run.length > BATCH_BYTES:
-            store.write_runs(batch, copy_out(pid, batch, buf))
+            await _write_batch(store, pid, batch, buf)
             batch, batch_bytes = [], 0
         batch.append(run)
         batch_bytes += run.length
         total += run.length
     if batch:
-        store.write_runs(batch, copy_out(pid, batch, buf))
-    store.sync()
+        await _write_batch(store, pid, batch, buf)
+    await store.sync()
     return WritebackResult(pages=total // PAGE_SIZE, bytes=total)
+
+
+async def _write_batch(store: Store, pid: int, batch: list[Run], buf: bytearray) -> None:
+    data = await run_blocking(copy_out, pid, batch, buf)
+    await store.write([(run.store_offset, run.length) for run in batch], data)
 
 
 def _split(runs: list[Run]) -> list[Run]:

@@ -1,10 +1,12 @@
 """Backing stores, opened from a URL.
 
-A store is where the pages of a region live. The client opens a file
-store's file with its own rights (`file.open_store_file`) and passes the
-descriptor; the pager makes the store of it (`open_store(url, key, fd=)`),
-never opening a client's path itself. Both report a bad URL, a missing
-file or a permission problem before anything is registered.
+A store is where the pages of a region live (see base.py for the
+interface). The client opens a file store's file with its own rights
+(`file.open_store_file`) and passes the descriptor; the pager makes the
+store of it (`open_store(url, key, fd=)`), never opening a client's path
+itself. A remote store (Redis) is reached by the pager; the client only
+checks its URL (`check_url`). Both report a bad URL, a missing file, an
+unreachable server or a permission problem before anything is registered.
 """
 from __future__ import annotations
 
@@ -12,28 +14,70 @@ import errno
 import os
 from urllib.parse import urlsplit
 
-from uffd_pager.catalog import is_encrypted
+from uffd_pager import catalog
+from uffd_pager.catalog import ensure_state_dir, is_encrypted
 from uffd_pager.crypto import Key
+from uffd_pager.errors import ProtocolError
+from uffd_pager.stores import redis as redis_store
 from uffd_pager.stores.base import Store
 from uffd_pager.stores.encrypted import EncryptedStore
 from uffd_pager.stores.file import FileStore
 
-SCHEMES: dict[str, type[Store]] = {"file": FileStore}
+SCHEMES = ("file", *redis_store.SCHEMES)
+_EXAMPLES = "file:///path/to/file, redis://HOST:PORT/NAME, redis+unix:///PATH?name=NAME, " \
+            "redis+cluster://HOST:PORT,.../NAME"
 
 
-def open_store(url: str, key: Key | None = None, *, fd: int | None = None, catalog_fd: int | None = None,
-               state_dir: str | os.PathLike[str] | None = None) -> Store:
+def is_remote(url: str) -> bool:
+    """Whether url names a store the pager reaches itself (no descriptor)."""
+    return check_url(url) != "file"
+
+
+def check_url(url: object) -> str:
+    """The URL's scheme, or ValueError saying what a valid store URL is.
+    Opens and connects to nothing."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"a store is a URL such as {_EXAMPLES}, not {url!r}")
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        from uffd_pager.stores.file import file_path
+        file_path(url)
+    elif scheme in redis_store.SCHEMES:
+        redis_store.parse_url(url)
+    else:
+        raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; supported: "
+                         f"{', '.join(s + '://' for s in SCHEMES)} (e.g. {_EXAMPLES})")
+    return scheme
+
+
+async def open_store(url: str, key: Key | None = None, *, fd: int | None = None, catalog_fd: int | None = None,
+                     state_dir: str | os.PathLike[str] | None = None) -> Store:
     """Opens the store at url; with a key, wrapped so that it only ever
-    sees ciphertext. With fd, a file store is made of that descriptor,
-    which the client opened with its own rights (and which the store then
-    owns), and the path is never opened here; catalog_fd is the same for
-    an encrypted store's catalog. state_dir is the pager's state directory,
-    where each encrypted store's anchor lives (None: the default,
+    sees ciphertext. A file store is made of fd, which the client opened
+    with its own rights (and which the store then owns); the path is never
+    opened here. catalog_fd is the same for an encrypted store's catalog.
+    state_dir is the pager's state directory (None: the default,
     catalog.default_state_dir()). Without a key, a store known to be
     encrypted is refused: its pages would read as ciphertext, and a flush
-    would overwrite them."""
+    would overwrite them. Descriptors passed are closed on failure."""
     try:
-        store = _open_plain(url) if fd is None else FileStore.from_fd(url, fd)
+        scheme = check_url(url)
+        if (scheme == "file") != (fd is not None):
+            raise ProtocolError(f"{url}: a file store comes with its descriptor, and only a file store")
+    except BaseException:
+        for each in (fd, catalog_fd):
+            if each is not None:
+                os.close(each)
+        raise
+    if scheme != "file":
+        if catalog_fd is not None:
+            os.close(catalog_fd)
+        if key is not None:
+            raise ValueError(f"{url}: encryption is over file stores only, so far")
+        return await redis_store.RedisStore.open(url, ensure_state_dir(state_dir))
+    assert fd is not None
+    try:
+        store = FileStore.from_fd(url, fd)
     except BaseException:
         if catalog_fd is not None:
             os.close(catalog_fd)
@@ -42,30 +86,26 @@ def open_store(url: str, key: Key | None = None, *, fd: int | None = None, catal
         if key is None:
             if catalog_fd is not None:
                 os.close(catalog_fd)
-            if isinstance(store, FileStore) and (why := is_encrypted(store.path, state_dir)) is not None:
+            if (why := is_encrypted(store.path, state_dir)) is not None:
                 raise PermissionError(errno.EACCES, f"store {store.path} is encrypted ({why}): map it with its key "
                                                     "(key_file= or key=)")
             return store
-        if not isinstance(store, FileStore):
-            if catalog_fd is not None:
-                os.close(catalog_fd)
-            raise ValueError(f"{url}: encryption needs a file store (its catalog goes beside the file)")
         return EncryptedStore(store, key, state_dir, catalog_fd=catalog_fd)
     except BaseException:
         store.close()
         raise
 
 
-def _open_plain(url: str) -> Store:
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"a store is a URL such as file:///path/to/file, not {url!r}")
-    scheme = urlsplit(url).scheme
-    try:
-        store_type = SCHEMES[scheme]
-    except KeyError:
-        supported = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; supported: {supported}") from None
-    return store_type.open(url)
+def forget_store(url: str, state_dir: str | os.PathLike[str] | None = None) -> None:
+    """Forgets what the pager's state directory remembers of a store, the
+    only way to start one over on purpose: an encrypted file's catalog and
+    anchor (what it held can no longer be read), or the id of a remote
+    pseudo file (after its server lost it; the next map starts it afresh)."""
+    if check_url(url) == "file":
+        from uffd_pager.stores.file import file_path
+        catalog.forget_store(file_path(url), state_dir)
+    else:
+        redis_store.forget(url, ensure_state_dir(state_dir))
 
 
-__all__ = ["Store", "FileStore", "EncryptedStore", "open_store", "SCHEMES"]
+__all__ = ["Store", "FileStore", "EncryptedStore", "open_store", "check_url", "is_remote", "forget_store", "SCHEMES"]

@@ -1,32 +1,72 @@
-"""The interface every backing store implements."""
+"""The interface every backing store implements: a pseudo file addressed by
+byte offsets.
+
+A store knows nothing of clients, addresses, userfaultfds or cffi: it reads
+and writes whole pages at store offsets, asynchronously and in batches,
+so that one request can carry many pages to a remote engine. The pager
+never blocks its event loop on a store: a store whose work blocks (a local
+file) runs it in worker threads (`BlockingStore`), a remote one awaits its
+network I/O.
+
+A store may also offer a capability for the C fast paths: `local_fd`, a
+descriptor whose bytes at a store offset are the page (`direct`), which
+native/fill.c preads and native/portion.c copy_file_ranges; an encrypted
+file store adds `sealing()` so that C opens its pages itself. Everything
+else (a store with `local_fd` -1) is served by the pager's fetch path
+(fetch.py), which fills the client with UFFDIO_COPY when a read returns.
+
+An RDMA store fits the same interface: `read` posts one IBV_WR_RDMA_READ
+per page (or per run of pages) into registered buffers that are then the
+UFFDIO_COPY source, and `write` posts RDMA_WRITEs from buffers that
+write-back copied out of the client; neither needs the remote CPU. `sync`
+is a completion wait (plus a remote flush where the memory is persistent),
+`discard` and `end` are metadata the pager keeps, as the Redis store keeps
+its end.
+"""
 from __future__ import annotations
 
 import abc
-from typing import Any
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar
 
-from uffd_pager.uffd import Run
+from uffd_pager.errors import PagerError, StoreUnavailable
+
+T = TypeVar("T")
+
+# (store offset, length): a run of whole pages, back to back in a buffer.
+Extent = tuple[int, int]
+
+
+class BadPage(PagerError):
+    """A page the store returned that is not one (a value of the wrong
+    length): it is never handed to a client as data."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"page at store offset {offset}: {reason}")
+        self.offset = offset
 
 
 class Store(abc.ABC):
     """Pages of a region live in a store at byte offsets."""
 
     url: str
-    # True when fill_fd holds the pages as they are, so the C paths may
-    # pread them and copy_file_range them between portions; False when every
-    # page must go through read_page/write_runs (an encrypted store).
-    direct: bool = True
     key_id: str | None = None  # the id of the key an encrypted store is under
-
-    @classmethod
-    @abc.abstractmethod
-    def open(cls, url: str) -> "Store":
-        """Opens the store named by url, raising a clear error if it cannot."""
+    # True when local_fd holds the pages as they are, so the C paths may
+    # pread them and copy_file_range them between portions.
+    direct: bool = False
 
     @property
-    @abc.abstractmethod
-    def fill_fd(self) -> int:
-        """A descriptor the C fill path may pread() pages from, or -1 when
-        pages must come through Python (remote or transformed stores)."""
+    def local_fd(self) -> int:
+        """A descriptor the C fill path may read pages from (see `direct`
+        and `sealing`), or -1: pages come through `read`."""
+        return -1
+
+    def sealing(self) -> tuple[Any, int, bytes] | None:
+        """For an encrypted file store: what the C fill path needs to open its
+        pages itself (the AES-GCM context, the catalog's descriptor, the
+        store's id); None otherwise."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -36,37 +76,86 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def end(self) -> int:
-        """The byte offset past the store's current data."""
+        """The byte offset past the store's data, as far as this store
+        knows: children's portions are placed past it."""
 
     @abc.abstractmethod
-    def discard(self, offset: int, length: int) -> None:
+    async def read(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        """The pages at these store offsets: PAGE_SIZE bytes each, None for a
+        page the store does not hold (it reads as zero), a BadPage for one
+        it holds wrong. Raises StoreUnavailable (or another OSError) when the
+        store cannot answer; PageAuthError (encrypted stores) when a page
+        fails authentication."""
+
+    @abc.abstractmethod
+    async def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
+        """Writes each extent's bytes (back to back in data, in the order of
+        extents) at its store offset. Raises on failure; what was written
+        before is then unknown, and the caller keeps the pages dirty."""
+
+    @abc.abstractmethod
+    async def sync(self) -> None:
+        """Makes every write so far as durable as the store can (fsync
+        semantics for a file; see each store for what it promises)."""
+
+    @abc.abstractmethod
+    async def discard(self, offset: int, length: int) -> None:
         """Makes a range read as zero (a portion slot being reused)."""
 
     @abc.abstractmethod
-    def read_page(self, offset: int) -> bytes:
-        """The page at byte offset: PAGE_SIZE bytes, zeros where the store
-        has none. Raises PageAuthError for a page that fails authentication."""
-
-    def sealing(self) -> tuple[Any, int, bytes] | None:
-        """For an encrypted store: what the C fill path needs to open its
-        pages itself (the AES-GCM context, the catalog's descriptor, the
-        store's id); None for a store whose pages are stored as they are."""
-        return None
-
-    def holds(self, offset: int) -> bool:
-        """False only where the store knows it has no data (the page reads as
-        zero and copying it is needless)."""
-        return True
-
-    @abc.abstractmethod
-    def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
-        """Writes each run's bytes (back to back in data) at its store offset.
-        Blocking: the pager calls it from a worker thread."""
-
-    @abc.abstractmethod
-    def sync(self) -> None:
-        """Makes every write so far durable (fsync semantics). Blocking."""
-
-    @abc.abstractmethod
     def close(self) -> None:
-        """Releases the store's resources; the store is unusable afterwards."""
+        """Releases the store's resources; the store is unusable afterwards.
+        Never blocks (a remote store finishes closing in the background)."""
+
+
+async def run_blocking(work: Callable[..., T], *args: Any) -> T:
+    """Runs blocking work in a worker thread of the running loop. A thread
+    cannot be stopped: if the awaiting task is cancelled, it still waits
+    for the thread to end before the cancellation goes on, so that nothing
+    the thread uses (descriptors, native state) is released under it."""
+    future = asyncio.get_running_loop().run_in_executor(None, work, *args)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError:
+            if future.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class BlockingStore(Store):
+    """A store whose operations block (a local file): subclasses implement
+    them as plain methods, which the interface runs in worker threads."""
+
+    @abc.abstractmethod
+    def read_blocking(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        ...
+
+    @abc.abstractmethod
+    def write_blocking(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
+        ...
+
+    @abc.abstractmethod
+    def sync_blocking(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    def discard_blocking(self, offset: int, length: int) -> None:
+        ...
+
+    async def read(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        return await run_blocking(self.read_blocking, offsets)
+
+    async def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
+        await run_blocking(self.write_blocking, extents, data)
+
+    async def sync(self) -> None:
+        await run_blocking(self.sync_blocking)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await run_blocking(self.discard_blocking, offset, length)

@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from uffd_pager.catalog import HOLE, Anchor, Catalog, Span, open_records
 from uffd_pager.crypto import RECORD_BYTES, Key, PageAuthError
 from uffd_pager.native import ffi, lib
-from uffd_pager.stores.base import Store
+from uffd_pager.stores.base import BadPage, BlockingStore, Extent
 from uffd_pager.stores.file import FileStore
 from uffd_pager.uffd import PAGE_SIZE, Run
 
 _AMBIGUOUS = 2  # up_record_choose_slots: both slots may hold the page's bytes
 
 
-class EncryptedStore(Store):
-    direct = False
+class EncryptedStore(BlockingStore):
 
     def __init__(self, inner: FileStore, key: Key, state_dir: str | os.PathLike[str] | None = None, *,
                  catalog_fd: int | None = None) -> None:
@@ -55,13 +55,9 @@ class EncryptedStore(Store):
         self.url = inner.url
         self.key_id = key.key_id
 
-    @classmethod
-    def open(cls, url: str) -> "EncryptedStore":
-        raise TypeError("an encrypted store is opened with open_store(url, key)")
-
     @property
-    def fill_fd(self) -> int:
-        return self._inner.fill_fd
+    def local_fd(self) -> int:
+        return self._inner.local_fd
 
     @property
     def identity(self) -> tuple[object, ...]:
@@ -78,10 +74,10 @@ class EncryptedStore(Store):
     def end(self) -> int:
         return self._inner.end()
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard_blocking(self, offset: int, length: int) -> None:
         first, count = offset // PAGE_SIZE, length // PAGE_SIZE
         with self._lock:
-            self._inner.discard(offset, length)
+            self._inner.discard_blocking(offset, length)
             self._catalog.forget(first, count)
             self._anchor.discard(first, count)
 
@@ -98,10 +94,16 @@ class EncryptedStore(Store):
     def read_page(self, offset: int) -> bytes:
         with self._lock:
             try:
-                return self._cipher.read(self._catalog.fd, self._inner.fill_fd, offset // PAGE_SIZE, offset)
+                return self._cipher.read(self._catalog.fd, self._inner.local_fd, offset // PAGE_SIZE, offset)
             except PageAuthError:
                 raise PageAuthError(f"{self.url}: page at offset {offset} fails authentication "
                                     "(altered, swapped, replayed or rolled back)") from None
+
+    def read_blocking(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        return [self.read_page(offset) for offset in offsets]
+
+    def write_blocking(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
+        self.write_runs([Run(0, offset, length) for offset, length in extents], data)
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         spans: list[Span] = [(run.store_offset // PAGE_SIZE, run.length // PAGE_SIZE) for run in runs]
@@ -133,11 +135,11 @@ class EncryptedStore(Store):
                 record = memoryview(records)[i * RECORD_BYTES:(i + 1) * RECORD_BYTES]
                 slots[i] = 0 if not self._cipher.opens(page, record, 0, self._inner.read_page(page * PAGE_SIZE)) else 1
 
-    def sync(self) -> None:
+    def sync_blocking(self) -> None:
         with self._written_lock:
             written, self._written = self._written, []
         try:
-            self._inner.sync()
+            self._inner.sync_blocking()
             if written:
                 self._catalog.note_generation(max(version for _f, _c, version in written))
             self._catalog.sync()

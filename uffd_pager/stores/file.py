@@ -9,10 +9,11 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 from uffd_pager.errors import StoreReadOnly
-from uffd_pager.stores.base import Store
+from uffd_pager.stores.base import BadPage, BlockingStore, Extent
 from uffd_pager.uffd import PAGE_SIZE, Run, filesystem_type, punch_hole, pwrite_runs, start_writeback
 
 # statfs f_type of filesystems whose files are a process's memory or the
@@ -42,7 +43,9 @@ def file_path(url: str) -> str:
     return path
 
 
-class FileStore(Store):
+class FileStore(BlockingStore):
+    direct = True
+
     def __init__(self, url: str, path: str, fd: int, writable: bool) -> None:
         self.url = url
         self.path = path
@@ -74,6 +77,8 @@ class FileStore(Store):
 
     @classmethod
     def open(cls, url: str) -> "FileStore":
+        """Opens the file with this process's own rights (tools and tests;
+        the pager only ever gets descriptors, see from_fd)."""
         return cls.from_fd(url, open_store_file(url))
 
     def upgrade(self, other: "FileStore") -> None:
@@ -83,11 +88,11 @@ class FileStore(Store):
         if other.identity != self.identity:
             raise ValueError(f"{other.url} is not the file of {self.url}")
         if other.writable and not self.writable:
-            os.dup2(other.fill_fd, self._fd, inheritable=False)
+            os.dup2(other.local_fd, self._fd, inheritable=False)
             self.writable = True
 
     @property
-    def fill_fd(self) -> int:
+    def local_fd(self) -> int:
         return self._fd
 
     @property
@@ -98,12 +103,18 @@ class FileStore(Store):
     def end(self) -> int:
         return os.fstat(self._fd).st_size
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard_blocking(self, offset: int, length: int) -> None:
         punch_hole(self._fd, offset, length)
 
     def read_page(self, offset: int) -> bytes:
         data = os.pread(self._fd, PAGE_SIZE, offset)
         return data + bytes(PAGE_SIZE - len(data))
+
+    def read_blocking(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        return [self.read_page(offset) for offset in offsets]
+
+    def write_blocking(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
+        self.write_runs([Run(0, offset, length) for offset, length in extents], data)
 
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
@@ -117,7 +128,7 @@ class FileStore(Store):
         start = min(run.store_offset for run in runs)
         start_writeback(self._fd, start, max(run.store_offset + run.length for run in runs) - start)
 
-    def sync(self) -> None:
+    def sync_blocking(self) -> None:
         os.fdatasync(self._fd)
 
     def close(self) -> None:

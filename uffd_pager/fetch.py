@@ -1,0 +1,125 @@
+"""Fetching pages from stores that have no local descriptor (Redis, and any
+store whose `local_fd` is -1).
+
+The C fill path serves faults from descriptors; a fault whose page lives in
+a remote store comes back from it as -EOPNOTSUPP and lands here. The
+fetcher never makes the event loop wait for the network: a fetch is a task,
+and the loop goes on reading faults and applying events (a forking client
+is blocked until its FORK event is read, so events must never queue behind
+a slow fetch) while any number of fetches are in flight. Faults requested
+in one turn of the loop go to their store as one batched read, a page
+several faults wait for is fetched once, and a read that fails is retried
+with backoff until the store's deadline (`Store.fetch_deadline`, seconds);
+then every waiter gets the error and its page is poisoned, never zero-filled.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from uffd_pager.stores.base import BadPage, Store
+
+log = logging.getLogger("uffd_pager.fetch")
+
+# What a waiter is handed: the page (None: a hole, it reads as zero), a
+# page the store holds wrong, or the error that kept it from being read
+# (CancelledError: the pager is stopping).
+Result = bytes | None | BadPage | BaseException
+
+# Pages per read request: one pipelined round trip each.
+MAX_BATCH = 256
+# Reads in flight per store at once (each one holds a connection).
+MAX_IN_FLIGHT = 16
+# The default deadline of a store that does not name one.
+DEFAULT_DEADLINE = 30.0
+_FIRST_RETRY = 0.01
+_LAST_RETRY = 1.0
+
+
+class Fetcher:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Any, Result], None]) -> None:
+        """deliver(waiter, result) is called on the loop once per waiter."""
+        self._loop = loop
+        self._deliver = deliver
+        self._waiting: dict[tuple[Store, int], list[Any]] = {}
+        self._queued: dict[Store, list[int]] = {}
+        self._slots: dict[Store, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pages = 0  # pages read
+        self.shared = 0  # faults served by a read another fault started
+        self.retries = 0  # reads retried after a failure
+
+    def want(self, store: Store, offset: int, waiter: Any) -> None:
+        """Fetches the page at store offset for waiter (once, whoever else
+        waits for it)."""
+        key = (store, offset)
+        waiters = self._waiting.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            self.shared += 1
+            return
+        self._waiting[key] = [waiter]
+        queue = self._queued.setdefault(store, [])
+        queue.append(offset)
+        if len(queue) == 1:
+            self._loop.call_soon(self.send, store)
+
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    def send_all(self) -> None:
+        """Sends what is queued now, rather than at the next turn of the loop
+        (the caller has read every fault it could)."""
+        for store in list(self._queued):
+            self.send(store)
+
+    def send(self, store: Store) -> None:
+        offsets = sorted(self._queued.pop(store, []))
+        for i in range(0, len(offsets), MAX_BATCH):
+            task = self._loop.create_task(self._fetch(store, offsets[i:i + MAX_BATCH]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, store: Store, offsets: list[int]) -> None:
+        results: list[Result]
+        try:
+            async with self._slots.setdefault(store, asyncio.Semaphore(MAX_IN_FLIGHT)):
+                results = await self._read(store, offsets)
+        except asyncio.CancelledError:
+            # The pager is stopping: its waiters are let go unserved (a fault
+            # left waiting is a new pager's to serve, never a SIGBUS).
+            results = [asyncio.CancelledError()] * len(offsets)
+        for offset, result in zip(offsets, results):
+            for waiter in self._waiting.pop((store, offset), []):
+                try:
+                    self._deliver(waiter, result)
+                except Exception:  # one waiter's trouble must not strand the others
+                    log.exception("delivering the page at %s offset %d", store.url, offset)
+
+    async def _read(self, store: Store, offsets: list[int]) -> list[Result]:
+        deadline = self._loop.time() + getattr(store, "fetch_deadline", DEFAULT_DEADLINE)
+        delay = _FIRST_RETRY
+        while True:
+            try:
+                results: list[Result] = list(await store.read(offsets))
+            except (ConnectionError, TimeoutError) as exc:  # StoreUnavailable: the store may come back
+                if self._loop.time() + delay > deadline:
+                    log.error("%s: reading %d pages failed until the deadline: %s", store.url, len(offsets), exc)
+                    return [exc] * len(offsets)
+                self.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LAST_RETRY)
+                continue
+            except Exception as exc:  # authentication, or a store's own bug: never retried, never zeros
+                return [exc] * len(offsets)
+            if len(results) != len(offsets):
+                error = RuntimeError(f"{store.url}: {len(results)} pages returned for {len(offsets)} asked")
+                return [error] * len(offsets)
+            self.pages += len(offsets)
+            return results
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
