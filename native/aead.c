@@ -228,8 +228,11 @@ static int pread_full(int fd, uint8_t *buf, size_t n, off_t at)
 
 static __thread uint8_t sealed_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
 
-int64_t up_aead_read_page(struct up_aead *a, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
-                          uint64_t offset, uint8_t *out)
+/* up_aead_read_page and up_aead_open_page: the ciphertext is read from fd
+ * at offset when a slot may open it, or given in `given` (NULL: the store
+ * holds none), and opened with the slot the page's anchor entry allows. */
+static int64_t open_page(struct up_aead *a, int catalog_fd, int fd, const uint8_t *given, const uint8_t *store_id,
+                         uint64_t page, uint64_t offset, uint8_t *out)
 {
     uint8_t record[UP_RECORD_SIZE], again[UP_RECORD_SIZE], entry_bytes[ENTRY] = {0};
     if (pread_full(catalog_fd, record, sizeof(record), (off_t)(HEADER + page * UP_RECORD_SIZE)) < 0)
@@ -239,21 +242,27 @@ int64_t up_aead_read_page(struct up_aead *a, int catalog_fd, int fd, const uint8
             return -1;
         uint64_t entry = le64(entry_bytes);
         int usable0 = slot_usable(record, 0, entry), usable1 = slot_usable(record, 1, entry);
-        if (usable0 || usable1) {
+        const uint8_t *sealed = given;
+        if ((usable0 || usable1) && fd >= 0) {
             if (pread_full(fd, sealed_buf, UP_PAGE_SIZE, (off_t)offset) < 0)
                 return -1;
+            sealed = sealed_buf;
+        }
+        if ((usable0 || usable1) && sealed) {
             /* The newer slot first: after a commit it is the current one. */
             int first = slot_version(record, 1) > slot_version(record, 0);
             if (first ? usable1 : usable0) {
-                if (up_aead_open_slot(a, store_id, page, record, first, sealed_buf, out) == 0)
+                if (up_aead_open_slot(a, store_id, page, record, first, sealed, out) == 0)
                     return UP_PAGE_SIZE;
             }
             if (first ? usable0 : usable1) {
-                if (up_aead_open_slot(a, store_id, page, record, !first, sealed_buf, out) == 0)
+                if (up_aead_open_slot(a, store_id, page, record, !first, sealed, out) == 0)
                     return UP_PAGE_SIZE;
             }
         }
-        if (zero_is_committed(entry)) {
+        /* A remote store that holds a value where the records know none
+         * (another pager's, or planted) does not read as zero. */
+        if (zero_is_committed(entry) && !given) {
             memset(out, 0, UP_PAGE_SIZE);
             return 0;
         }
@@ -266,6 +275,18 @@ int64_t up_aead_read_page(struct up_aead *a, int catalog_fd, int fd, const uint8
         }
         memcpy(record, again, sizeof(record));
     }
+}
+
+int64_t up_aead_read_page(struct up_aead *a, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
+                          uint64_t offset, uint8_t *out)
+{
+    return open_page(a, catalog_fd, fd, NULL, store_id, page, offset, out);
+}
+
+int64_t up_aead_open_page(struct up_aead *a, int catalog_fd, const uint8_t *sealed, const uint8_t *store_id,
+                          uint64_t page, uint8_t *out)
+{
+    return open_page(a, catalog_fd, -1, sealed, store_id, page, 0, out);
 }
 
 /* The first page of [from, end) (counted from first_store_page) whose

@@ -244,6 +244,11 @@ int up_aead_open_slot(struct up_aead *aead, const uint8_t *store_id, uint64_t pa
  * one way to read an encrypted page. */
 int64_t up_aead_read_page(struct up_aead *aead, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
                           uint64_t offset, uint8_t *out);
+/* The same for a ciphertext fetched elsewhere (a remote store): sealed is
+ * its 4096 bytes, or NULL where the store holds none. A value where no
+ * record allows one is EBADMSG, never a page of zeros. */
+int64_t up_aead_open_page(struct up_aead *aead, int catalog_fd, const uint8_t *sealed, const uint8_t *store_id,
+                          uint64_t page, uint8_t *out);
 
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);

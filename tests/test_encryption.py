@@ -27,6 +27,7 @@ stats(); then it touches the page itself and must die with SIGBUS.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -1307,6 +1308,20 @@ def test_a_flush_that_runs_out_of_space_leaves_every_page_old_or_new(small_tmpfs
     assert_pages(report, new)
 
 
+def es_read(es: Any, offset: int) -> bytes:
+    """One page through the store interface, as a copy between portions reads it."""
+    from uffd_pager.crypto import PageAuthError
+    from uffd_pager.stores.base import BadPage
+    value = asyncio.run(es.read([offset]))[0]
+    if isinstance(value, BadPage):
+        raise PageAuthError(str(value))
+    return value if value is not None else bytes(PAGE)
+
+
+def es_write(es: Any, runs: list[Any], data: bytes) -> None:
+    asyncio.run(es.write([(run.store_offset, run.length) for run in runs], data))
+
+
 class Crash(BaseException):
     """The pager dying in the middle of a write (SIGKILL stops a pwrite at a page boundary)."""
 
@@ -1354,8 +1369,8 @@ def test_an_interrupted_flush_leaves_every_page_old_or_new(tmp_path: Path, state
         if crash_after is not None:
             crashing_after(es, crash_after)
         try:
-            es.write_runs(runs, b"".join(data[p] for p in written))
-            es.sync_blocking()
+            es_write(es, runs, b"".join(data[p] for p in written))
+            asyncio.run(es.sync())
         except Crash:
             pass
         finally:
@@ -1364,7 +1379,7 @@ def test_an_interrupted_flush_leaves_every_page_old_or_new(tmp_path: Path, state
     def read_all() -> dict[int, bytes]:
         es = open_store()
         try:
-            return {p: es.read_page(p * PAGE) for p in range(n)}
+            return {p: es_read(es, p * PAGE) for p in range(n)}
         finally:
             es.close()
 
@@ -1498,8 +1513,8 @@ def encrypted_store(store: Path, key: Key, state_dir: Path, **kwargs: Any) -> An
 
 def write_pages(es: Any, pages: dict[int, bytes]) -> None:
     from uffd_pager.uffd import Run
-    es.write_runs([Run(0, p * PAGE, PAGE) for p in sorted(pages)], b"".join(pages[p] for p in sorted(pages)))
-    es.sync_blocking()
+    es_write(es, [Run(0, p * PAGE, PAGE) for p in sorted(pages)], b"".join(pages[p] for p in sorted(pages)))
+    asyncio.run(es.sync())
 
 
 @pytest.mark.timeout(60)
@@ -1516,18 +1531,18 @@ def test_a_discarded_range_reads_as_zero_even_with_its_old_pages_put_back(tmp_pa
         saved_pages = {p: raw_page(store, p) for p in old}
         at = HEADER_BYTES + 4 * RECORD_BYTES
         saved_records = catalog_path(store).read_bytes()[at:at + 4 * RECORD_BYTES]
-        es.discard_blocking(4 * PAGE, 4 * PAGE)
-        assert [es.read_page(p * PAGE) for p in old] == [bytes(PAGE)] * 4
+        asyncio.run(es.discard(4 * PAGE, 4 * PAGE))
+        assert [es_read(es, p * PAGE) for p in old] == [bytes(PAGE)] * 4
         assert not any(es.holds(p * PAGE) for p in old)
         for p, data in saved_pages.items():
             put_raw_page(store, p, data)
         with open(catalog_path(store), "r+b") as f:
             f.seek(at)
             f.write(saved_records)
-        assert [es.read_page(p * PAGE) for p in old] == [bytes(PAGE)] * 4, "a discarded page came back"
+        assert [es_read(es, p * PAGE) for p in old] == [bytes(PAGE)] * 4, "a discarded page came back"
         new = {5: page_data("random", "new", 5, "discard")}
         write_pages(es, new)
-        assert es.read_page(5 * PAGE) == new[5] and es.holds(5 * PAGE)
+        assert es_read(es, 5 * PAGE) == new[5] and es.holds(5 * PAGE)
     finally:
         es.close()
 
@@ -1543,7 +1558,7 @@ def test_a_catalog_descriptor_from_the_client_is_used_instead_of_its_path(tmp_pa
     es = encrypted_store(store, key, state_dir, catalog_fd=fd)
     try:
         write_pages(es, {0: page_data("random", "A", 0, "fd")})
-        assert es.read_page(0) == page_data("random", "A", 0, "fd")
+        assert es_read(es, 0) == page_data("random", "A", 0, "fd")
     finally:
         es.close()
     assert not catalog_path(store).exists(), "the catalog's path was opened"

@@ -289,9 +289,7 @@ class Pager:
                 descriptors["key"] = _key_memfd(key)
                 passed.callback(os.close, descriptors["key"])
                 for name, url in (("catalog", store), ("children_catalog", children)):
-                    if url is not None:
-                        if is_remote(url):
-                            raise ValueError(f"{url}: encryption is over file stores only, so far")
+                    if url is not None and not is_remote(url):  # a remote store's is in the pager's state dir
                         descriptors[name] = open_catalog_file(file_path(url))
                         passed.callback(os.close, descriptors[name])
             uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])

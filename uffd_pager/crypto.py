@@ -197,6 +197,21 @@ class PageCipher:
             n = lib.up_aead_read_page(self._reader, catalog_fd, store_fd, self._store_id, page, offset,
                                       ffi.from_buffer(plaintext))
             err = ffi.errno
+        return self._opened(n, err, page, plaintext)
+
+    def open(self, catalog_fd: int, page: int, sealed: bytes | None) -> bytes | None:
+        """read() for a ciphertext fetched from a store elsewhere (None: the
+        store holds none): the plaintext, or None for a page that reads as
+        zero (never committed, or discarded)."""
+        plaintext = bytearray(PAGE_SIZE)
+        with self._read_lock:
+            n = lib.up_aead_open_page(self._reader, catalog_fd, sealed if sealed is not None else ffi.NULL,
+                                      self._store_id, page, ffi.from_buffer(plaintext))
+            err = ffi.errno
+        return self._opened(n, err, page, plaintext) if n != 0 else None
+
+    @staticmethod
+    def _opened(n: int, err: int, page: int, plaintext: bytearray) -> bytes:
         if n < 0:
             if err == errno.EBADMSG:
                 raise PageAuthError("the page does not authenticate")

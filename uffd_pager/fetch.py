@@ -32,8 +32,6 @@ Result = bytes | None | BadPage | BaseException
 MAX_BATCH = 256
 # Reads in flight per store at once (each one holds a connection).
 MAX_IN_FLIGHT = 16
-# The default deadline of a store that does not name one.
-DEFAULT_DEADLINE = 30.0
 _FIRST_RETRY = 0.01
 _LAST_RETRY = 1.0
 
@@ -99,7 +97,7 @@ class Fetcher:
                     log.exception("delivering the page at %s offset %d", store.url, offset)
 
     async def _read(self, store: Store, offsets: list[int]) -> list[Result]:
-        deadline = self._loop.time() + getattr(store, "fetch_deadline", DEFAULT_DEADLINE)
+        deadline = self._loop.time() + store.fetch_deadline
         delay = _FIRST_RETRY
         while True:
             try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from uffd_pager.stores.base import BadPage, BlockingStore, Extent, run_blocking
+from uffd_pager.crypto import PageAuthError
+from uffd_pager.stores.base import BadPage, Extent, UnauthenticPage, run_blocking
 from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class PortionAllocator:
 
     def __init__(self, store: "Store") -> None:
         self.store = store
-        self._discard_on_reuse = isinstance(store, BlockingStore)
+        self._discard_on_reuse = store.local_fd >= 0
         self.in_use: dict[int, int] = {}  # offset -> length
         self._users: dict[int, int] = {}  # offset -> regions mapping that portion
         self._free: list[tuple[int, int]] = []
@@ -112,8 +113,8 @@ class PortionAllocator:
         for i, (offset, size) in enumerate(self._free):
             if size == length:
                 del self._free[i]
-                if isinstance(self.store, BlockingStore):
-                    self.store.discard_blocking(offset, length)  # a hole punched: quick
+                if self._discard_on_reuse and not self.store.discard_locally(offset, length):
+                    raise OSError(errno.EOPNOTSUPP, f"{self.store.url}: a slot of it cannot be discarded here")
                 self.in_use[offset], self._users[offset] = length, 1
                 return offset
         end = max([self.store.end(), *(o + n for o, n in self.in_use.items()),
@@ -269,6 +270,8 @@ class Portion:
         extents: list[Extent] = []
         data: list[bytes] = []
         for p, value in zip(pages, values):
+            if isinstance(value, UnauthenticPage):
+                raise PageAuthError(str(value))
             if isinstance(value, BadPage):
                 raise OSError(errno.EIO, f"{source.store.url}: {value}")
             if value is None:

@@ -70,8 +70,8 @@ from uffd_pager.layout import (
 )
 from uffd_pager.crypto import Key, PageAuthError
 from uffd_pager.served import OpenStore, ServedRegion
-from uffd_pager.stores import FileStore, Store, open_store
-from uffd_pager.stores.base import BadPage, run_blocking
+from uffd_pager.stores import FileStore, Store, is_remote, open_store
+from uffd_pager.stores.base import BadPage, UnauthenticPage
 from uffd_pager.tenants import TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
@@ -355,8 +355,9 @@ class PagerService:
         opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
-            if key is not None and ("catalog" not in named or (children_url is None) != ("children_catalog" not in named)):
-                raise protocol.ProtocolError("an encrypted map carries each store's catalog descriptor")
+            if key is not None and any((u is not None and not is_remote(u)) != (n in named)
+                                       for u, n in ((url, "catalog"), (children_url, "children_catalog"))):
+                raise protocol.ProtocolError("an encrypted map carries the catalog descriptor of each file store")
             catalog = _claim(fds, named["catalog"]) if "catalog" in named else None
             store = await self._open_store(url, key, _claim(fds, named["store"]) if "store" in named else None,
                                            catalog)
@@ -805,7 +806,7 @@ class PagerService:
             if isinstance(result, (BaseException, BadPage)):
                 region.fetch_failures += 1
                 region.last_error = f"{source.store.url}: {result}"
-                rc = -errno.EBADMSG if isinstance(result, PageAuthError) else -errno.EIO
+                rc = -errno.EBADMSG if isinstance(result, (PageAuthError, UnauthenticPage)) else -errno.EIO
                 self._settle(region, fault, self._fail_page(region, fault, rc, cause=region.last_error))
                 return
             if result is not None and len(result) != PAGE_SIZE:

@@ -20,7 +20,7 @@ from uffd_pager.crypto import Key
 from uffd_pager.errors import ProtocolError
 from uffd_pager.stores import redis as redis_store
 from uffd_pager.stores.base import Store
-from uffd_pager.stores.encrypted import EncryptedStore
+from uffd_pager.stores.encrypted import EncryptedStore, records_path, remote_records_path
 from uffd_pager.stores.file import FileStore
 
 SCHEMES = ("file", *redis_store.SCHEMES)
@@ -72,9 +72,8 @@ async def open_store(url: str, key: Key | None = None, *, fd: int | None = None,
     if scheme != "file":
         if catalog_fd is not None:
             os.close(catalog_fd)
-        if key is not None:
-            raise ValueError(f"{url}: encryption is over file stores only, so far")
-        return await redis_store.RedisStore.open(url, ensure_state_dir(state_dir))
+        remote = await redis_store.RedisStore.open(url, ensure_state_dir(state_dir))
+        return _sealed(remote, key, state_dir)
     assert fd is not None
     try:
         store = FileStore.from_fd(url, fd)
@@ -82,12 +81,20 @@ async def open_store(url: str, key: Key | None = None, *, fd: int | None = None,
         if catalog_fd is not None:
             os.close(catalog_fd)
         raise
+    if key is None and catalog_fd is not None:
+        os.close(catalog_fd)
+    return _sealed(store, key, state_dir, catalog_fd)
+
+
+def _sealed(store: Store, key: Key | None, state_dir: str | os.PathLike[str] | None,
+            catalog_fd: int | None = None) -> Store:
+    """store, wrapped to encrypt with key; without a key, refused if it is
+    known to be encrypted (its pages would read as ciphertext, and a flush
+    would overwrite them)."""
     try:
         if key is None:
-            if catalog_fd is not None:
-                os.close(catalog_fd)
-            if (why := is_encrypted(store.path, state_dir)) is not None:
-                raise PermissionError(errno.EACCES, f"store {store.path} is encrypted ({why}): map it with its key "
+            if (why := is_encrypted(records_path(store, state_dir), state_dir)) is not None:
+                raise PermissionError(errno.EACCES, f"store {store.url} is encrypted ({why}): map it with its key "
                                                     "(key_file= or key=)")
             return store
         return EncryptedStore(store, key, state_dir, catalog_fd=catalog_fd)
@@ -106,6 +113,8 @@ def forget_store(url: str, state_dir: str | os.PathLike[str] | None = None) -> N
         catalog.forget_store(file_path(url), state_dir)
     else:
         redis_store.forget(url, ensure_state_dir(state_dir))
+        identity = redis_store.parse_url(url).identity
+        catalog.forget_store(remote_records_path(identity, state_dir), state_dir)
 
 
 __all__ = ["Store", "FileStore", "EncryptedStore", "open_store", "check_url", "is_remote", "forget_store", "SCHEMES"]

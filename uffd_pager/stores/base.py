@@ -47,6 +47,10 @@ class BadPage(PagerError):
         self.offset = offset
 
 
+class UnauthenticPage(BadPage):
+    """A page of an encrypted store that fails authentication."""
+
+
 class Store(abc.ABC):
     """Pages of a region live in a store at byte offsets."""
 
@@ -55,6 +59,9 @@ class Store(abc.ABC):
     # True when local_fd holds the pages as they are, so the C paths may
     # pread them and copy_file_range them between portions.
     direct: bool = False
+    # How long a page that cannot be read now is retried before the access
+    # that wants it fails (fetch.py); remote stores take it from their URL.
+    fetch_deadline: float = 30.0
 
     @property
     def local_fd(self) -> int:
@@ -74,6 +81,13 @@ class Store(abc.ABC):
         """Equal for two stores opened on the same data (portions in one
         store must not overlap, whichever region placed them)."""
 
+    @property
+    def state_key(self) -> tuple[object, ...]:
+        """What the pager's state directory knows the store by (an encrypted
+        store's catalog and anchor, a remote store's id): found again from
+        its URL alone, without reaching it."""
+        return self.identity
+
     @abc.abstractmethod
     def end(self) -> int:
         """The byte offset past the store's data, as far as this store
@@ -83,15 +97,17 @@ class Store(abc.ABC):
     async def read(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
         """The pages at these store offsets: PAGE_SIZE bytes each, None for a
         page the store does not hold (it reads as zero), a BadPage for one
-        it holds wrong. Raises StoreUnavailable (or another OSError) when the
-        store cannot answer; PageAuthError (encrypted stores) when a page
-        fails authentication."""
+        it holds wrong (an UnauthenticPage: an encrypted store's page that
+        fails authentication). Raises StoreUnavailable when the store cannot
+        answer now, StoreLost when it lost what it held, or another OSError."""
 
     @abc.abstractmethod
     async def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
         """Writes each extent's bytes (back to back in data, in the order of
         extents) at its store offset. Raises on failure; what was written
-        before is then unknown, and the caller keeps the pages dirty."""
+        before is then unknown, and the caller keeps the pages dirty. A
+        writable data buffer may be overwritten (an encrypted store seals
+        in place): the caller must not read it afterwards."""
 
     @abc.abstractmethod
     async def sync(self) -> None:
@@ -101,6 +117,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def discard(self, offset: int, length: int) -> None:
         """Makes a range read as zero (a portion slot being reused)."""
+
+    def discard_locally(self, offset: int, length: int) -> bool:
+        """discard() at once, for a store with a local descriptor, where it is
+        cheap (a hole punched); False (nothing done) for any other store."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -104,7 +104,12 @@ class FileStore(BlockingStore):
         return os.fstat(self._fd).st_size
 
     def discard_blocking(self, offset: int, length: int) -> None:
-        punch_hole(self._fd, offset, length)
+        if length:
+            punch_hole(self._fd, offset, length)
+
+    def discard_locally(self, offset: int, length: int) -> bool:
+        self.discard_blocking(offset, length)
+        return True
 
     def read_page(self, offset: int) -> bytes:
         data = os.pread(self._fd, PAGE_SIZE, offset)
@@ -119,8 +124,9 @@ class FileStore(BlockingStore):
     def write_runs(self, runs: list[Run], data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise StoreReadOnly(errno.EBADF, f"store {self.url} was opened read-only: the pager may not write it")
-        pwrite_runs(self._fd, runs, data)
-        self._start_writeback(runs)
+        if runs:
+            pwrite_runs(self._fd, runs, data)
+            self._start_writeback(runs)
 
     def _start_writeback(self, runs: list[Run]) -> None:
         # Start the disk on this batch now: the copy of the next batch then

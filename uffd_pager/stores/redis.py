@@ -57,7 +57,7 @@ SCHEMES = ("redis", "redis+unix", "redis+cluster")
 PAGES_PER_CHUNK = 16
 CHUNK_BYTES = PAGES_PER_CHUNK * PAGE_SIZE
 DEFAULT_TIMEOUT = 5.0
-DEFAULT_DEADLINE = 30.0
+DEFAULT_DEADLINE = Store.fetch_deadline
 _NAME = re.compile(r"[A-Za-z0-9._\-]{1,200}")
 _OPTIONS = {"db", "timeout", "deadline", "wait", "wait_timeout", "name"}
 _EXAMPLES = ("redis://HOST:PORT/NAME, redis+unix:///PATH/TO/SOCKET?name=NAME or "
@@ -82,6 +82,14 @@ class RedisTarget:
     deadline: float
     wait: int
     wait_timeout: int
+
+    @property
+    def identity(self) -> tuple[object, ...]:
+        """Equal for two URLs of the same pseudo file (options, credentials
+        and the order of a cluster's nodes aside; a cluster named by other
+        nodes of it is, as far as we can know, another one)."""
+        where = self.unix_path if self.unix_path is not None else tuple(sorted(self.nodes))
+        return ("redis", where, self.db, self.name)
 
     @property
     def where(self) -> str:
@@ -168,7 +176,7 @@ def _number(url: str, options: dict[str, str], key: str, default: Any, kind: typ
 def _id_record(state_dir: str, target: RedisTarget) -> str:
     """Where the state directory keeps the pseudo file's id: found by the
     server and name, never by anything the server holds."""
-    what = f"{target.scheme}\0{target.where}\0{target.db}\0{target.name}".encode()
+    what = repr(target.identity).encode()
     return os.path.join(state_dir, "remote", hashlib.sha256(what).hexdigest()[:40] + ".id")
 
 
@@ -185,6 +193,7 @@ class RedisStore(Store):
         self._meta = self._prefix + b"meta"
         self._markers: list[bytes] = [self._meta]  # keys whose "id" proves the data is there
         self._id = b""
+        self._identity = target.identity
         self._end = 0
         self._closed = False
 
@@ -205,7 +214,7 @@ class RedisStore(Store):
         cluster = target.scheme == "redis+cluster"
         if cluster:
             client: Any = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                                       cluster_error_retry_attempts=1, **common)
+                                       retry=Retry(NoBackoff(), 1), **common)
         elif target.unix_path is not None:
             client = Redis(unix_socket_path=target.unix_path, db=target.db, retry=Retry(NoBackoff(), 0), **common)
         else:
@@ -222,7 +231,8 @@ class RedisStore(Store):
     async def _attach(self, state_dir: str) -> None:
         record = _id_record(state_dir, self.target)
         try:
-            remembered = open(record, "rb").read().strip()
+            with open(record, "rb") as f:
+                remembered = f.read().strip()
         except FileNotFoundError:
             remembered = b""
         meta = await self._call(self._client.hmget(self._meta, [b"id", b"end"]), "connecting")
@@ -239,6 +249,13 @@ class RedisStore(Store):
         self._end = end
         if self._cluster:
             self._markers = await self._place_markers()
+            self._identity = ("redis", tuple(sorted(node.name for node in self._client.get_primaries())),
+                              0, self.target.name)
+            if found:
+                # The meta key's master kept the pseudo file; every other
+                # master must have kept its marker too: rewriting them (for
+                # this pager or another) would hide a loss.
+                self._check_markers(await self._call(self._read_markers(), "connecting"))
         await self._call(self._mark(), "connecting")
         if not remembered:
             os.makedirs(os.path.dirname(record), 0o700, exist_ok=True)
@@ -274,7 +291,12 @@ class RedisStore(Store):
 
     @property
     def identity(self) -> tuple[object, ...]:
-        return ("redis", self.target.where, self.target.db, self.target.name)
+        """A cluster's is its masters', however the URL names it."""
+        return self._identity
+
+    @property
+    def state_key(self) -> tuple[object, ...]:
+        return self.target.identity  # a cluster: the nodes its URL names, in any order
 
     def end(self) -> int:
         return self._end
@@ -284,8 +306,10 @@ class RedisStore(Store):
 
     def _check_markers(self, ids: Sequence[Any]) -> None:
         if any(found != self._id for found in ids):
-            raise StoreLost(f"{self.url}: the server lost the pseudo file (restarted empty, or flushed): "
-                            "its pages are gone, and they are never read as zeros")
+            raise StoreLost(f"{self.url}: the server lost the pseudo file, or a master of it lost its part "
+                            "(restarted empty, or flushed): its pages are gone, and they are never read as zeros. "
+                            f"To start it afresh, delete its keys (up:{self.target.name}:*) on every master "
+                            "and forget it (uffd_pager.forget_store)")
 
     async def read(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
         chunks: dict[int, list[int]] = {}
@@ -388,12 +412,12 @@ class RedisStore(Store):
         """Awaits one network operation, bounded by the URL's timeout (twice:
         connect, then the command); a failure to reach the server is
         StoreUnavailable, naming the URL."""
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
         try:
             async with asyncio.timeout(2 * self.target.timeout):
                 return await work
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             raise StoreUnavailable(errno.ECONNREFUSED if isinstance(exc, ConnectionRefusedError) else errno.EIO,
                                    f"{self.url}: {what}: {reason}") from None
