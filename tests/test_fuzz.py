@@ -181,7 +181,7 @@ def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[st
                 # What Region._request_writing sends after a flush refused with StoreReadOnly...
                 fd = open_store_file(region.store)
                 try:
-                    pager._request("reopen", (fd,), region=region._id, fds=["store"])
+                    pager._conn.request("reopen", (fd,), region=region._id, fds=["store"])
                 finally:
                     os.close(fd)
                 # ... and what Region._adopt_in_child sends in a forked child (refused here: no fork).

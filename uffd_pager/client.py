@@ -321,20 +321,13 @@ class Pager:
         # The pager filled the tag page to see that the uffd is ours: missing
         # again, so that a forked child's first read of it is a fault.
         memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
-        region = Region(self, reply["region"], memory, address, size, store, offset)
+        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset)
         self._regions.add(region)
         return region
 
     def status(self) -> dict[str, Any]:
         """The pager's own view: connections, regions, open fds, tasks, RSS."""
         return self._conn.request("status")
-
-    def _request(self, op: str, pass_fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]:
-        return self._conn.request(op, pass_fds, **fields)
-
-    def _request_fds(self, op: str, pass_fds: tuple[int, ...] = (),
-                     **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        return self._conn.request_fds(op, pass_fds, **fields)
 
     def close(self) -> None:
         """Closes every region of this process, then the connection; stops a

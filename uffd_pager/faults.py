@@ -93,7 +93,7 @@ class FaultHandler:
     def _on_faults(self, region: ServedRegion) -> None:
         with self._table.holding(region):
             self._serve_faults(region)
-        self._fetcher.send_all()  # the faults of this read, in one batch per store
+        self.fetcher.send_all()  # the faults of this read, in one batch per store
 
     def _serve_faults(self, region: ServedRegion) -> None:
         try:
@@ -227,7 +227,7 @@ class FaultHandler:
         source = region.portion.source(index)
         assert source.offset is not None  # the C path found it placed
         region.holds += 1
-        self._fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source))
+        self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source))
 
     def _fetched(self, waiter: tuple[ServedRegion, PageFault, Portion], result: Result) -> None:
         region, fault, source = waiter

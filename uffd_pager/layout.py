@@ -9,14 +9,10 @@ child reads it through its parent's portion (see native/portion.c).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
-
 from uffd_pager.crypto import PageAuthError
-from uffd_pager.stores.base import BadPage, Extent, UnauthenticPage, run_blocking
+from uffd_pager.stores.base import BadPage, Extent, Store, UnauthenticPage, run_blocking
 from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
 
-if TYPE_CHECKING:
-    from uffd_pager.stores.base import Store
 
 # map(dirty_tracking=...) names -> the kernel mechanism behind them.
 TRACKING_MODES = {"async": Tracking.ASYNC_WP, "sync": Tracking.SYNC_WP}
@@ -92,7 +88,7 @@ class PortionAllocator:
     slot to its caller, which gives it back with `add_free` once the store
     has discarded it."""
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._discard_on_reuse = store.local_fd >= 0
         self.in_use: dict[int, int] = {}  # offset -> length
@@ -155,7 +151,7 @@ class Portion:
     its pages, the portion it inherits unmaterialized pages from, and the
     children that inherit from it."""
 
-    def __init__(self, store: "Store", allocator: PortionAllocator, size: int,
+    def __init__(self, store: Store, allocator: PortionAllocator, size: int,
                  parent: "Portion | None" = None) -> None:
         self.store = store
         self.allocator = allocator

@@ -16,7 +16,7 @@ import errno
 import json
 import os
 import socket
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from uffd_pager.errors import (
     DescriptorsDropped,
@@ -79,6 +79,16 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
 # map's descriptors, named in its "fds" field in the order they are attached.
 MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog")
 REQUIRED_MAP_DESCRIPTORS = ("uffd",)  # a remote store has no descriptor
+
+
+class Channel(Protocol):
+    """Where a client's requests go (client.Connection): a Region talks to
+    its pager through one, never through the Pager's own attributes."""
+
+    def request(self, op: str, pass_fds: tuple[int, ...] = (), **fields: Any) -> dict[str, Any]: ...
+
+    def request_fds(self, op: str, pass_fds: tuple[int, ...] = (),
+                    **fields: Any) -> tuple[dict[str, Any], list[int]]: ...
 
 
 def check_request(request: dict[str, Any]) -> str:

@@ -8,14 +8,11 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from uffd_pager import protocol
 from uffd_pager.stores.file import open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
-
-if TYPE_CHECKING:
-    from uffd_pager.client import Pager
 
 
 _PROT_NONE = 0  # the mmap module exports PROT_READ/WRITE/EXEC only
@@ -108,9 +105,10 @@ class Region:
     which a forked child reads once so that the pager learns its pid.
     """
 
-    def __init__(self, pager: "Pager", region_id: int, memory: RegionMapping, address: int, size: int,
-                 store: str, offset: int) -> None:
-        self._pager = pager
+    def __init__(self, channel: protocol.Channel, owner: object, region_id: int, memory: RegionMapping,
+                 address: int, size: int, store: str, offset: int) -> None:
+        self._channel = channel  # requests about this region go there
+        self._owner = owner  # the Pager: kept alive (and its pager process) while the region is
         self._id = region_id
         self._memory: RegionMapping | None = memory
         self._owner_pid = os.getpid()  # the process whose pager state _id names
@@ -201,7 +199,7 @@ class Region:
         if self._owner_pid != os.getpid():
             raise protocol.PagerGone(f"this forked process could not claim its copy of the region from the pager "
                                      f"at fork: {self._adopt_error}")
-        return self._pager._request(op, region=self._id)
+        return self._channel.request(op, region=self._id)
 
     _adopt_error: str = ""
     _forked = False  # this process's region is a forked child's copy
@@ -219,7 +217,7 @@ class Region:
             try:
                 if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
                     raise
-                self._pager._request("reopen", (fd,), region=self._id, fds=["store"])
+                self._channel.request("reopen", (fd,), region=self._id, fds=["store"])
             finally:
                 os.close(fd)
         return self._request(op)
@@ -243,7 +241,7 @@ class Region:
             ctypes.string_at(self.address + self.size, 1)
             # Missing again, so that our own forked children fault on it too.
             memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
-            reply, fds = self._pager._request_fds("adopt", region=self._id)
+            reply, fds = self._channel.request_fds("adopt", region=self._id)
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)

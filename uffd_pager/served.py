@@ -1,17 +1,29 @@
-"""What the pager keeps per served region, and per open backing store."""
+"""What the pager keeps per client connection, per served region, and per open
+backing store."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uffd_pager.layout import Portion, PortionAllocator, Span, clip_spans, tracking_name
 from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
 from uffd_pager.writeback import pages_of
 
-if TYPE_CHECKING:
-    from uffd_pager.service import Connection
+
+@dataclass(eq=False)
+class Connection:
+    """A client's control connection, identified by its SO_PEERCRED."""
+
+    sock: socket.socket
+    pid: int
+    uid: int
+    regions: dict[int, ServedRegion] = field(default_factory=dict)
+    greeted: bool = False  # its hello was answered
+    # Requests with their descriptors; an exception to answer with; None at EOF.
+    inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | Exception | None]" = field(default_factory=asyncio.Queue)
 
 
 @dataclass(eq=False)

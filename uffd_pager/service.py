@@ -15,7 +15,6 @@ import resource
 import secrets
 import socket
 import struct
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from uffd_pager import protocol
@@ -31,7 +30,7 @@ from uffd_pager.layout import (
 )
 from uffd_pager.lineage import Lineage
 from uffd_pager.regions import RegionTable
-from uffd_pager.served import OpenStore, ServedRegion
+from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
 from uffd_pager.tenants import TenantLimits, Tenants
 from uffd_pager.uffd import (
@@ -57,17 +56,6 @@ _ACCEPT_PAUSE = 0.5
 
 # A request's answer, with the descriptors it hands over (adopt: a uffd).
 Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
-
-
-@dataclass(eq=False)
-class Connection:
-    sock: socket.socket
-    pid: int
-    uid: int
-    regions: dict[int, ServedRegion] = field(default_factory=dict)
-    greeted: bool = False  # its hello was answered
-    # Requests with their descriptors; an exception to answer with; None at EOF.
-    inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | Exception | None]" = field(default_factory=asyncio.Queue)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

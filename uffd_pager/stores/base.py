@@ -30,7 +30,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Callable, TypeVar
 
-from uffd_pager.errors import PagerError, StoreUnavailable
+from uffd_pager.errors import PagerError
 
 T = TypeVar("T")
 
