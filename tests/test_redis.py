@@ -395,6 +395,7 @@ def test_fork_each_portion_holds_exactly_its_process_view(remote, tmp_path, layo
     parent_kind, children_kind = LAYOUTS[layout]
     a = all_pattern("A", FORK_PAGES)
     stores: dict[str, Callable[[int, int], bytes]] = {}  # url -> read(offset, size) of its raw bytes
+    servers: dict[str, Any] = {}  # url -> a client of its server
 
     def make(kind: str, role: str) -> str:
         if kind == "file":
@@ -408,10 +409,19 @@ def test_fork_each_portion_holds_exactly_its_process_view(remote, tmp_path, layo
             if role == "parent":
                 populate(url, FORK_PAGES)
             stores[url] = pseudo.bytes
+            servers[url] = pseudo.client
         return url
+
+    def copies(url: str) -> int:
+        """COPY commands the server of url has run (on one server only)."""
+        client = servers.get(url)
+        if client is None or not hasattr(client, "info") or layout != "redis":
+            return 0
+        return int(client.info("commandstats").get("cmdstat_copy", {}).get("calls", 0))
 
     store = make(parent_kind, "parent")
     children = make(children_kind, "children") if children_kind else None
+    copies_before = copies(store)
     child_model = pages_with(a, "B", CHILD_PAGES)
     parent_model = pages_with(a, "C", PARENT_PAGES)
 
@@ -442,6 +452,11 @@ def test_fork_each_portion_holds_exactly_its_process_view(remote, tmp_path, layo
         assert child_offset is not None and child_offset % PAGE == 0
         if children is None:
             assert child_offset >= FORK_SIZE, f"the child's portion at {child_offset} overlaps the parent's"
+        if layout == "redis":
+            # Chunk-aligned, so that at-fork copies whole chunks on the server's side.
+            assert child_offset % (CHUNK_PAGES * PAGE) == 0, child_offset
+            if policy == "at-fork":
+                assert copies(store) > copies_before, "at-fork over one Redis server did not COPY on the server"
         root_bytes = stores[store](0, FORK_SIZE)
         assert differing_pages(root_bytes, parent_model) == [], "the parent's portion is not the parent's view"
         child_bytes = stores[child_url](child_offset, FORK_SIZE)

@@ -116,7 +116,8 @@ class PortionAllocator:
         end = max([self.store.end(), *(o + n for o, n in self.in_use.items()),
                    *(o + n for o, n in self._free), *(o + n for o, n in self._kept),
                    *(o + n for o, n in self._discarding)])
-        offset = -(-end // PAGE_SIZE) * PAGE_SIZE
+        align = max(self.store.alignment, PAGE_SIZE)
+        offset = -(-end // align) * align
         self.in_use[offset], self._users[offset] = length, 1
         return offset
 
@@ -232,7 +233,9 @@ class Portion:
         page = self.state.next_missing(first, end)
         while page < end:
             depth, run_end = self.state.source_run(page, end)
-            written += await self._copy_stored_pages(self._ancestor(depth), page, run_end)
+            source = self._ancestor(depth)
+            done = await self._copy_on_the_store_side(source, page, run_end)
+            written += done + await self._copy_stored_pages(source, page + done, run_end)
             self.state.mark(page, run_end - page)
             copied += run_end - page
             page = self.state.next_missing(run_end, end)
@@ -241,6 +244,21 @@ class Portion:
         return copied
 
     _COPY_BATCH = 64  # pages read, then written, at a time
+
+    async def _copy_on_the_store_side(self, source: "Portion", first: int, end: int) -> int:
+        """Copies the whole blocks at the start of [first, end) on the
+        store's side when source and this portion are in one store that can
+        (Redis: COPY of a chunk's hash); returns how many pages it copied
+        (0: none, the caller copies through the pager)."""
+        store, align = self.store, max(self.store.alignment, PAGE_SIZE)
+        if source.store is not store or align == PAGE_SIZE:
+            return 0
+        assert source.offset is not None and self.offset is not None
+        src, dst = source.offset + first * PAGE_SIZE, self.offset + first * PAGE_SIZE
+        whole = ((end - first) * PAGE_SIZE) // align * align
+        if src % align or dst % align or not whole or not await store.copy_within(src, dst, whole):
+            return 0
+        return whole // PAGE_SIZE
 
     async def _copy_stored_pages(self, source: "Portion", first: int, end: int) -> int:
         """Copies the pages of [first, end) that source's store holds (it is

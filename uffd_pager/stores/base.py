@@ -118,6 +118,17 @@ class Store(abc.ABC):
     async def discard(self, offset: int, length: int) -> None:
         """Makes a range read as zero (a portion slot being reused)."""
 
+    # Portions of children are placed at multiples of this (bytes): a store
+    # that copies whole blocks itself (copy_within) wants them aligned.
+    alignment: int = 4096
+
+    async def copy_within(self, source: int, destination: int, length: int) -> bool:
+        """Copies length bytes from source to destination in this store on
+        its own side (no bytes through the pager), if it can: False (nothing
+        done) where it cannot. The destination reads as zero before (a new
+        portion), and holes of the source stay holes."""
+        return False
+
     def discard_locally(self, offset: int, length: int) -> bool:
         """discard() at once, for a store with a local descriptor, where it is
         cheap (a hole punched); False (nothing done) for any other store."""

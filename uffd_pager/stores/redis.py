@@ -294,6 +294,23 @@ class RedisStore(Store):
         """A cluster's is its masters', however the URL names it."""
         return self._identity
 
+    alignment = CHUNK_BYTES
+
+    async def copy_within(self, source: int, destination: int, length: int) -> bool:
+        """COPY of whole chunks' hashes (Redis 6.2+), on one server only: in
+        a cluster the two chunks are in different slots, which COPY refuses."""
+        if self._cluster:
+            return False
+        pipe = self._client.pipeline(transaction=False)
+        for k in range(length // CHUNK_BYTES):
+            pipe.copy(self._key(source // CHUNK_BYTES + k), self._key(destination // CHUNK_BYTES + k), replace=True)
+        end = destination + length
+        if end > self._end:
+            pipe.hset(self._meta, b"end", str(end).encode())
+        await self._call(pipe.execute(), "copying")
+        self._end = max(self._end, end)
+        return True
+
     @property
     def state_key(self) -> tuple[object, ...]:
         return self.target.identity  # a cluster: the nodes its URL names, in any order
