@@ -3,8 +3,10 @@
  * the same implementation the `cryptography` package wraps). It is here, in
  * C, because per-page Python overhead tripled the cost of encrypted faults
  * and write-back: one call seals a whole batch of pages, and the fill path
- * opens a page with three preads (record, anchor entry, ciphertext) and no
- * Python.
+ * opens a page with two preads (its record, then its ciphertext straight
+ * into the page it fills, opened there in place), one load from a mapping
+ * of the anchor (see anchor_entry) and no Python. The contexts are keyed
+ * once, in up_aead_new: a page only sets its nonce.
  *
  * The few EVP entry points used are declared below rather than taken from
  * <openssl/evp.h>, so that building needs only libcrypto.so.3 (present
@@ -27,10 +29,13 @@
 #define _GNU_SOURCE
 #include "uffd_native.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -59,11 +64,16 @@ int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr);
 #define HOLE (1ULL << 63)     /* anchor entry flag: discarded, reads as zero */
 
 /* Separate contexts: pages are sealed by write-back threads and opened by
- * the event loop at the same time. Each is used under its caller's lock. */
+ * the event loop at the same time. Each is used under its caller's lock;
+ * the open side (open and the anchor's mapping) only by opens and reads. */
 struct up_aead {
     EVP_CIPHER_CTX *seal;
     EVP_CIPHER_CTX *open;
     int anchor_fd;
+    const uint8_t *anchor_map; /* a read-only mapping of anchor_fd (NULL: none yet), anchor_span bytes long, */
+    size_t anchor_span;
+    size_t anchor_len;         /* of which its first anchor_len bytes are in the file (fstat) */
+    int anchor_pread_only;     /* it cannot be mapped (further): preads past anchor_len */
 };
 
 struct up_aead *up_aead_new(const uint8_t *key, int anchor_fd)
@@ -88,6 +98,8 @@ void up_aead_free(struct up_aead *a)
         return;
     EVP_CIPHER_CTX_free(a->seal);
     EVP_CIPHER_CTX_free(a->open);
+    if (a->anchor_map)
+        munmap((void *)a->anchor_map, a->anchor_span);
     free(a);
 }
 
@@ -226,37 +238,109 @@ static int pread_full(int fd, uint8_t *buf, size_t n, off_t at)
     return 0;
 }
 
-static __thread uint8_t sealed_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
+/* The anchor's entries are read from a read-only mapping of it: one load
+ * instead of a pread per fault. A load past the end of a mapped file is
+ * SIGBUS, and no signal handler of ours may turn that into an error, so the
+ * mapping is only ever read within anchor_len, the size fstat gave (the
+ * anchor is in the state directory, which the attacker cannot write, and
+ * the pager only ever grows it: catalog.Anchor neither truncates it nor
+ * punches holes in it). An entry past anchor_len is read by pread; when
+ * that finds it in the file, the file has grown, and fstat says how far:
+ * the mapping reaches further than the file (anchor_span, room to grow
+ * into without mapping again) or is made anew. The catalog is beside the
+ * store, where the attacker may cut it under a mapping: it is read by
+ * pread only. */
+#define ANCHOR_ROOM (1u << 20) /* bytes mapped past the file's end at least: 131072 more pages' entries */
+
+static void anchor_grown(struct up_aead *a)
+{
+    struct stat st;
+    if (fstat(a->anchor_fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < a->anchor_len) {
+        a->anchor_pread_only = 1; /* shrunk (never by the pager), or not a file: read it by pread from now on */
+        a->anchor_len = 0;
+        return;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size <= a->anchor_span) {
+        a->anchor_len = size;
+        return;
+    }
+    /* Mapping past the end of a file is allowed; only loads there fault,
+     * and none is made past anchor_len. */
+    size_t span = (size + size / 2 + ANCHOR_ROOM + UP_PAGE_SIZE - 1) & ~(size_t)(UP_PAGE_SIZE - 1);
+    void *p = mmap(NULL, span, PROT_READ, MAP_SHARED, a->anchor_fd, 0);
+    if (p == MAP_FAILED) {
+        a->anchor_pread_only = 1; /* the old mapping, if any, still serves what it holds */
+        return;
+    }
+    if (a->anchor_map)
+        munmap((void *)a->anchor_map, a->anchor_span);
+    a->anchor_map = p;
+    a->anchor_span = span;
+    a->anchor_len = size;
+}
+
+/* The page's anchor entry (0 where there is no anchor, or the file does not
+ * reach it). 0, or -1 with errno. */
+static int anchor_entry(struct up_aead *a, uint64_t page, uint64_t *entry)
+{
+    *entry = 0;
+    if (a->anchor_fd < 0)
+        return 0;
+    uint64_t at = HEADER + page * ENTRY;
+    if (page < (UINT64_MAX - HEADER) / ENTRY && at + ENTRY <= a->anchor_len) {
+        /* 8-aligned: as whole as a pread of it against a concurrent write. */
+        *entry = le64toh(__atomic_load_n((const uint64_t *)(a->anchor_map + at), __ATOMIC_RELAXED));
+        return 0;
+    }
+    uint8_t bytes[ENTRY];
+    ssize_t got = pread(a->anchor_fd, bytes, ENTRY, (off_t)at);
+    if (got < 0)
+        return -1;
+    if (got < ENTRY) {
+        memset(bytes + got, 0, ENTRY - (size_t)got);
+    } else if (!a->anchor_pread_only) {
+        anchor_grown(a);
+    }
+    *entry = le64(bytes);
+    return 0;
+}
 
 /* up_aead_read_page and up_aead_open_page: the ciphertext is read from fd
  * at offset when a slot may open it, or given in `given` (NULL: the store
- * holds none), and opened with the slot the page's anchor entry allows. */
+ * holds none), and opened with the slot the page's anchor entry allows. A
+ * ciphertext read from fd goes straight into out and is opened there in
+ * place; a slot that fails to open it leaves out zeroed, so the next slot
+ * reads it again (rare: both slots may open a page only while a write of
+ * it is not committed). out never holds ciphertext or unauthenticated
+ * bytes when this returns. */
 static int64_t open_page(struct up_aead *a, int catalog_fd, int fd, const uint8_t *given, const uint8_t *store_id,
                          uint64_t page, uint64_t offset, uint8_t *out)
 {
-    uint8_t record[UP_RECORD_SIZE], again[UP_RECORD_SIZE], entry_bytes[ENTRY] = {0};
+    uint8_t record[UP_RECORD_SIZE], again[UP_RECORD_SIZE];
     if (pread_full(catalog_fd, record, sizeof(record), (off_t)(HEADER + page * UP_RECORD_SIZE)) < 0)
         return -1;
     for (int tries = 0;; tries++) {
-        if (a->anchor_fd >= 0 && pread_full(a->anchor_fd, entry_bytes, ENTRY, (off_t)(HEADER + page * ENTRY)) < 0)
+        uint64_t entry;
+        if (anchor_entry(a, page, &entry) < 0)
             return -1;
-        uint64_t entry = le64(entry_bytes);
-        int usable0 = slot_usable(record, 0, entry), usable1 = slot_usable(record, 1, entry);
-        const uint8_t *sealed = given;
-        if ((usable0 || usable1) && fd >= 0) {
-            if (pread_full(fd, sealed_buf, UP_PAGE_SIZE, (off_t)offset) < 0)
-                return -1;
-            sealed = sealed_buf;
-        }
-        if ((usable0 || usable1) && sealed) {
+        int usable[2] = {slot_usable(record, 0, entry), slot_usable(record, 1, entry)};
+        if ((usable[0] || usable[1]) && (fd >= 0 || given)) {
             /* The newer slot first: after a commit it is the current one. */
             int first = slot_version(record, 1) > slot_version(record, 0);
-            if (first ? usable1 : usable0) {
-                if (up_aead_open_slot(a, store_id, page, record, first, sealed, out) == 0)
-                    return UP_PAGE_SIZE;
-            }
-            if (first ? usable0 : usable1) {
-                if (up_aead_open_slot(a, store_id, page, record, !first, sealed, out) == 0)
+            int order[2] = {first, !first};
+            for (int k = 0; k < 2; k++) {
+                if (!usable[order[k]])
+                    continue;
+                const uint8_t *sealed = given;
+                if (fd >= 0) {
+                    if (pread_full(fd, out, UP_PAGE_SIZE, (off_t)offset) < 0) {
+                        memset(out, 0, UP_PAGE_SIZE); /* memset leaves errno alone */
+                        return -1;
+                    }
+                    sealed = out;
+                }
+                if (up_aead_open_slot(a, store_id, page, record, order[k], sealed, out) == 0)
                     return UP_PAGE_SIZE;
             }
         }
@@ -270,6 +354,7 @@ static int64_t open_page(struct up_aead *a, int catalog_fd, int fd, const uint8_
          * changed the record between our reads: if so, read it all again. */
         if (tries > 0 || pread_full(catalog_fd, again, sizeof(again), (off_t)(HEADER + page * UP_RECORD_SIZE)) < 0 ||
             memcmp(again, record, sizeof(record)) == 0) {
+            memset(out, 0, UP_PAGE_SIZE); /* what it held before is no answer either */
             errno = EBADMSG;
             return -1;
         }

@@ -237,11 +237,13 @@ int up_aead_seal_pages(struct up_aead *aead, const uint8_t *store_id, const uint
 /* Opens one page with one slot of its record; 0, or -1 (out zeroed). */
 int up_aead_open_slot(struct up_aead *aead, const uint8_t *store_id, uint64_t page, const uint8_t *record, int slot,
                       const uint8_t *in, uint8_t *out);
-/* Reads store page `page` (its ciphertext at offset in fd) and opens it
- * with the slot its anchor entry allows: 4096, 0 (it reads as zero: never
- * committed, or discarded), or -1 with errno (EBADMSG: it does not
- * authenticate, and out holds nothing of it). The fill path's and Python's
- * one way to read an encrypted page. */
+/* Reads store page `page` (its ciphertext at offset in fd, straight into
+ * out, opened there in place) and opens it with the slot its anchor entry
+ * allows: 4096, 0 (it reads as zero: never committed, or discarded), or -1
+ * with errno (EBADMSG: it does not authenticate, and out is zeroed). The
+ * fill path's and Python's one way to read an encrypted page. The anchor
+ * is read from a mapping of it that aead keeps (never past the size fstat
+ * gave: the pager only grows its anchors), the record by pread. */
 int64_t up_aead_read_page(struct up_aead *aead, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
                           uint64_t offset, uint8_t *out);
 /* The same for a ciphertext fetched elsewhere (a remote store): sealed is

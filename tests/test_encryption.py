@@ -1570,3 +1570,178 @@ def test_a_catalog_descriptor_from_the_client_is_used_instead_of_its_path(tmp_pa
         encrypted_store(store, Key.generate(), state_dir, catalog_fd=fd)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed on failure too
+
+
+# --- 18. the fill path's reads: the anchor from a mapping, the ciphertext opened in place ------------
+#
+# native/aead.c reads each page's anchor entry from a read-only mapping of the
+# anchor (never past the size fstat last gave: pread past it, and a mapping
+# made anew when the file has grown past its span), and reads the ciphertext
+# straight into the page it fills, opening it there in place. These drive
+# up_aead_read_page / up_aead_open_page directly, in a subprocess: a load
+# past the end of a mapped file would kill it with SIGBUS.
+
+AEAD_SETUP_SCRIPT = r'''
+import errno, json, os, sys
+from uffd_pager.native import ffi, lib
+from uffd_pager.crypto import RECORD_BYTES
+cfg = json.loads(sys.argv[1])
+PAGE, HEADER, ENTRY, HOLE = 4096, 4096, 8, 1 << 63
+d = cfg["dir"]
+subkey, store_id = os.urandom(32), os.urandom(16)
+anchor_path = os.path.join(d, "anchor")
+anchor_fd = os.open(anchor_path, os.O_RDWR | os.O_CREAT, 0o600)
+os.pwrite(anchor_fd, bytes(HEADER), 0)
+aead = ffi.gc(lib.up_aead_new(subkey, anchor_fd), lib.up_aead_free)
+store_fd = os.open(os.path.join(d, "store"), os.O_RDWR | os.O_CREAT, 0o600)
+catalog_fd = os.open(os.path.join(d, "catalog"), os.O_RDWR | os.O_CREAT, 0o600)
+os.pwrite(catalog_fd, bytes(HEADER), 0)
+
+def plain(page, version):
+    return page_data("random", "aead", page, str(version))
+
+def flip_bit(data, at, bit=0):
+    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1:]
+
+def seal(page, version, slot=0, record=None):
+    """(ciphertext, record) of page at version, in slot `slot` of record (a new one: None)."""
+    record = bytearray(record or RECORD_BYTES)
+    sealed = bytearray(PAGE)
+    assert lib.up_aead_seal_pages(aead, store_id, ffi.new("uint64_t[]", [page]), version, plain(page, version),
+                                  ffi.from_buffer(sealed), ffi.from_buffer(record), bytes([slot]), 1) == 0
+    return bytes(sealed), bytes(record)
+
+def put(page, at, sealed, record):
+    """The page's ciphertext at store page `at`, its record in the catalog."""
+    os.pwrite(store_fd, sealed, at * PAGE)
+    os.pwrite(catalog_fd, record, HEADER + page * RECORD_BYTES)
+
+def commit(page, version):
+    os.pwrite(anchor_fd, version.to_bytes(8, "little"), HEADER + page * ENTRY)
+
+def result(n, out, expected):
+    if n < 0:
+        err = errno.errorcode.get(ffi.errno, str(ffi.errno))
+        return err if out == bytes(PAGE) else err + " (bytes left in out)"
+    if n == 0:
+        return "zero" if out == bytes(PAGE) else "zero (bytes left in out)"
+    for version, data in expected.items():
+        if out == data:
+            return f"v{version}"
+    return "wrong"
+
+def read(page, at, expected):
+    """What up_aead_read_page gives for page (ciphertext at store page at),
+    out filled with junk first: "v<version>", "zero" or an errno name."""
+    out = bytearray(b"\xa5" * PAGE)
+    n = lib.up_aead_read_page(aead, catalog_fd, store_fd, store_id, page, at * PAGE, ffi.from_buffer(out))
+    return result(n, out, expected)
+
+def open_given(page, sealed, expected):
+    out = bytearray(b"\xa5" * PAGE)
+    n = lib.up_aead_open_page(aead, catalog_fd, sealed if sealed is not None else ffi.NULL, store_id, page,
+                              ffi.from_buffer(out))
+    return result(n, out, expected)
+
+def anchor_mappings():
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(anchor_path) for line in f)
+
+'''
+
+GROWING_ANCHOR_SCRIPT = AEAD_SETUP_SCRIPT + r'''
+steps, maps = {}, {}
+for p in range(8):
+    put(p, p, *seal(p, 1))
+    commit(p, 1)
+v = {p: {1: plain(p, 1)} for p in range(8)}
+steps["first"] = [read(p, p, v[p]) for p in range(8)]
+maps["first"] = anchor_mappings()
+# Entries changed inside the mapping are seen: a newer commit refuses the
+# old version, a discard makes the page read as zero.
+commit(3, 2)
+commit(5, HOLE | 10)
+steps["changed"] = [read(3, 3, v[3]), read(5, 5, v[5]), read(4, 4, v[4])]
+# Past the anchor's end: an uncommitted write opens, a page never written
+# reads as zero; once committed further on (the file grows past what fstat
+# said, inside the mapping's span), the anchor's entry rules again.
+mid = 1000
+put(mid, 8, *seal(mid, 1))
+vm = {1: plain(mid, 1), 2: plain(mid, 2)}
+steps["mid"] = [read(mid, 8, vm), read(mid + 1, 9, vm)]
+commit(mid, 2)
+steps["mid committed"] = [read(mid, 8, vm)]
+put(mid, 8, *seal(mid, 2))
+steps["mid written"] = [read(mid, 8, vm), read(mid + 1, 9, vm)]
+# Far past the mapping's span: the anchor is mapped anew.
+far = 400_000
+put(far, 10, *seal(far, 3))
+vf = {3: plain(far, 3)}
+steps["far"] = [read(far, 10, vf)]
+commit(far, 3)
+steps["far committed"] = [read(far, 10, vf), read(far, 10, vf)]
+commit(far, 4)
+steps["far newer"] = [read(far, 10, vf), read(mid, 8, vm), read(2, 2, v[2]), read(3, 3, v[3])]
+maps["last"] = anchor_mappings()
+print(json.dumps({"steps": steps, "maps": maps, "size": os.fstat(anchor_fd).st_size}), flush=True)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_an_anchor_that_grows_while_mapped_still_reads_right(tmp_path: Path) -> None:
+    result = run_script(GROWING_ANCHOR_SCRIPT, {"dir": str(tmp_path)})
+    assert result.returncode == 0, f"the reader died:\n{describe(result)}"
+    report = lines_of(result)[0]
+    assert report["steps"] == {
+        "first": ["v1"] * 8,
+        "changed": ["EBADMSG", "zero", "v1"],
+        "mid": ["v1", "zero"],
+        "mid committed": ["EBADMSG"],
+        "mid written": ["v2", "zero"],
+        "far": ["v3"],
+        "far committed": ["v3", "v3"],
+        "far newer": ["EBADMSG", "v2", "v1", "EBADMSG"],
+    }, describe(result)
+    assert report["size"] > 3 << 20, "the anchor did not grow past the first mapping's span"
+    assert report["maps"] == {"first": 1, "last": 1}, \
+        "the anchor's entries were not read from one mapping of it (or an old mapping was left behind)"
+
+
+IN_PLACE_SCRIPT = AEAD_SETUP_SCRIPT + r'''
+steps = {}
+# Both slots may open the page (a write not yet committed): slot 1 holds
+# the newer version, tried first; the store holds the older one, so the
+# first attempt, in place, fails and the ciphertext is read again.
+c1, record = seal(0, 1, 0)
+c2, record = seal(0, 2, 1, record)
+v = {1: plain(0, 1), 2: plain(0, 2)}
+put(0, 0, c1, record)
+commit(0, 1)
+steps["older in store"] = [read(0, 0, v), open_given(0, c1, v)]
+put(0, 0, c2, record)
+steps["newer in store"] = [read(0, 0, v), open_given(0, c2, v)]
+# Nothing of a ciphertext that opens with no slot is left in out.
+put(0, 0, flip_bit(c2, 100), record)
+steps["flipped"] = [read(0, 0, v), open_given(0, flip_bit(c1, 4095, 7), v)]
+# The same page with an empty record: committed, so an error, never zeros;
+# uncommitted, zeros from a file store, and still an error for a value a
+# remote store holds.
+os.pwrite(catalog_fd, bytes(RECORD_BYTES), HEADER)
+steps["no record"] = [read(0, 0, v), open_given(0, c1, v), open_given(0, None, v)]
+commit(0, 0)
+steps["no record, uncommitted"] = [read(0, 0, v), open_given(0, c1, v), open_given(0, None, v)]
+print(json.dumps({"steps": steps}), flush=True)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_page_opened_in_place_tries_each_slot_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    result = run_script(IN_PLACE_SCRIPT, {"dir": str(tmp_path)})
+    assert result.returncode == 0, describe(result)
+    assert lines_of(result)[0]["steps"] == {
+        "older in store": ["v1", "v1"],
+        "newer in store": ["v2", "v2"],
+        "flipped": ["EBADMSG", "EBADMSG"],
+        "no record": ["EBADMSG", "EBADMSG", "EBADMSG"],
+        "no record, uncommitted": ["zero", "EBADMSG", "zero"],
+    }, describe(result)
