@@ -36,21 +36,6 @@ def all_pattern(tag: str, npages: int) -> bytes:
     return b"".join(pattern(tag, p) for p in range(npages))
 
 
-def differing_pages(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview,
-                    limit: int = 20) -> list[int]:
-    """Indices of the pages where a and b differ (the first `limit`)."""
-    a, b = bytes(a), bytes(b)
-    if len(a) != len(b):
-        raise ValueError(f"lengths differ: {len(a)} != {len(b)}")
-    out = []
-    for p in range(len(a) // PAGE):
-        if a[p * PAGE:(p + 1) * PAGE] != b[p * PAGE:(p + 1) * PAGE]:
-            out.append(p)
-            if len(out) >= limit:
-                break
-    return out
-
-
 # --- the pseudo file, read through the server's keys ---------------------------------------
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import uffd_pager
 from child import Registry, order, report
-from redis_pages import PAGE, ZERO_PAGE, all_pattern, differing_pages, pages_with, pattern
+from pages import differing_pages
+from redis_pages import PAGE, ZERO_PAGE, all_pattern, pages_with, pattern
 
 SCENARIOS = Registry()
 scenario = SCENARIOS.register

@@ -31,6 +31,7 @@ from typing import Any, Callable, NoReturn
 
 import uffd_pager
 from child import Registry, order, report
+from pages import differing_pages
 
 PAGE = uffd_pager.PAGE_SIZE
 FILL = b"\xab" * PAGE  # every page of the file child-after-pager-death maps
@@ -77,13 +78,6 @@ def read_file(path: str, offset: int = 0, size: int | None = None) -> bytes:
         f.seek(offset)
         data = f.read() if size is None else f.read(size)
     return data if size is None else data.ljust(size, b"\0")
-
-
-def differing_pages(a: bytes, b: bytes, limit: int = 20) -> list[int]:
-    """Pages where a and b differ (the first `limit`)."""
-    assert len(a) == len(b), f"lengths differ: {len(a)} != {len(b)}"
-    out = [p for p in range(len(a) // PAGE) if a[p * PAGE:(p + 1) * PAGE] != b[p * PAGE:(p + 1) * PAGE]]
-    return out[:limit]
 
 
 def zero_pages(data: bytes, limit: int = 20) -> list[int]:

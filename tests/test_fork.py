@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import uffd_pager
+from pages import differing_pages
 
 PAGE = uffd_pager.PAGE_SIZE
 POLICIES = ("on-write", "at-fork", "on-access")
@@ -54,19 +55,6 @@ def with_pages(base: bytes | bytearray, tag: str, pages: Iterator[int] | list[in
     out = bytearray(base)
     for p in pages:
         out[p * PAGE:(p + 1) * PAGE] = pattern(tag, p)
-    return out
-
-
-def differing_pages(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview, limit: int = 20) -> list[int]:
-    """Indices of the pages where a and b differ (the first `limit`)."""
-    a, b = bytes(a), bytes(b)
-    assert len(a) == len(b), f"lengths differ: {len(a)} != {len(b)}"
-    out = []
-    for p in range(len(a) // PAGE):
-        if a[p * PAGE:(p + 1) * PAGE] != b[p * PAGE:(p + 1) * PAGE]:
-            out.append(p)
-            if len(out) >= limit:
-                break
     return out
 
 

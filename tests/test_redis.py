@@ -40,7 +40,8 @@ import numpy
 import pytest
 
 import uffd_pager
-from redis_pages import (CHUNK, CHUNK_PAGES, PAGE, all_pattern, chunk_fields, chunk_keys_on, differing_pages,
+from pages import differing_pages
+from redis_pages import (CHUNK, CHUNK_PAGES, PAGE, all_pattern, chunk_fields, chunk_keys_on,
                          pages_with, pattern, pseudo_file_bytes, raw_values)
 from redis_scenarios import CHILD_PAGES, FORK_PAGES, PARENT_PAGES
 from redis_servers import RedisCluster, RedisReplyError, RedisServer, free_port

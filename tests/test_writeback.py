@@ -29,6 +29,7 @@ from typing import Iterator
 import pytest
 
 import uffd_pager
+from pages import differing_pages
 
 PAGE = uffd_pager.PAGE_SIZE
 MiB = 1 << 20
@@ -42,18 +43,6 @@ def url(path: Path | str) -> str:
 def pattern(tag: str, page: int) -> bytes:
     """A page of bytes that names its tag and page (the same in every process)."""
     return hashlib.sha256(f"{tag}:{page}".encode()).digest() * (PAGE // 32)
-
-
-def differing_pages(a: bytes | bytearray, b: bytes | bytearray, limit: int = 20) -> list[int]:
-    """Indices of the pages where a and b differ (the first `limit` of them)."""
-    assert len(a) == len(b), f"lengths differ: {len(a)} != {len(b)}"
-    out = []
-    for p in range(len(a) // PAGE):
-        if a[p * PAGE:(p + 1) * PAGE] != b[p * PAGE:(p + 1) * PAGE]:
-            out.append(p)
-            if len(out) >= limit:
-                break
-    return out
 
 
 def run_threads(target, count: int) -> None:
