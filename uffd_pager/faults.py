@@ -91,9 +91,8 @@ class FaultHandler:
         table.serve_faults_of = self._on_faults
 
     def _on_faults(self, region: ServedRegion) -> None:
-        with self._table.holding(region):
+        with self._table.holding(region), self.fetcher.batch():  # this read's faults: one batch per store
             self._serve_faults(region)
-        self.fetcher.send_all()  # the faults of this read, in one batch per store
 
     def _serve_faults(self, region: ServedRegion) -> None:
         try:

@@ -15,8 +15,9 @@ then every waiter gets the error and its page is poisoned, never zero-filled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from uffd_pager.stores.base import BadPage, Store
@@ -45,6 +46,7 @@ class Fetcher:
         self._queued: dict[Store, list[int]] = {}
         self._slots: dict[Store, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = False  # inside batch(): wants are sent at its end
         self.pages = 0  # pages read
         self.shared = 0  # faults served by a read another fault started
         self.retries = 0  # reads retried after a failure
@@ -61,17 +63,24 @@ class Fetcher:
         self._waiting[key] = [waiter]
         queue = self._queued.setdefault(store, [])
         queue.append(offset)
-        if len(queue) == 1:
+        if len(queue) == 1 and not self._sending:
             self._loop.call_soon(self.send, store)
 
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    def send_all(self) -> None:
-        """Sends what is queued now, rather than at the next turn of the loop
-        (the caller has read every fault it could)."""
-        for store in list(self._queued):
-            self.send(store)
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Faults wanted inside are sent when it ends, in one batch per store,
+        rather than at the next turn of the loop (the caller reads every
+        fault it can in between)."""
+        self._sending = True
+        try:
+            yield
+        finally:
+            self._sending = False
+            for store in list(self._queued):
+                self.send(store)
 
     def send(self, store: Store) -> None:
         offsets = sorted(self._queued.pop(store, []))

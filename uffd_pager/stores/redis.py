@@ -426,14 +426,13 @@ class RedisStore(Store):
         await self._call(pipe.execute(), "discarding")
 
     async def _call(self, work: Any, what: str) -> Any:
-        """Awaits one network operation, bounded by the URL's timeout (twice:
-        connect, then the command); a failure to reach the server is
-        StoreUnavailable, naming the URL."""
+        """Awaits one network operation, which the client's socket timeouts
+        (the URL's timeout: to connect, and for each read) bound; a failure
+        to reach the server is StoreUnavailable, naming the URL."""
         from redis.exceptions import RedisClusterException, RedisError
 
         try:
-            async with asyncio.timeout(2 * self.target.timeout):
-                return await work
+            return await work
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             raise StoreUnavailable(errno.ECONNREFUSED if isinstance(exc, ConnectionRefusedError) else errno.EIO,
