@@ -307,6 +307,36 @@ def bad_values(url: str, npages: str, bad: str) -> None:
     report("touched", zeros=data == ZERO_PAGE)
 
 
+# --- 4b. encrypted over Redis -------------------------------------------------------------------------
+
+
+@scenario("encrypted-write")
+def encrypted_write(url: str, npages: str, key_file: str, tag: str, pages: str) -> None:
+    """Writes pattern `tag` over `pages` (comma-separated, or "all") of an
+    encrypted region over `url`, flushes, closes; reports what flush wrote."""
+    n = int(npages)
+    chosen = range(n) if pages == "all" else [int(p) for p in pages.split(",")]
+    with uffd_pager.Pager() as pager, pager.map(url, n * PAGE, key_file=key_file, writeback_interval=0) as region:
+        view = region.view()
+        for p in chosen:
+            view[p * PAGE:(p + 1) * PAGE] = pattern(tag, p)
+        flushed = region.flush()
+        del view
+    report("written", pages=flushed["pages"])
+
+
+@scenario("encrypted-probe")
+def encrypted_probe(url: str, npages: str, key_file: str, tag: str) -> None:
+    """Probes every page of an encrypted region over `url` against pattern
+    `tag` (a page that fails authentication: EFAULT, never data)."""
+    n = int(npages)
+    with uffd_pager.Pager() as pager, pager.map(url, n * PAGE, key_file=key_file, writeback_interval=0) as region:
+        view = region.view()
+        report("probed", probes=[probe(view, p, pattern(tag, p)) for p in range(n)], stats=stats_of(region),
+               auth_failures=region.stats()["auth_failures"])
+        del view
+
+
 # --- 5. map and read, whatever happens ----------------------------------------------------------
 
 

@@ -720,6 +720,53 @@ def test_a_value_of_the_wrong_length_is_sigbus_for_that_page_only(redis_server, 
     assert log.count("cannot be filled") >= len(planted), log[-3000:]
 
 
+# --- 7b. encrypted over Redis: the server sees ciphertext only, and what it alters never reads as data ------
+
+
+@pytest.mark.timeout(90)
+def test_an_encrypted_pseudo_file_holds_no_plaintext_and_a_tampering_server_gets_sigbus(redis_server, redis_name,
+                                                                                        tmp_path):
+    store = Remote(redis_server, redis_name)
+    npages = 32
+    key_file = tmp_path / "region.key"
+    key_file.write_text(uffd_pager.Key.generate().to_text() + "\n")
+    key_file.chmod(0o600)
+    args = (store.url(), npages, str(key_file))
+
+    def run(name: str, *more: Any) -> dict[str, Any]:
+        with Scenario(name, *args, *more) as scenario:
+            message = scenario.expect("probed" if name == "encrypted-probe" else "written")
+            assert scenario.wait(30) == 0, f"{describe_returncode(scenario.process.poll())}{scenario.context()}"
+        return message
+
+    assert run("encrypted-write", "A", "all")["pages"] == npages
+    values = raw_values(store.client, redis_name, 0, npages * PAGE)
+    assert all(v is not None and len(v) == PAGE for v in values), "a page has no value, or one of the wrong size"
+    blob = b"".join(values)  # type: ignore[arg-type]
+    leaked = [(p, k) for p in range(npages) for k in range(0, PAGE, 16) if pattern("A", p)[k:k + 16] in blob]
+    assert not leaked, f"16-byte runs of plaintext on the server: {leaked[:5]}"
+
+    def put(page: int, value: bytes) -> None:
+        store.client.hset(f"up:{redis_name}:{page // CHUNK_PAGES}", str(page % CHUNK_PAGES), value)
+
+    old9 = values[9]
+    assert run("encrypted-write", "A", "9")["pages"] == 1  # a newer version of page 9 (same bytes, new nonce)
+    flipped = bytearray(values[3])  # type: ignore[arg-type]
+    flipped[100] ^= 0x01
+    put(3, bytes(flipped))  # one flipped bit
+    put(5, values[6])  # two values swapped
+    put(6, values[5])
+    put(9, old9)  # an older value replayed
+    probed = run("encrypted-probe", "A")
+    tampered = {3, 5, 6, 9}
+    for result in probed["probes"]:
+        if result["page"] in tampered:
+            assert not result["ok"] and result["errno"] == "EFAULT", f"a tampered page read as data: {result}"
+        else:
+            assert result["ok"] and result["right"], f"page {result['page']} beside the tampered ones: {result}"
+    assert probed["auth_failures"] == len(tampered), probed["stats"]
+
+
 # --- 8. bad URLs, unreachable servers ----------------------------------------------------------------------
 
 VALID = re.escape("redis://HOST:PORT/NAME")
