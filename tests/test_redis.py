@@ -720,6 +720,21 @@ def test_a_value_of_the_wrong_length_is_sigbus_for_that_page_only(redis_server, 
     assert log.count("cannot be filled") >= len(planted), log[-3000:]
 
 
+@pytest.mark.timeout(60)
+def test_the_pagers_status_counts_remote_fetches_and_none_is_left_in_flight(redis_server, redis_name):
+    store = Remote(redis_server, redis_name)
+    npages = 48
+    populate(store.url(), npages)
+    with uffd_pager.Pager() as pager, pager.map(store.url(), npages * PAGE, writeback_interval=0) as region:
+        before = pager.status()["fetches"]
+        view = region.view()
+        assert differing_pages(bytes(view), all_pattern("A", npages)) == []
+        del view
+        after = pager.status()["fetches"]
+    assert after["pages"] - before["pages"] == npages, (before, after)
+    assert after["in_flight"] == 0 and after["retries"] == before["retries"], after
+
+
 # --- 7b. encrypted over Redis: the server sees ciphertext only, and what it alters never reads as data ------
 
 

@@ -66,8 +66,10 @@ class Fetcher:
         if len(queue) == 1 and not self._sending:
             self._loop.call_soon(self.send, store)
 
-    def in_flight(self) -> int:
-        return len(self._waiting)
+    def counters(self) -> dict[str, int]:
+        """For `status`: pages read, faults that shared another's read,
+        reads retried, and pages being fetched now."""
+        return {"pages": self.pages, "shared": self.shared, "retries": self.retries, "in_flight": len(self._waiting)}
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

@@ -420,6 +420,7 @@ class PagerService:
             "open_fds": len(os.listdir("/proc/self/fd")),
             "tasks": len(asyncio.all_tasks(self._loop)),
             "rss_kib": _rss_kib(),
+            "fetches": self._faults.fetcher.counters(),
         }
 
     def _own_region(self, conn: Connection, request: dict[str, Any]) -> ServedRegion:
