@@ -1,7 +1,7 @@
 """Serving page faults: each region's faults and events, as they arrive.
 
-Kernel facts the service relies on
-----------------------------------
+Kernel facts fault serving relies on
+------------------------------------
 A userfaultfd is bound to the address space (mm) of the process that created
 it, not to the process holding the descriptor: clients create and register
 it, then pass it here over the control socket, and every UFFDIO_* ioctl issued
@@ -83,7 +83,10 @@ _HAND_TIMEOUT = 30.0
 
 
 class FaultHandler:
-    def __init__(self, loop: asyncio.AbstractEventLoop, table: "RegionTable", lineage: "Lineage") -> None:
+    """Reads each region's uffd when it is readable: serves what C can, and
+    handles what it hands back (events, deferred faults, remote pages)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: RegionTable, lineage: Lineage) -> None:
         self._loop = loop
         self._table = table
         self._lineage = lineage

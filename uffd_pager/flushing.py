@@ -24,7 +24,9 @@ log = logging.getLogger("uffd_pager.pager")
 
 
 class Flusher:
-    def __init__(self, loop: asyncio.AbstractEventLoop, table: "RegionTable", lineage: "Lineage") -> None:
+    """flush() of a region, and its periodic timer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: RegionTable, lineage: Lineage) -> None:
         self._loop = loop
         self._table = table
         self._lineage = lineage

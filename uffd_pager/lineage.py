@@ -31,7 +31,10 @@ _CHILD_PROBE_INTERVAL = 1.0
 
 
 class Lineage:
-    def __init__(self, loop: asyncio.AbstractEventLoop, table: "RegionTable") -> None:
+    """The fork lineage of every served region, and the copies between
+    their portions."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: RegionTable) -> None:
         self._loop = loop
         self._table = table
         self._child_probe: asyncio.TimerHandle | None = None

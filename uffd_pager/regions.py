@@ -30,6 +30,8 @@ log = logging.getLogger("uffd_pager.pager")
 
 
 class RegionTable:
+    """Every served region by id, every open store by identity."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, state_dir: str | None) -> None:
         self._loop = loop
         self._state_dir = state_dir  # encrypted stores' anchors (None: catalog.default_state_dir())

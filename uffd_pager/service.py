@@ -65,6 +65,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class PagerService:
+    """One pager: its listening socket, its clients, and the parts that serve them."""
+
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
                  limits: TenantLimits | None = None, state_dir: str | None = None) -> None:
         self._listener = listener
