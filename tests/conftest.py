@@ -170,9 +170,13 @@ def socket_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def pager() -> Iterator[uffd_pager.Pager]:
-    """A private pager process, closed (with its regions) at teardown."""
+    """A private pager process, closed (with its regions) at teardown; no
+    exception of its own may have escaped to its loop meanwhile (a bug that
+    logging alone would hide, the pager serving on)."""
     with uffd_pager.Pager() as p:
         yield p
+        if p.alive():
+            assert p.status()["internal_errors"] == 0, "the pager logged an internal error (see its stderr)"
 
 
 class Daemon:

@@ -730,7 +730,9 @@ def test_the_pagers_status_counts_remote_fetches_and_none_is_left_in_flight(redi
         view = region.view()
         assert differing_pages(bytes(view), all_pattern("A", npages)) == []
         del view
-        after = pager.status()["fetches"]
+        status = pager.status()
+        after = status["fetches"]
+    assert status["internal_errors"] == 0, "the pager logged an internal error (see its stderr)"
     assert after["pages"] - before["pages"] == npages, (before, after)
     assert after["in_flight"] == 0 and after["retries"] == before["retries"], after
 

@@ -76,6 +76,7 @@ class PagerService:
         self._connections: set[Connection] = set()
         self._done = self._loop.create_future()
         self._accept_paused = False
+        self._internal_errors = 0  # exceptions that escaped to the loop (see _on_internal_error)
         self._tenants = Tenants(limits or TenantLimits())
         self._table = RegionTable(self._loop, state_dir)
         self._lineage = Lineage(self._loop, self._table)
@@ -98,6 +99,7 @@ class PagerService:
 
     async def serve(self, *, idle_timeout: float = 10.0) -> None:
         """Runs until stopped; an embedded pager also stops once idle."""
+        self._loop.set_exception_handler(self._on_internal_error)
         self._loop.add_reader(self._listener.fileno(), self._accept)
         if self._exit_when_idle:
             # An embedded pager whose parent died before connecting stops too.
@@ -114,6 +116,13 @@ class PagerService:
                 self._table.release_region(region)
             for conn in list(self._connections):
                 self._drop_connection(conn)
+
+    def _on_internal_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception no handler caught (a callback's, a task's): a bug of
+        ours. The pager goes on serving the others; status counts it."""
+        self._internal_errors += 1
+        exc = context.get("exception")
+        log.error("internal error: %s", context.get("message"), exc_info=exc if isinstance(exc, BaseException) else None)
 
     def stop(self) -> None:
         if not self._done.done():
@@ -423,6 +432,7 @@ class PagerService:
             "tasks": len(asyncio.all_tasks(self._loop)),
             "rss_kib": _rss_kib(),
             "fetches": self._faults.fetcher.counters(),
+            "internal_errors": self._internal_errors,
         }
 
     def _own_region(self, conn: Connection, request: dict[str, Any]) -> ServedRegion:
