@@ -39,6 +39,28 @@ def order(*, eof_error: bool = False) -> str:
     return line.decode().strip()
 
 
+class PlainRegistry:
+    """The functions of a child script that keeps a plain stdout protocol
+    (what the test parses is whatever it prints), run as a ``python -c``
+    script would be: an exception is a traceback on stderr and status 1,
+    and the process ends by the interpreter's own exit unless the function
+    says os._exit."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, Callable[..., None]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+        def add(function: Callable[..., None]) -> Callable[..., None]:
+            self.functions[name] = function
+            return function
+
+        return add
+
+    def main(self, argv: list[str] | None = None) -> None:
+        name, *args = sys.argv[1:] if argv is None else argv
+        self.functions[name](*args)
+
+
 class Registry:
     """The functions a child script runs by name: ``@registry.register(NAME)``
     adds one, ``registry.main()`` runs the one the command line names."""

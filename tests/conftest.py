@@ -224,7 +224,7 @@ def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
 
 # --- client processes ----------------------------------------------------------------
 
-# A client that does what the test tells it on stdin, one command a line,
+# A client (tests/client_child.py) that does what the test tells it on stdin, one command a line,
 # and answers one line on stdout for each:
 #   map URL SIZE             -> "mapped"       (keeps a view of the region)
 #   read FIRST STOP [DELAY]  -> "same" | "differs PAGE": pages [FIRST, STOP) against the file
@@ -234,63 +234,15 @@ def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
 #   drop                     -> "dropped"      (lets go of the region without closing it)
 #   exit                     -> (none) returns from the script, region or not
 # A command that raises answers "error TYPE MESSAGE".
-CLIENT_SCRIPT = r"""
-import gc, sys, time, uffd_pager
-PAGE = uffd_pager.PAGE_SIZE
-
-def say(*words):
-    print(*words, flush=True)
-
-pager = uffd_pager.Pager() if sys.argv[1] == "private" else uffd_pager.connect(sys.argv[1])
-say("pager", pager.pid)
-while line := sys.stdin.readline():
-    command, *args = line.split()
-    if command == "exit":
-        break
-    try:
-        if command == "map":
-            region = pager.map(args[0], int(args[1]))
-            view = region.view()
-            with open(args[0].removeprefix("file://"), "rb") as f:
-                expected = f.read(region.size).ljust(region.size, b"\0")
-            say("mapped")
-        elif command == "read":
-            delay = float(args[2]) if len(args) > 2 else 0.0
-            for page in range(int(args[0]), int(args[1])):
-                at = slice(page * PAGE, (page + 1) * PAGE)
-                if view[at] != expected[at]:
-                    say("differs", page)
-                    break
-                time.sleep(delay)
-            else:
-                say("same")
-        elif command == "touch":
-            say("byte", view[int(args[0]) * PAGE])
-        elif command == "stats":
-            region.stats()
-            say("stats")
-        elif command == "close":
-            del view
-            region.close()
-            pager.close()
-            say("closed")
-        elif command == "drop":
-            del region, view
-            gc.collect()
-            say("dropped")
-        else:
-            say("error", "UnknownCommand", command)
-    except Exception as exc:
-        say("error", type(exc).__name__, str(exc).replace("\n", " "))
-"""
+CLIENT_CHILD_PY = Path(__file__).with_name("client_child.py")
 
 
 class Client:
-    """A client process (CLIENT_SCRIPT) with a private pager or attached to a daemon."""
+    """A client process (tests/client_child.py) with a private pager or attached to a daemon."""
 
     def __init__(self, socket_path: str | None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", CLIENT_SCRIPT, socket_path or "private"],
+            [sys.executable, str(CLIENT_CHILD_PY), socket_path or "private"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
         self._lines: "queue.Queue[str | None]" = queue.Queue()

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,23 +99,9 @@ def test_the_pager_reads_a_store_through_the_clients_descriptor_never_its_own_ri
         assert bytes(region.view()) == data
 
 
-# Runs without CAP_SYS_PTRACE; reports its capabilities and what map() raised.
-WITHOUT_PTRACE = r"""
-import json, os, sys, uffd_pager
-def uffd_fds():
-    return sum("userfaultfd" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-               if os.path.exists(f"/proc/self/fd/{fd}"))
-with uffd_pager.Pager() as pager:
-    fds = uffd_fds()
-    try:
-        pager.map(sys.argv[1], 4096)
-        error = None
-    except Exception as exc:
-        error = [type(exc).__name__, str(exc)]
-    regions = pager.status()["regions"]
-caps = int(open("/proc/self/status").read().split("CapEff:")[1].split()[0], 16)
-print(json.dumps({"caps": caps, "error": error, "new_uffd_fds": uffd_fds() - fds, "regions": regions}))
-"""
+# The child process is the "without-ptrace" function of tests/errors_children.py: it runs
+# without CAP_SYS_PTRACE and reports its capabilities and what map() raised.
+ERRORS_CHILDREN_PY = Path(__file__).with_name("errors_children.py")
 
 
 @needs_root
@@ -124,7 +111,7 @@ def test_without_cap_sys_ptrace_map_raises_permission_error_naming_it(random_fil
     path = random_file(PAGE)
     result = subprocess.run(
         ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
-         sys.executable, "-c", WITHOUT_PTRACE, f"file://{path}"],
+         sys.executable, str(ERRORS_CHILDREN_PY), "without-ptrace", f"file://{path}"],
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,8 @@ import uffd_pager
 PAGE = uffd_pager.PAGE_SIZE
 MiB = 1 << 20
 TiB = 1 << 40
+# Child processes, one function each (run as `python fill_children.py NAME ARGS...`).
+FILL_CHILDREN_PY = Path(__file__).with_name("fill_children.py")
 
 
 # --- every byte equals the file --------------------------------------------------
@@ -255,16 +257,8 @@ def test_closing_a_region_whose_view_is_still_alive_unmaps_it_once_the_view_is_r
 @pytest.mark.timeout(60)
 def test_a_view_used_after_close_faults_instead_of_reading_stale_bytes(random_file):
     path = random_file(4 * PAGE)
-    script = (
-        "import sys, uffd_pager\n"
-        "with uffd_pager.Pager() as pager:\n"
-        f"    region = pager.map('file://{path}', {4 * PAGE})\n"
-        "    view = region.view()\n"
-        "    view[0]\n"
-        "    region.close()\n"
-        "    print('closed', flush=True)\n"
-        "    print('read', view[0], flush=True)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    # The "view-used-after-close" function of tests/fill_children.py.
+    result = subprocess.run([sys.executable, str(FILL_CHILDREN_PY), "view-used-after-close", str(path), str(4 * PAGE)],
+                            capture_output=True, text=True, timeout=30)
     assert result.stdout == "closed\n", result.stderr
     assert result.returncode == -11, f"status {result.returncode}: {result.stderr}"

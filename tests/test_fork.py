@@ -1047,50 +1047,8 @@ def test_multiprocessing_fork_processes_write_through_the_inherited_region(pager
 
 # --- 8. a parent that exits before its child ----------------------------------------------------
 
-ORPHAN_SCRIPT = r"""
-import hashlib, json, os, sys, time, traceback, uffd_pager
-PAGE = uffd_pager.PAGE_SIZE
-def pattern(tag, page):
-    return hashlib.sha256(f"{tag}:{page}".encode()).digest() * (PAGE // 32)
-path, npages, policy, tracking = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-size = npages * PAGE
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, size, fork_policy=policy, dirty_tracking=tracking, writeback_interval=0)
-view = region.view()
-for p in range(0, npages, 2):                      # flushed before the fork
-    view[p * PAGE:(p + 1) * PAGE] = pattern("flushed", p)
-region.flush()
-for p in range(1, npages, 4):                      # dirty at fork, never flushed by the parent
-    view[p * PAGE:(p + 1) * PAGE] = pattern("dirty", p)
-print(json.dumps({"pager": pager.pid}), flush=True)
-parent = os.getpid()
-pid = os.fork()
-if pid:
-    os._exit(0)                                    # no close, no flush, no atexit
-code = 1
-try:
-    deadline = time.monotonic() + 20
-    while os.getppid() == parent:                  # until the parent is gone
-        assert time.monotonic() < deadline, "the parent did not exit"
-        time.sleep(0.01)
-    time.sleep(0.3)                                # and the pager has seen its connection close
-    v = region.view()
-    seen = hashlib.sha256(v).hexdigest()
-    for p in range(3, npages, 4):
-        v[p * PAGE:(p + 1) * PAGE] = pattern("child", p)
-    flushed = region.flush()
-    backing = region.backing()
-    print(json.dumps({"seen": seen, "view": hashlib.sha256(v).hexdigest(), "url": backing.url,
-                      "offset": backing.offset, "pages": flushed["pages"]}), flush=True)
-    del v, view
-    region.close()
-    pager.close()
-    code = 0
-except BaseException:
-    print(json.dumps({"error": traceback.format_exc()}), flush=True)
-finally:
-    os._exit(code)
-"""
+# The child process is the "orphan" function of tests/fork_children.py.
+FORK_CHILDREN_PY = Path(__file__).with_name("fork_children.py")
 
 
 @pytest.mark.timeout(90)
@@ -1105,8 +1063,9 @@ def test_a_child_outlives_its_parent(random_file, policy, tracking):
     at_fork = with_pages(at_fork, "flushed", range(0, npages, 2))
     at_fork = with_pages(at_fork, "dirty", range(1, npages, 4))
     child_view = with_pages(at_fork, "child", range(3, npages, 4))
-    result = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, str(path), str(npages), policy, tracking],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(FORK_CHILDREN_PY), "orphan", str(path), str(npages), policy, tracking],
+        capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert result.returncode == 0, result.stderr
     assert len(lines) == 2, f"stdout: {result.stdout!r}\nstderr: {result.stderr}"

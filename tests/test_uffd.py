@@ -10,12 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, available_features, buffer_address
 
 PAGE = PAGE_SIZE
+# Child processes, one function each (run as `python uffd_children.py NAME`).
+UFFD_CHILDREN_PY = Path(__file__).with_name("uffd_children.py")
 
 
 def anonymous(pages: int) -> mmap.mmap:
@@ -84,19 +87,9 @@ def test_continue_maps_the_page_cache_page_of_a_minor_fault_range():
 
 @pytest.mark.timeout(60)
 def test_a_poisoned_page_raises_sigbus_on_access():
-    script = r"""
-import mmap, sys
-from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, buffer_address
-uffd = Uffd.create(Feature.POISON)
-memory = mmap.mmap(-1, 2 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-address = buffer_address(memory)
-uffd.register(address, 2 * PAGE_SIZE, RegisterMode.MISSING)
-uffd.zeropage(address, PAGE_SIZE)
-uffd.poison(address + PAGE_SIZE, PAGE_SIZE)
-print(memory[0], flush=True)          # the zero page
-print(memory[PAGE_SIZE], flush=True)  # poisoned: SIGBUS
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    # The "poisoned-page" function of tests/uffd_children.py.
+    result = subprocess.run([sys.executable, str(UFFD_CHILDREN_PY), "poisoned-page"],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == -signal.SIGBUS, result.stderr
     assert result.stdout.split() == ["0"]
 

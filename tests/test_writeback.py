@@ -34,6 +34,8 @@ from pages import differing_pages
 PAGE = uffd_pager.PAGE_SIZE
 MiB = 1 << 20
 MODES = ("async", "sync")
+# The child processes, one function each (run as `python writeback_children.py NAME ARGS...`).
+CHILDREN_PY = Path(__file__).with_name("writeback_children.py")
 
 
 def url(path: Path | str) -> str:
@@ -64,8 +66,10 @@ def run_threads(target, count: int) -> None:
         raise failures[0]
 
 
-def run_python(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+def run_child(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Runs ``python writeback_children.py NAME ARGS...`` to its end."""
+    return subprocess.run([sys.executable, str(CHILDREN_PY), name, *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict]:
@@ -74,19 +78,6 @@ def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict]:
 
 # --- 1. concurrent writers, then a new process sees exactly the model -------------------
 
-READ_SHA256 = r"""
-import hashlib, sys, uffd_pager
-path, size, offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with uffd_pager.Pager() as pager:
-    region = pager.map("file://" + path, size, offset=offset, writeback_interval=0)
-    view = region.view()
-    digest = hashlib.sha256()
-    for start in range(0, size, 1 << 20):
-        digest.update(view[start:start + (1 << 20)])
-    del view
-    region.close()
-print(digest.hexdigest(), flush=True)
-"""
 
 
 @pytest.mark.timeout(120)
@@ -129,7 +120,7 @@ def test_four_writer_threads_then_flush_a_new_process_sees_exactly_the_model(pag
 
     assert region.flush() == {"pages": len(written), "bytes": len(written) * PAGE}
 
-    reader = run_python(READ_SHA256, str(path), str(size), str(offset), timeout=60)
+    reader = run_child("read-sha256", str(path), str(size), str(offset), timeout=60)
     assert reader.returncode == 0, reader.stderr
     stored = path.read_bytes()
     assert reader.stdout.strip() == hashlib.sha256(model).hexdigest(), (
@@ -202,23 +193,6 @@ def test_writes_racing_50_flushes_are_never_lost(pager, random_file, mode):
 
 # --- 3. a flush that returned survives SIGKILL of the client ------------------------------
 
-KILLED_CLIENT = r"""
-import hashlib, sys, time, uffd_pager
-PAGE = uffd_pager.PAGE_SIZE
-def pattern(tag, page):
-    return hashlib.sha256(f"{tag}:{page}".encode()).digest() * (PAGE // 32)
-path, mode, npages = sys.argv[1], sys.argv[2], int(sys.argv[3])
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, npages * PAGE, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-for page in range(0, npages, 2):
-    view[page * PAGE:(page + 1) * PAGE] = pattern("flushed", page)
-result = region.flush()
-print("flushed", result["pages"], pager.pid, flush=True)
-for page in range(1, npages, 2):
-    view[page * PAGE:(page + 1) * PAGE] = pattern("unflushed", page)
-time.sleep(120)
-"""
 
 
 def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
@@ -245,7 +219,7 @@ def _wait_dead(pid: int, timeout: float) -> bool:
 def test_a_client_killed_right_after_flush_leaves_what_it_flushed_in_the_file(random_file, mode):
     npages = 512
     path = random_file(npages * PAGE)
-    process = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, str(path), mode, str(npages)],
+    process = subprocess.Popen([sys.executable, str(CHILDREN_PY), "killed-client", str(path), mode, str(npages)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(process, 30)
@@ -327,170 +301,13 @@ def test_a_full_disk_raises_enospc_keeps_the_pages_dirty_and_a_later_flush_write
 
 # --- 5. the program's own madvise(DONTNEED), mremap, munmap ----------------------------------
 
-PRELUDE = r"""
-import ctypes, hashlib, json, os, sys
-import uffd_pager
-PAGE = uffd_pager.PAGE_SIZE
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-libc.mmap.restype = ctypes.c_void_p
-libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-libc.mremap.restype = ctypes.c_void_p
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-libc.munmap.restype = ctypes.c_int
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-libc.madvise.restype = ctypes.c_int
-PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-MADV_DONTNEED = 4
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-def check(ok, what):
-    if not ok:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-def pattern(tag, page):
-    return hashlib.sha256(f"{tag}:{page}".encode()).digest() * (PAGE // 32)
-
-def report(**fields):
-    print(json.dumps(fields), flush=True)
-
-def pages_of(data):
-    return [bytes(data[p * PAGE:(p + 1) * PAGE]) for p in range(len(data) // PAGE)]
-
-def differing(actual, expected):
-    return [p for p, (a, e) in enumerate(zip(pages_of(actual), expected)) if a != e]
-
-def mapped(start, end):
-    # Whether any byte of [start, end) is mapped in this process.
-    with open("/proc/self/maps") as f:
-        for line in f:
-            s, e = (int(x, 16) for x in line.split()[0].split("-"))
-            if s < end and start < e:
-                return True
-    return False
-
-path, mode = sys.argv[1], sys.argv[2]
-original = pages_of(open(path, "rb").read())
-"""
-
-REMOVE_SCRIPT = PRELUDE + r"""
-N = 64
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, N * PAGE, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-def put(tag, pages):
-    for p in pages:
-        view[p * PAGE:(p + 1) * PAGE] = pattern(tag, p)
-put("A", range(0, 16))
-first = region.flush()
-put("B", range(0, 16))        # pages 0-15: flushed A, now B not flushed
-put("C", range(16, 32))       # pages 16-31: C, never flushed
-bytes(view[32 * PAGE:48 * PAGE])  # pages 32-47: read only
-check(libc.madvise(region.address + 8 * PAGE, 16 * PAGE, MADV_DONTNEED) == 0, "madvise")  # drop pages 8-23
-after = region.stats()
-expected = list(original[:N])
-for p in range(0, 8): expected[p] = pattern("B", p)
-for p in range(8, 16): expected[p] = pattern("A", p)    # the last flushed content
-for p in range(24, 32): expected[p] = pattern("C", p)
-memory_differs = differing(bytes(view), expected)
-put("D", [10, 20])            # written again after the drop
-second = region.flush()
-report(first=first, remove=after["events"]["remove"], memory_differs=memory_differs, second=second,
-       dirty_after=region.stats()["dirty_pages"])
-del view
-region.close()
-pager.close()
-report(closed=True)
-"""
-
-REMAP_SCRIPT = PRELUDE + r"""
-N = 1024
-size = N * PAGE
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, size, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-def put(tag, pages):
-    for p in pages:
-        view[p * PAGE:(p + 1) * PAGE] = pattern(tag, p)
-put("A", range(0, 10))
-first = region.flush()
-put("B", range(5, 10))        # flushed, then written again: dirty when moved
-put("C", range(20, 30))       # written, never flushed: dirty when moved
-bytes(view[30 * PAGE:40 * PAGE])  # read only
-old = region.address
-del view
-target = libc.mmap(None, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-check(target not in (None, MAP_FAILED), "mmap")
-new = libc.mremap(old, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, target)
-check(new not in (None, MAP_FAILED), "mremap")
-after = region.stats()
-for p in [35, 36, 37] + list(range(900, 910)):  # read before the move / never touched
-    ctypes.memmove(new + p * PAGE, pattern("D", p), PAGE)
-expected = list(original[:N])
-for p in range(0, 5): expected[p] = pattern("A", p)
-for p in range(5, 10): expected[p] = pattern("B", p)
-for p in range(20, 30): expected[p] = pattern("C", p)
-for p in [35, 36, 37] + list(range(900, 910)): expected[p] = pattern("D", p)
-memory_differs = differing(ctypes.string_at(new, size), expected)  # every other page faults in at `new`
-second = region.flush()
-third = region.flush()
-report(moved=new == target, old_is_new=old == new, first=first, events=after["events"], memory_differs=memory_differs,
-       second=second, third=third, dirty_after=region.stats()["dirty_pages"], errors=region.stats()["errors"],
-       old=old, new=new)
-try:
-    region.close()
-    close_error = None
-except Exception as exc:
-    close_error = f"{type(exc).__name__}: {exc}"
-report(closed=region.closed, close_error=close_error, new_still_mapped=mapped(new, new + size))
-pager.close()
-report(done=True)
-"""
-
-UNMAP_SCRIPT = PRELUDE + r"""
-N = 512
-half = N // 2
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, N * PAGE, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-def put(tag, pages):
-    for p in pages:
-        view[p * PAGE:(p + 1) * PAGE] = pattern(tag, p)
-put("A", list(range(0, 10)) + list(range(300, 310)))
-first = region.flush()
-put("B", list(range(5, 15)) + list(range(305, 315)))   # not flushed, in both halves
-bytes(view[100 * PAGE:110 * PAGE]); bytes(view[400 * PAGE:410 * PAGE])
-addr = region.address
-del view
-check(libc.munmap(addr + half * PAGE, half * PAGE) == 0, "munmap")
-after = region.stats()
-expected = list(original[:half])
-for p in range(0, 5): expected[p] = pattern("A", p)
-for p in range(5, 15): expected[p] = pattern("B", p)
-for p in range(20, 30):
-    ctypes.memmove(addr + p * PAGE, pattern("C", p), PAGE)
-    expected[p] = pattern("C", p)
-memory_differs = differing(ctypes.string_at(addr, half * PAGE), expected)
-second = region.flush()
-third = region.flush()
-report(first=first, events=after["events"], memory_differs=memory_differs, second=second, third=third,
-       dirty_after=region.stats()["dirty_pages"])
-try:
-    region.close()
-    close_error = None
-except Exception as exc:
-    close_error = f"{type(exc).__name__}: {exc}"
-report(closed=region.closed, close_error=close_error)
-pager.close()
-report(done=True)
-"""
 
 
-def _run_scenario(script: str, path: Path, mode: str) -> list[dict]:
-    result = run_python(script, str(path), mode, timeout=60)
+
+
+
+def _run_scenario(name: str, path: Path, mode: str) -> list[dict]:
+    result = run_child(name, str(path), mode, timeout=60)
     lines = json_lines(result)
     assert result.returncode == 0, (
         f"the client exited with status {result.returncode} after reporting {lines}\n{result.stderr[-3000:]}")
@@ -509,7 +326,7 @@ def _with_pages(original: bytes, pages: dict[int, bytes]) -> bytes:
 def test_madvise_dontneed_drops_unflushed_writes_and_rereads_the_store(random_file, mode):
     path = random_file(64 * PAGE)
     original = path.read_bytes()
-    observed, closed = _run_scenario(REMOVE_SCRIPT, path, mode)
+    observed, closed = _run_scenario("remove", path, mode)
 
     assert observed["first"]["pages"] == 16
     assert observed["remove"] == 1
@@ -533,7 +350,7 @@ def test_madvise_dontneed_drops_unflushed_writes_and_rereads_the_store(random_fi
 def test_mremap_of_the_whole_region_the_pager_follows(random_file, mode):
     path = random_file(1024 * PAGE)
     original = path.read_bytes()
-    observed, closing, done = _run_scenario(REMAP_SCRIPT, path, mode)
+    observed, closing, done = _run_scenario("remap", path, mode)
 
     assert observed["moved"] and not observed["old_is_new"]
     assert observed["events"]["remap"] == 1
@@ -561,7 +378,7 @@ def test_mremap_of_the_whole_region_the_pager_follows(random_file, mode):
 def test_munmap_of_half_the_region_loses_its_unflushed_writes_and_the_rest_keeps_working(random_file, mode):
     path = random_file(512 * PAGE)
     original = path.read_bytes()
-    observed, closing, done = _run_scenario(UNMAP_SCRIPT, path, mode)
+    observed, closing, done = _run_scenario("unmap", path, mode)
 
     assert observed["first"]["pages"] == 20
     assert observed["events"]["unmap"] == 1
@@ -782,67 +599,18 @@ def test_after_a_failed_flush_dirty_pages_counts_a_page_written_again_once(full_
     region.close()
 
 
-GIVE_UP_AFTER_A_FAILED_CLOSE = r"""
-import os, sys, time, uffd_pager
-pager = uffd_pager.Pager()
-region = pager.map("file://" + sys.argv[1], 1 << 20, writeback_interval=0)
-view = region.view()
-view[:] = os.urandom(1 << 20)
-try:
-    region.close()
-except OSError as exc:
-    print("close failed", exc.errno, flush=True)
-# The writes cannot be saved: the program gives up on them and drops its
-# objects, the view last (as interpreter shutdown may well do).
-del region, pager
-time.sleep(0.5)
-del view  # the last reference to the mapping: munmap
-print("released", flush=True)
-"""
 
 
 @pytest.mark.timeout(60)
 def test_a_program_that_gives_up_on_a_region_whose_close_failed_does_not_hang(full_disk):
     try:
-        result = run_python(GIVE_UP_AFTER_A_FAILED_CLOSE, str(full_disk.store), timeout=10)
+        result = run_child("give-up-after-a-failed-close", str(full_disk.store), timeout=10)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the process hangs (killed after 10 s); it said {exc.stdout!r}")
     assert result.stdout.split("\n")[:2] == [f"close failed {errno.ENOSPC}", "released"], result.stderr
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-CLOSE_AFTER_REMAP_SCRIPT = PRELUDE + r"""
-size = 256 * PAGE
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, size, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-view[:PAGE] = pattern("A", 0)
-old = region.address
-del view
-target = libc.mmap(None, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-check(target not in (None, MAP_FAILED), "mmap")
-new = libc.mremap(old, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, target)
-check(new == target, "mremap")
-# The old range is free now: the program (or its allocator) maps something there.
-mine = libc.mmap(old, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-check(mine == old, "mmap at the old address")
-ctypes.memmove(mine, b"mine", 4)
-ctypes.memmove(new + PAGE, pattern("B", 1), PAGE)
-try:
-    region.close()
-    close_error = None
-except Exception as exc:
-    close_error = f"{type(exc).__name__}: {exc}"
-mine_still_mapped = mapped(old, old + 4 * PAGE)
-report(close_error=close_error, closed=region.closed, region_still_mapped=mapped(new, new + size),
-       mine_still_mapped=mine_still_mapped)
-if mine_still_mapped:
-    report(mine=ctypes.string_at(mine, 4).decode())
-if close_error:
-    os._exit(3)  # a region left open can hang the interpreter's exit; that is another test
-pager.close()
-report(done=True)
-"""
 
 
 @pytest.mark.timeout(60)
@@ -850,7 +618,7 @@ report(done=True)
 def test_close_after_mremap_unmaps_the_region_where_it_is_now_and_nothing_else(random_file, mode):
     path = random_file(256 * PAGE)
     original = path.read_bytes()
-    result = run_python(CLOSE_AFTER_REMAP_SCRIPT, str(path), mode, timeout=30)
+    result = run_child("close-after-remap", str(path), mode, timeout=30)
     lines = json_lines(result)
     assert lines, result.stderr[-3000:]
     closing = lines[0]
@@ -868,43 +636,6 @@ def test_close_after_mremap_unmaps_the_region_where_it_is_now_and_nothing_else(r
     assert lines[1:] == [{"mine": "mine"}, {"done": True}]
 
 
-MAP_INTO_UNMAPPED_HALF_SCRIPT = PRELUDE + r"""
-size = 256 * PAGE
-half = size // 2
-pager = uffd_pager.Pager()
-region = pager.map("file://" + path, size, dirty_tracking=mode, writeback_interval=0)
-view = region.view()
-view[:PAGE] = pattern("A", 0)
-first = region.flush()
-addr = region.address
-del view
-check(libc.munmap(addr + half, half) == 0, "munmap")
-# The unmapped half is free now: the program (or its allocator) maps something there.
-mine = libc.mmap(addr + half, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                 -1, 0)
-check(mine == addr + half, "mmap in the unmapped half")
-ctypes.memmove(mine, b"mine", 4)
-ctypes.memmove(addr + PAGE, pattern("B", 1), PAGE)
-try:
-    second = region.flush()
-    flush_error = None
-except Exception as exc:
-    second, flush_error = None, f"{type(exc).__name__}: {exc}"
-try:
-    region.close()
-    close_error = None
-except Exception as exc:
-    close_error = f"{type(exc).__name__}: {exc}"
-mine_still_mapped = mapped(addr + half, addr + half + 4 * PAGE)
-report(first=first, second=second, flush_error=flush_error, close_error=close_error, closed=region.closed,
-       region_still_mapped=mapped(addr, addr + half), mine_still_mapped=mine_still_mapped)
-if mine_still_mapped:
-    report(mine=ctypes.string_at(mine, 4).decode())
-if close_error:
-    os._exit(3)  # a region left open can hang the interpreter's exit; that is another test
-pager.close()
-report(done=True)
-"""
 
 
 @pytest.mark.timeout(60)
@@ -913,7 +644,7 @@ def test_after_munmap_of_half_the_region_memory_mapped_in_that_half_breaks_neith
         random_file, mode):
     path = random_file(256 * PAGE)
     original = path.read_bytes()
-    result = run_python(MAP_INTO_UNMAPPED_HALF_SCRIPT, str(path), mode, timeout=30)
+    result = run_child("map-into-unmapped-half", str(path), mode, timeout=30)
     lines = json_lines(result)
     assert lines, result.stderr[-3000:]
     observed = lines[0]
