@@ -13,11 +13,11 @@ a page rolled back with its record) is never handed out: it is poisoned, so
 the access dies with SIGBUS.
 
 Every access to an encrypted region whose pages came from a store someone
-else wrote runs in a subprocess (`CLIENT_SCRIPT`, `FORK_SCRIPT`,
-`NONCE_SCRIPT`), waited for with a timeout: with a library bug, a page that
-fails authentication would otherwise kill the test run with SIGBUS. In this
-process an encrypted region is only ever written on pages never written
-before (they read as zero: nothing to authenticate).
+else wrote runs in a subprocess (the "client", "fork" and "nonce" children
+of tests/encryption_children.py), waited for with a timeout: with a library
+bug, a page that fails authentication would otherwise kill the test run with
+SIGBUS. In this process an encrypted region is only ever written on pages
+never written before (they read as zero: nothing to authenticate).
 
 To see the pager's counters of a page that is expected to fail, the client
 first makes the *kernel* read the page (os.write from it into a pipe): the
@@ -46,6 +46,8 @@ import pytest
 import uffd_pager
 from uffd_pager import Key
 
+from encryption_children import flip_bit, page_data, read_catalog_meta, read_catalog_rows, write_catalog_row
+
 PAGE = uffd_pager.PAGE_SIZE
 POLICIES = ("on-write", "at-fork", "on-access")
 CATALOG_SUFFIX = ".uffd-catalog"
@@ -55,54 +57,10 @@ _CONSOLE_SCRIPT = Path(sys.executable).with_name("uffd-pager")
 KEYGEN = [str(_CONSOLE_SCRIPT)] if _CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "uffd_pager"]
 
 
-# --- page contents, the same in this process and in every script ---------------------------
-
-PATTERNS_SRC = r'''
-import hashlib as _hashlib, struct as _struct
-PAGE = 4096
-
-def page_data(kind, tag, page, salt=""):
-    """A page of test data. kind "random": random-looking bytes; "counter":
-    all zeros but a distinctive counter in each 16-byte chunk; "ascii": one
-    16-byte ASCII line repeated, the same in every page of a tag (so any
-    block-wise leak of the plaintext would show)."""
-    if kind == "random":
-        return _hashlib.shake_256(f"{salt}:{tag}:{page}".encode()).digest(PAGE)
-    if kind == "counter":
-        base = (0xC0FFEE << 32) + (ord(tag[0]) << 24) + page * (PAGE // 16)
-        return b"".join(_struct.pack("<Q", base + i) + bytes(8) for i in range(PAGE // 16))
-    if kind == "ascii":
-        return ((tag[0] + "-ascii-pattern\n").encode() * (PAGE // 16))[:PAGE]
-    raise ValueError(kind)
-'''
-exec(PATTERNS_SRC)  # defines page_data here too
-
-# The catalog, read and altered the way a store's owner (or an attacker)
-# could: a header, then one 80-byte record of two slots per page
-# (uffd_pager.catalog).
-CATALOG_SRC = r'''
-from uffd_pager import catalog as _catalog
-
-def read_catalog_rows(path):
-    # {page: (version, nonce, tag)}: the newest slot of each page the catalog holds
-    return {page: (version, bytes(nonce), bytes(tag))
-            for page, (version, nonce, tag) in _catalog.read_records(path).items()}
-
-def read_catalog_meta(path):
-    # {"key_id": hex, "store_id": hex, "generation": n}
-    with open(path, "rb") as f:
-        _magic, key_id, store_id, generation, _mac, _checksum = _catalog.HEADER.unpack(f.read(_catalog.HEADER.size))
-    return {"key_id": key_id.hex(), "store_id": store_id.hex(), "generation": generation}
-
-def write_catalog_row(path, page, version, nonce, tag):
-    # overwrites the page's newest slot (the one that opens it now)
-    slots = _catalog.read_slots(path).get(page)
-    newest = 1 if slots and slots[1][0] > slots[0][0] else 0
-    with open(path, "r+b") as f:
-        f.seek(_catalog.HEADER_BYTES + page * _catalog.RECORD_BYTES + newest * _catalog.SLOT.size)
-        f.write(_catalog.SLOT.pack(version, nonce, tag))
-'''
-exec(CATALOG_SRC)
+# The page contents (page_data), the same in this process and in every child, and
+# the catalog read and altered the way a store's owner (or an attacker) could: a
+# header, then one 80-byte record of two slots per page (uffd_pager.catalog).
+# Both live in tests/encryption_children.py, beside the children that use them.
 
 
 def url(path: Path | str) -> str:
@@ -193,10 +151,6 @@ def put_raw_page(store: Path, page: int, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def flip_bit(data: bytes, at: int, bit: int = 0) -> bytes:
-    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1:]
-
-
 def write_encrypted(pager: uffd_pager.Pager, store: Path, size: int, pages: dict[int, bytes], *,
                     key: Key | None = None, key_file: Path | None = None) -> dict[int, bytes]:
     """Maps the store encrypted, writes pages that were never written before
@@ -215,46 +169,15 @@ def write_encrypted(pager: uffd_pager.Pager, store: Path, size: int, pages: dict
 
 # --- a client in a subprocess ------------------------------------------------------------------
 
-# Maps (url, size, offset) with key_file; then, in this order:
-#   probe: for each page, makes the kernel read it (os.write into a pipe):
-#          the sha256 of what it read, or the errno name (EFAULT: the page is
-#          poisoned)
-#   read:  sha256 of each page
-#   prints one JSON line: {"hashes", "probes", "stats"}
-#   touch: reads the page's first byte (expected to die with SIGBUS); prints {"touched"}.
-CLIENT_SCRIPT = r'''
-import errno, hashlib, json, os, sys
-import uffd_pager
-cfg = json.loads(sys.argv[1])
-PAGE = uffd_pager.PAGE_SIZE
-pager = uffd_pager.connect(cfg["socket"]) if cfg.get("socket") else uffd_pager.Pager()
-region = pager.map(cfg["url"], cfg["size"], cfg.get("offset", 0), key_file=cfg["key_file"], writeback_interval=0)
-view = region.view()
-probes = {}
-r, w = os.pipe()
-for p in cfg.get("probe", []):
-    try:
-        n = os.write(w, view[p * PAGE:(p + 1) * PAGE])
-        probes[p] = hashlib.sha256(os.read(r, n)).hexdigest()
-    except OSError as exc:
-        probes[p] = errno.errorcode.get(exc.errno, str(exc.errno))
-hashes = {p: hashlib.sha256(view[p * PAGE:(p + 1) * PAGE]).hexdigest() for p in cfg.get("read", [])}
-st = region.stats()
-print(json.dumps({"hashes": hashes, "probes": probes,
-                  "stats": {k: st.get(k) for k in ("auth_failures", "poisoned", "errors", "encrypted")}}), flush=True)
-touch = cfg.get("touch")
-if touch is not None:
-    value = view[touch * PAGE]
-    print(json.dumps({"touched": value}), flush=True)
-    os._exit(0)
-del view
-region.close()
-pager.close()
-'''
+# The child processes, one function each (run as
+# `python encryption_children.py NAME CFG_JSON`); "client" maps a store
+# with key_file, probes, reads and touches pages, and reports.
+CHILDREN_PY = Path(__file__).with_name("encryption_children.py")
 
 
-def run_script(script: str, cfg: dict[str, Any], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", PATTERNS_SRC + CATALOG_SRC + script, json.dumps(cfg)],
+def run_script(name: str, cfg: dict[str, Any], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Runs the child `name` of tests/encryption_children.py with cfg."""
+    return subprocess.run([sys.executable, str(CHILDREN_PY), name, json.dumps(cfg)],
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -269,10 +192,10 @@ def describe(result: subprocess.CompletedProcess[str]) -> str:
 def client(store_url: str, size: int, key_file: Path, *, read: list[int] | range = (), probe: list[int] = (),
            touch: int | None = None, offset: int = 0, sock: str | None = None,
            timeout: float = 60) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
-    """Runs CLIENT_SCRIPT; returns its report and the finished process."""
+    """Runs the "client" child; returns its report and the finished process."""
     cfg = {"url": store_url, "size": size, "offset": offset, "key_file": str(key_file), "read": list(read),
            "probe": list(probe), "touch": touch, "socket": sock}
-    result = run_script(CLIENT_SCRIPT, cfg, timeout=timeout)
+    result = run_script("client", cfg, timeout=timeout)
     reports = lines_of(result)
     assert reports and "hashes" in reports[0], f"the client did not report:\n{describe(result)}"
     return reports[0], result
@@ -444,87 +367,10 @@ def test_pages_are_bound_to_their_absolute_place_in_the_store(tmp_path: Path, pa
 
 # --- 2. only ciphertext in the backing files ----------------------------------------------------
 
-# Parent writes A everywhere, flushes, forks; the child writes B to its pages
-# (flushing first or last per "order"); the parent writes C to its pages and
-# flushes. Prints one JSON line: the child's report and the parent's.
-FORK_SCRIPT = r'''
-import hashlib, json, os, sys, traceback
-import uffd_pager
-cfg = json.loads(sys.argv[1])
-n = cfg["size"] // PAGE
-
-def data(tag, p):
-    return page_data(cfg["kind"], tag, p, cfg["salt"])
-
-def digests(view):
-    return [hashlib.sha256(view[p * PAGE:(p + 1) * PAGE]).hexdigest() for p in range(n)]
-
-pager = uffd_pager.Pager()
-region = pager.map(cfg["url"], cfg["size"], fork_policy=cfg["policy"], children=cfg["children"],
-                   keep_child_portions=cfg["keep"], writeback_interval=0, key_file=cfg["key_file"],
-                   dirty_tracking=cfg["tracking"])
-view = region.view()
-for p in range(n):
-    view[p * PAGE:(p + 1) * PAGE] = data("A", p)
-assert region.flush()["pages"] == n
-c2p_r, c2p_w = os.pipe()
-p2c_r, p2c_w = os.pipe()
-pid = os.fork()
-if pid == 0:
-    code = 1
-    try:
-        os.close(c2p_r)
-        os.close(p2c_w)
-        v = region.view()
-        at_fork = digests(v)
-        for p in cfg["child_pages"]:
-            v[p * PAGE:(p + 1) * PAGE] = data("B", p)
-        if cfg["order"] == "child-first":
-            region.flush()
-        os.write(c2p_w, b'{"what": "written"}\n')
-        assert os.read(p2c_r, 1) == b"g"
-        if cfg["order"] != "child-first":
-            region.flush()
-        b = region.backing()
-        st = region.stats()
-        msg = {"what": "done", "url": b.url, "offset": b.offset, "at_fork": at_fork, "view": digests(v),
-               "fork": st["fork"], "auth_failures": st["auth_failures"], "poisoned": st["poisoned"]}
-        del v
-        region.close()
-        os.write(c2p_w, (json.dumps(msg) + "\n").encode())
-        code = 0
-    except BaseException:
-        os.write(c2p_w, (json.dumps({"error": traceback.format_exc()}) + "\n").encode())
-    finally:
-        os._exit(code)
-os.close(c2p_w)
-os.close(p2c_r)
-from_child = os.fdopen(c2p_r)
-
-def from_the_child():
-    msg = json.loads(from_child.readline() or '{"error": "the child closed the pipe"}')
-    if "error" in msg:
-        print(json.dumps({"child_error": msg["error"]}), flush=True)
-        os.kill(pid, 9)
-        sys.exit(3)
-    return msg
-
-from_the_child()
-for p in cfg["parent_pages"]:
-    view[p * PAGE:(p + 1) * PAGE] = data("C", p)
-assert region.flush()["pages"] == len(cfg["parent_pages"])
-os.write(p2c_w, b"g")
-child = from_the_child()
-_, status = os.waitpid(pid, 0)
-b = region.backing()
-st = region.stats()
-parent = {"url": b.url, "offset": b.offset, "view": digests(view), "auth_failures": st["auth_failures"],
-          "poisoned": st["poisoned"]}
-del view
-region.close()
-pager.close()
-print(json.dumps({"child": child, "child_status": os.waitstatus_to_exitcode(status), "parent": parent}), flush=True)
-'''
+# The "fork" child: the parent writes A everywhere, flushes, forks; the child
+# writes B to its pages (flushing first or last per "order"); the parent writes
+# C to its pages and flushes. Prints one JSON line: the child's report and the
+# parent's.
 
 N_FORK = 16
 CHILD_PAGES = [1, 2, 5, 6, 9, 15]
@@ -543,7 +389,7 @@ def run_fork_scenario(tmp_path: Path, key_file: Path, *, kind: str = "random", p
            "salt": salt or os.urandom(8).hex(), "children": url(children) if children is not None else None,
            "keep": keep, "key_file": str(key_file), "child_pages": CHILD_PAGES, "parent_pages": PARENT_PAGES,
            "tracking": tracking}
-    result = run_script(FORK_SCRIPT, cfg, timeout=60)
+    result = run_script("fork", cfg, timeout=60)
     reports = lines_of(result)
     assert result.returncode == 0 and reports, f"the fork scenario failed:\n{describe(result)}"
     out = reports[-1]
@@ -739,40 +585,10 @@ def test_the_wrong_key_is_refused_at_map(tmp_path: Path, pager: uffd_pager.Pager
 
 # --- 7. nonces never repeat ------------------------------------------------------------------------
 
-# `restarts` times: a new Pager, map the store with the key, check every page
-# reads as last written, then `flushes` times: rewrite some pages (page 0
-# always, with unchanged bytes on odd restarts), flush, print the catalog rows.
-NONCE_SCRIPT = r'''
-import hashlib, json, sys
-import uffd_pager
-cfg = json.loads(sys.argv[1])
-n = cfg["size"] // PAGE
-model = {}
-
-def rows():
-    return {p: [v, nonce.hex(), tag.hex()] for p, (v, nonce, tag) in read_catalog_rows(cfg["catalog"]).items()}
-
-for r in range(cfg["restarts"]):
-    with uffd_pager.Pager() as pager:
-        region = pager.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
-        view = region.view()
-        wrong = [p for p in range(n) if bytes(view[p * PAGE:(p + 1) * PAGE]) != model.get(p, bytes(PAGE))]
-        print(json.dumps({"restart": r, "wrong_at_start": wrong}), flush=True)
-        for f in range(cfg["flushes"]):
-            pages = sorted({(r * 5 + f * 3 + k * 7) % n for k in range(3)} | {0})
-            for p in pages:
-                if p == 0 and r % 2 and 0 in model:
-                    data = model[0]
-                else:
-                    data = page_data("random", f"{r}.{f}", p, cfg["salt"])
-                view[p * PAGE:(p + 1) * PAGE] = data
-                model[p] = data
-            flushed = region.flush()["pages"]
-            print(json.dumps({"restart": r, "flush": f, "written": pages, "flushed": flushed, "rows": rows()}),
-                  flush=True)
-        del view
-        region.close()
-'''
+# The "nonce" child: `restarts` times a new Pager, map the store with the key,
+# check every page reads as last written, then `flushes` times: rewrite some
+# pages (page 0 always, with unchanged bytes on odd restarts), flush, print the
+# catalog rows.
 
 
 @pytest.mark.timeout(90)
@@ -781,7 +597,7 @@ def test_no_nonce_repeats_across_pager_restarts(tmp_path: Path, key_file: Path) 
     restarts, flushes, n = 20, 3, 10
     cfg = {"url": url(store), "size": n * PAGE, "key_file": str(key_file), "catalog": str(catalog_path(store)),
            "restarts": restarts, "flushes": flushes, "salt": os.urandom(8).hex()}
-    result = run_script(NONCE_SCRIPT, cfg, timeout=80)
+    result = run_script("nonce", cfg, timeout=80)
     assert result.returncode == 0, describe(result)
     reports = lines_of(result)
     assert len(reports) == restarts * (flushes + 1), describe(result)
@@ -846,43 +662,11 @@ def test_two_pagers_on_one_encrypted_store_never_share_a_nonce(tmp_path: Path, k
     assert not repeated, f"two pagers of one store encrypted pages under the same nonces: {repeated}"
 
 
-# Two private pagers with the same store open: the first writes pages, the
-# second maps the store, the first rewrites pages 0 and 1; then the second's
-# region reads every page. Pages are read only through the kernel (os.write
-# into a pipe): a page that fails authentication shows as "EFAULT", it never
-# kills the script.
-TWO_PAGERS_SCRIPT = r'''
-import errno, hashlib, json, os, sys
-import uffd_pager
-cfg = json.loads(sys.argv[1])
-n = cfg["size"] // PAGE
-first, second = uffd_pager.Pager(), uffd_pager.Pager()
-one = first.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
-view = one.view()
-for p in range(n):
-    view[p * PAGE:(p + 1) * PAGE] = page_data("random", "old", p, cfg["salt"])
-one.flush()
-two = second.map(cfg["url"], cfg["size"], key_file=cfg["key_file"], writeback_interval=0)
-for p in (0, 1):
-    view[p * PAGE:(p + 1) * PAGE] = page_data("random", "new", p, cfg["salt"])
-one.flush()
-other = two.view()
-r, w = os.pipe()
-seen = []
-for p in range(n):
-    try:
-        os.write(w, other[p * PAGE:(p + 1) * PAGE])
-        seen.append(hashlib.sha256(os.read(r, PAGE)).hexdigest())
-    except OSError as exc:
-        seen.append(errno.errorcode.get(exc.errno, str(exc.errno)))
-stats = two.stats()
-print(json.dumps({"seen": seen, "auth_failures": stats["auth_failures"]}), flush=True)
-del view, other
-two.close()
-one.close()
-second.close()
-first.close()
-'''
+# The "two-pagers" child: two private pagers with the same store open: the
+# first writes pages, the second maps the store, the first rewrites pages 0 and
+# 1; then the second's region reads every page. Pages are read only through the
+# kernel (os.write into a pipe): a page that fails authentication shows as
+# "EFAULT", it never kills the child.
 
 
 @pytest.mark.timeout(60)
@@ -892,7 +676,7 @@ def test_a_second_pager_of_the_store_reads_the_first_pagers_rewrites(tmp_path: P
     store = new_store(tmp_path)
     n = 4
     cfg = {"url": url(store), "size": n * PAGE, "key_file": str(key_file), "salt": os.urandom(8).hex()}
-    result = run_script(TWO_PAGERS_SCRIPT, cfg, timeout=60)
+    result = run_script("two-pagers", cfg, timeout=60)
     reports = lines_of(result)
     assert result.returncode == 0 and reports, describe(result)
     expected = [digest(page_data("random", "new" if p < 2 else "old", p, cfg["salt"])) for p in range(n)]
@@ -1217,7 +1001,7 @@ def test_a_missing_or_truncated_catalog_is_refused_at_map(tmp_path: Path, pager:
         f"not a clear message: {message}"
     assert not isinstance(info.value, PermissionError) or "rolled back" not in message
     # In another pager process too, and no page is ever read as zeros.
-    result = run_script(CLIENT_SCRIPT, {"url": url(store), "size": n * PAGE, "key_file": str(key_file),
+    result = run_script("client", {"url": url(store), "size": n * PAGE, "key_file": str(key_file),
                                         "probe": list(range(n))})
     assert result.returncode != 0 and not lines_of(result), f"a client mapped the store:\n{describe(result)}"
 
@@ -1419,10 +1203,8 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path
         path.mkdir(mode=0o700)
     else:
         os.symlink("/dev/null", path)
-    code = (f"from uffd_pager import Key\ntry:\n    Key.from_file({str(path)!r})\n"
-            "except OSError as exc:\n    print(exc)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, str(CHILDREN_PY), "key-from-file", str(path)], capture_output=True,
+                            text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, describe(result)
     assert "not a regular file" in result.stdout and str(path) in result.stdout, result.stdout
 
@@ -1578,118 +1360,14 @@ def test_a_catalog_descriptor_from_the_client_is_used_instead_of_its_path(tmp_pa
 # anchor (never past the size fstat last gave: pread past it, and a mapping
 # made anew when the file has grown past its span), and reads the ciphertext
 # straight into the page it fills, opening it there in place. These drive
-# up_aead_read_page / up_aead_open_page directly, in a subprocess: a load
-# past the end of a mapped file would kill it with SIGBUS.
-
-AEAD_SETUP_SCRIPT = r'''
-import errno, json, os, sys
-from uffd_pager.native import ffi, lib
-from uffd_pager.crypto import RECORD_BYTES
-cfg = json.loads(sys.argv[1])
-PAGE, HEADER, ENTRY, HOLE = 4096, 4096, 8, 1 << 63
-d = cfg["dir"]
-subkey, store_id = os.urandom(32), os.urandom(16)
-anchor_path = os.path.join(d, "anchor")
-anchor_fd = os.open(anchor_path, os.O_RDWR | os.O_CREAT, 0o600)
-os.pwrite(anchor_fd, bytes(HEADER), 0)
-aead = ffi.gc(lib.up_aead_new(subkey, anchor_fd), lib.up_aead_free)
-store_fd = os.open(os.path.join(d, "store"), os.O_RDWR | os.O_CREAT, 0o600)
-catalog_fd = os.open(os.path.join(d, "catalog"), os.O_RDWR | os.O_CREAT, 0o600)
-os.pwrite(catalog_fd, bytes(HEADER), 0)
-
-def plain(page, version):
-    return page_data("random", "aead", page, str(version))
-
-def flip_bit(data, at, bit=0):
-    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1:]
-
-def seal(page, version, slot=0, record=None):
-    """(ciphertext, record) of page at version, in slot `slot` of record (a new one: None)."""
-    record = bytearray(record or RECORD_BYTES)
-    sealed = bytearray(PAGE)
-    assert lib.up_aead_seal_pages(aead, store_id, ffi.new("uint64_t[]", [page]), version, plain(page, version),
-                                  ffi.from_buffer(sealed), ffi.from_buffer(record), bytes([slot]), 1) == 0
-    return bytes(sealed), bytes(record)
-
-def put(page, at, sealed, record):
-    """The page's ciphertext at store page `at`, its record in the catalog."""
-    os.pwrite(store_fd, sealed, at * PAGE)
-    os.pwrite(catalog_fd, record, HEADER + page * RECORD_BYTES)
-
-def commit(page, version):
-    os.pwrite(anchor_fd, version.to_bytes(8, "little"), HEADER + page * ENTRY)
-
-def result(n, out, expected):
-    if n < 0:
-        err = errno.errorcode.get(ffi.errno, str(ffi.errno))
-        return err if out == bytes(PAGE) else err + " (bytes left in out)"
-    if n == 0:
-        return "zero" if out == bytes(PAGE) else "zero (bytes left in out)"
-    for version, data in expected.items():
-        if out == data:
-            return f"v{version}"
-    return "wrong"
-
-def read(page, at, expected):
-    """What up_aead_read_page gives for page (ciphertext at store page at),
-    out filled with junk first: "v<version>", "zero" or an errno name."""
-    out = bytearray(b"\xa5" * PAGE)
-    n = lib.up_aead_read_page(aead, catalog_fd, store_fd, store_id, page, at * PAGE, ffi.from_buffer(out))
-    return result(n, out, expected)
-
-def open_given(page, sealed, expected):
-    out = bytearray(b"\xa5" * PAGE)
-    n = lib.up_aead_open_page(aead, catalog_fd, sealed if sealed is not None else ffi.NULL, store_id, page,
-                              ffi.from_buffer(out))
-    return result(n, out, expected)
-
-def anchor_mappings():
-    with open("/proc/self/maps") as f:
-        return sum(line.rstrip().endswith(anchor_path) for line in f)
-
-'''
-
-GROWING_ANCHOR_SCRIPT = AEAD_SETUP_SCRIPT + r'''
-steps, maps = {}, {}
-for p in range(8):
-    put(p, p, *seal(p, 1))
-    commit(p, 1)
-v = {p: {1: plain(p, 1)} for p in range(8)}
-steps["first"] = [read(p, p, v[p]) for p in range(8)]
-maps["first"] = anchor_mappings()
-# Entries changed inside the mapping are seen: a newer commit refuses the
-# old version, a discard makes the page read as zero.
-commit(3, 2)
-commit(5, HOLE | 10)
-steps["changed"] = [read(3, 3, v[3]), read(5, 5, v[5]), read(4, 4, v[4])]
-# Past the anchor's end: an uncommitted write opens, a page never written
-# reads as zero; once committed further on (the file grows past what fstat
-# said, inside the mapping's span), the anchor's entry rules again.
-mid = 1000
-put(mid, 8, *seal(mid, 1))
-vm = {1: plain(mid, 1), 2: plain(mid, 2)}
-steps["mid"] = [read(mid, 8, vm), read(mid + 1, 9, vm)]
-commit(mid, 2)
-steps["mid committed"] = [read(mid, 8, vm)]
-put(mid, 8, *seal(mid, 2))
-steps["mid written"] = [read(mid, 8, vm), read(mid + 1, 9, vm)]
-# Far past the mapping's span: the anchor is mapped anew.
-far = 400_000
-put(far, 10, *seal(far, 3))
-vf = {3: plain(far, 3)}
-steps["far"] = [read(far, 10, vf)]
-commit(far, 3)
-steps["far committed"] = [read(far, 10, vf), read(far, 10, vf)]
-commit(far, 4)
-steps["far newer"] = [read(far, 10, vf), read(mid, 8, vm), read(2, 2, v[2]), read(3, 3, v[3])]
-maps["last"] = anchor_mappings()
-print(json.dumps({"steps": steps, "maps": maps, "size": os.fstat(anchor_fd).st_size}), flush=True)
-'''
+# up_aead_read_page / up_aead_open_page directly, in a subprocess (the
+# "growing-anchor" and "in-place" children of tests/encryption_children.py):
+# a load past the end of a mapped file would kill it with SIGBUS.
 
 
 @pytest.mark.timeout(60)
 def test_an_anchor_that_grows_while_mapped_still_reads_right(tmp_path: Path) -> None:
-    result = run_script(GROWING_ANCHOR_SCRIPT, {"dir": str(tmp_path)})
+    result = run_script("growing-anchor", {"dir": str(tmp_path)})
     assert result.returncode == 0, f"the reader died:\n{describe(result)}"
     report = lines_of(result)[0]
     assert report["steps"] == {
@@ -1707,36 +1385,9 @@ def test_an_anchor_that_grows_while_mapped_still_reads_right(tmp_path: Path) -> 
         "the anchor's entries were not read from one mapping of it (or an old mapping was left behind)"
 
 
-IN_PLACE_SCRIPT = AEAD_SETUP_SCRIPT + r'''
-steps = {}
-# Both slots may open the page (a write not yet committed): slot 1 holds
-# the newer version, tried first; the store holds the older one, so the
-# first attempt, in place, fails and the ciphertext is read again.
-c1, record = seal(0, 1, 0)
-c2, record = seal(0, 2, 1, record)
-v = {1: plain(0, 1), 2: plain(0, 2)}
-put(0, 0, c1, record)
-commit(0, 1)
-steps["older in store"] = [read(0, 0, v), open_given(0, c1, v)]
-put(0, 0, c2, record)
-steps["newer in store"] = [read(0, 0, v), open_given(0, c2, v)]
-# Nothing of a ciphertext that opens with no slot is left in out.
-put(0, 0, flip_bit(c2, 100), record)
-steps["flipped"] = [read(0, 0, v), open_given(0, flip_bit(c1, 4095, 7), v)]
-# The same page with an empty record: committed, so an error, never zeros;
-# uncommitted, zeros from a file store, and still an error for a value a
-# remote store holds.
-os.pwrite(catalog_fd, bytes(RECORD_BYTES), HEADER)
-steps["no record"] = [read(0, 0, v), open_given(0, c1, v), open_given(0, None, v)]
-commit(0, 0)
-steps["no record, uncommitted"] = [read(0, 0, v), open_given(0, c1, v), open_given(0, None, v)]
-print(json.dumps({"steps": steps}), flush=True)
-'''
-
-
 @pytest.mark.timeout(60)
 def test_a_page_opened_in_place_tries_each_slot_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    result = run_script(IN_PLACE_SCRIPT, {"dir": str(tmp_path)})
+    result = run_script("in-place", {"dir": str(tmp_path)})
     assert result.returncode == 0, describe(result)
     assert lines_of(result)[0]["steps"] == {
         "older in store": ["v1", "v1"],
