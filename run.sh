@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 native/build-deps.sh
 python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e .
+.venv/bin/pip install -q -c constraints.txt --upgrade pip
+.venv/bin/pip install -q -c constraints.txt -e .
 exec .venv/bin/uffd-pager bench --quick "$@"

@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 native/build-deps.sh setpriv:util-linux redis-server:redis-server redis-cli:redis-tools
 python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -c constraints.txt --upgrade pip
+.venv/bin/pip install -q -c constraints.txt -e '.[test]'
 exec .venv/bin/python -m pytest "$@"
