@@ -67,6 +67,15 @@ def probe(view: memoryview, page: int, expected: bytes | None = None) -> dict[st
         os.close(wfd)
 
 
+def read_then_dirty(view: memoryview, k: int) -> list[int]:
+    """Reads pages [0, k) (pattern "A" expected), then writes pattern "B"
+    over them; returns the pages that did not read as expected."""
+    wrong = [p for p in range(k) if touch(view, p) != pattern("A", p)]
+    for p in range(k):
+        view[p * PAGE:(p + 1) * PAGE] = pattern("B", p)
+    return wrong
+
+
 def attempt(work: Any) -> dict[str, Any]:
     """Runs work(): {"raised": False, "result": ...} or {"raised": True, "type", "message"}."""
     started = time.monotonic()
@@ -223,9 +232,7 @@ def flush_across_outage(url: str, npages: str, dirty: str, probe_page: str) -> N
     pager = uffd_pager.Pager()
     region = pager.map(url, n * PAGE, writeback_interval=0)
     view = region.view()
-    before = [p for p in range(k) if touch(view, p) != pattern("A", p)]
-    for p in range(k):
-        view[p * PAGE:(p + 1) * PAGE] = pattern("B", p)
+    before = read_then_dirty(view, k)
     report("ready", wrong_before=before, stats=stats_of(region))
     assert order(eof_error=True) == "down"
     probed_result = probe(view, probed, pattern("A", probed))
@@ -261,9 +268,7 @@ def lost_while_mapped(url: str, npages: str, dirty: str, probe_page: str, touch_
     pager = uffd_pager.Pager()
     region = pager.map(url, n * PAGE, writeback_interval=0)
     view = region.view()
-    before = [p for p in range(k) if touch(view, p) != pattern("A", p)]
-    for p in range(k):
-        view[p * PAGE:(p + 1) * PAGE] = pattern("B", p)
+    before = read_then_dirty(view, k)
     report("ready", wrong_before=before)
     assert order(eof_error=True) == "lost"
     probed = probe(view, int(probe_page), pattern("A", int(probe_page)))

@@ -103,6 +103,26 @@ class ChildScript:
         for raw in self.process.stderr:  # type: ignore[union-attr]
             self._stderr.append(raw)
 
+    def next(self, timeout: float, *, end_fails: bool = True) -> dict[str, Any] | None:
+        """The next message, or None if none comes within `timeout` s. Once
+        the output has ended: an AssertionError (end_fails), else None. A
+        child's "error" report fails here, with its traceback."""
+        try:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if message is None:
+            self._messages.put(None)
+            if end_fails:
+                raise AssertionError(f"{self.name}: its output ended "
+                                     f"({describe_returncode(self.process.poll())}){self.context()}")
+            return None
+        self.seen.append(message)
+        if message["what"] == "error":
+            raise AssertionError(
+                f"{self.name}: process {message['pid']} failed:\n{message['traceback']}{self.context()}")
+        return message
+
     def send(self, line: str) -> None:
         """One line on the child's stdin (an order, for child.order())."""
         self.process.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]

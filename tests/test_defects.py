@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import queue
 import random
 import resource
 import socket
@@ -68,20 +67,6 @@ class Scenario(ChildScript):
     def __init__(self, name: str, *args: Any) -> None:
         super().__init__(SCENARIOS_PY, name, *args)
 
-    def next(self, timeout: float) -> dict[str, Any] | None:
-        """The next message, or None if none comes within `timeout` s."""
-        try:
-            message = self._messages.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if message is None:
-            self._messages.put(None)
-            raise AssertionError(f"{self.name}: its output ended ({self.status()}){self.context()}")
-        self.seen.append(message)
-        if message["what"] == "error":
-            raise AssertionError(
-                f"{self.name}: process {message['pid']} failed:\n{message['traceback']}{self.context()}")
-        return message
 
     def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
         message = self.next(timeout)
