@@ -271,7 +271,8 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
         int room = max_deferred - *n_deferred;
         if (room <= 0)
             return served;
-        int n = up_uffd_read_raw(uffd, msgs, room < BATCH ? room : BATCH);
+        int want = room < BATCH ? room : BATCH;
+        int n = up_uffd_read_raw(uffd, msgs, want);
         if (n < 0)
             return served ? served : -1;
         if (n == 0)
@@ -305,7 +306,11 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
             else if (rc != -ESRCH)
                 defer(deferred, n_deferred, m, rc);
         }
-        if (event_seen)
+        /* A short read found the queue empty (userfaultfd_read_iter reads on,
+         * without blocking, until -EAGAIN or the buffer is full): reading again
+         * would cost a syscall to learn -EAGAIN. A message queued since is
+         * not lost: the caller's epoll is level-triggered. */
+        if (event_seen || n < want)
             return served;
     }
 }

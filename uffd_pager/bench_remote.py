@@ -9,6 +9,9 @@ stops it at the end. Floors, measured in the same rounds as the rows:
 - a plain 4 KiB GET round trip through the same client library (redis-py's
   asyncio client with hiredis, on uvloop, as the pager uses it);
 - their sum, which is what a remote fault cannot go below;
+- the stricter floor the pager's fault path is built on: a GET over a bare
+  hiredis connection (redis_wire.py, which the pager reads faults with), and
+  its sum with the uffd round trip;
 - for write-back, a pipelined SET loop of the same pages through the same
   library (batches of 256, as many bytes as the flush writes).
 """
@@ -20,6 +23,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -29,13 +33,17 @@ from uffd_pager.bench import Case, Row, Workload, _c_reference, _touch, format_r
 from uffd_pager.client import Pager
 from uffd_pager.crypto import Key
 from uffd_pager.native import lib
+from uffd_pager.stores.redis_wire import Wire
 from uffd_pager.uffd import PAGE_SIZE
 
 SEQUENTIAL_BYTES = 64 << 20
+SLICE = 256  # random faults measured between two measurements of the floors
 C_FLOOR = "floor: C reference uffd round trip"
 GET_FLOOR = "floor: redis-py GET 4 KiB"
 SUM_FLOOR = "floor: C uffd round trip + GET"
 SET_FLOOR = "floor: redis-py pipelined SET loop"
+WIRE_FLOOR = "floor: bare hiredis GET 4 KiB"
+WIRE_SUM_FLOOR = "floor: C uffd round trip + bare GET"
 OURS = "read: uffd_pager over {store}"
 SEQUENTIAL = "sequential read over {store}"
 FLUSH = "write-back: uffd_pager flush over {store}"
@@ -97,6 +105,21 @@ async def _get_round_trips(kwargs: dict[str, object], count: int) -> list[int]:
         await client.aclose()
 
 
+async def _wire_round_trips(kwargs: dict[str, object], count: int) -> list[int]:
+    wire = Wire(unix_path=kwargs.get("unix_socket_path"), host=kwargs.get("host"),  # type: ignore[arg-type]
+                port=kwargs.get("port", 0))  # type: ignore[arg-type]
+    try:
+        await wire.request([(b"SET", b"bench:get", os.urandom(PAGE_SIZE))])
+        times = []
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            await wire.request([(b"GET", b"bench:get")])
+            times.append(time.perf_counter_ns() - start)
+        return times
+    finally:
+        wire.close()
+
+
 async def _set_loop(kwargs: dict[str, object], pages: int) -> list[int]:
     from redis.asyncio import Redis
 
@@ -127,20 +150,19 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
     size = pages * PAGE_SIZE
     unix = store == "redis+unix"
     names = {k: v.format(store=store) for k, v in (("ours", OURS), ("seq", SEQUENTIAL), ("flush", FLUSH))}
-    samples: dict[str, list[int]] = {n: [] for n in (C_FLOOR, GET_FLOOR, SET_FLOOR, *names.values())}
+    samples: dict[str, list[int]] = {n: [] for n in (C_FLOOR, GET_FLOOR, WIRE_FLOOR, SET_FLOOR, *names.values())}
     with tempfile.TemporaryDirectory(dir=directory, prefix="uffd-pager-bench-") as tmp, \
             redis_server(tmp, unix) as (prefix, kwargs), Pager(state_dir=os.path.join(tmp, "state")) as pager:
         data_path = os.path.join(tmp, "data.bin")
         with open(data_path, "wb") as f:
             f.write(os.urandom(size))
         rng = random.Random(1)
+        key = Key.generate()
+        slices: list[tuple[float, float]] = []  # per slice: ours / (uffd + GET), ours / (uffd + bare GET)
         order = list(range(pages))
         for round_ in range(rounds):
             rng.shuffle(order)
             offsets = array.array("Q", (p * PAGE_SIZE for p in order))
-            work = Workload(data_path, size, offsets, pager, Key.generate())
-            samples[C_FLOOR] += _c_reference(lib.up_ref_start_process)(work)
-            samples[GET_FLOOR] += _asyncio(_get_round_trips(kwargs, pages))
             url = f"{prefix}bench{round_}"
             with pager.map(url, size, writeback_interval=0) as region:
                 _touch(region.address, offsets, write=True)  # every page written: none is a hole
@@ -149,7 +171,21 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
                 samples[names["flush"]].append((time.perf_counter_ns() - start) // pages)
             samples[SET_FLOOR] += _asyncio(_set_loop(kwargs, pages))
             with pager.map(url, size, writeback_interval=0) as region:
-                samples[names["ours"]] += _touch(region.address, offsets)
+                # Floors and faults take turns, a slice at a time: this
+                # machine's wake-up latency swings several-fold within
+                # seconds, and a ratio means something only when both sides
+                # saw the same minute.
+                for first in range(0, pages, SLICE):
+                    part = offsets[first:first + SLICE]
+                    work = Workload(data_path, size, part, pager, key)
+                    uffd = _c_reference(lib.up_ref_start_process)(work)
+                    get = _asyncio(_get_round_trips(kwargs, len(part)))
+                    bare = _asyncio(_wire_round_trips(kwargs, len(part)))
+                    ours = _touch(region.address, part)
+                    for name, times in ((C_FLOOR, uffd), (GET_FLOOR, get), (WIRE_FLOOR, bare), (names["ours"], ours)):
+                        samples[name] += times
+                    slices.append((statistics.median(ours) / (statistics.median(uffd) + statistics.median(get)),
+                                   statistics.median(ours) / (statistics.median(uffd) + statistics.median(bare))))
             seq_url = f"{prefix}seq{round_}"
             seq_pages = SEQUENTIAL_BYTES // PAGE_SIZE // (4 if quick else 1)
             sequential = array.array("Q", (p * PAGE_SIZE for p in range(seq_pages)))
@@ -161,19 +197,20 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
                 _touch(region.address, sequential)
                 samples[names["seq"]].append((time.perf_counter_ns() - start) // seq_pages)
     cases = [Case(C_FLOOR, C_FLOOR, lambda w: []), Case(GET_FLOOR, GET_FLOOR, lambda w: []),
-             Case(names["ours"], SUM_FLOOR, lambda w: []),
+             Case(WIRE_FLOOR, WIRE_FLOOR, lambda w: []), Case(names["ours"], SUM_FLOOR, lambda w: []),
              Case(names["seq"], names["seq"], lambda w: [], unit="MB/s"),
              Case(SET_FLOOR, SET_FLOOR, lambda w: [], unit="MB/s"),
              Case(names["flush"], SET_FLOOR, lambda w: [], unit="MB/s")]
     rows = [summarize(case, samples[case.name]) for case in cases]
     by_name = {row.name: row for row in rows}
-    floor = Row(SUM_FLOOR, SUM_FLOOR, by_name[C_FLOOR].p50_us + by_name[GET_FLOOR].p50_us,
-                by_name[C_FLOOR].p99_us + by_name[GET_FLOOR].p99_us,
-                by_name[C_FLOOR].mean_us + by_name[GET_FLOOR].mean_us, 0.0, "", 0)
-    floor.per_s = 1e6 / floor.mean_us if floor.mean_us else 0.0
-    floor.unit = "faults/s"
-    rows.insert(2, floor)
-    by_name[SUM_FLOOR] = floor
+    for at, (name, get) in enumerate(((SUM_FLOOR, by_name[GET_FLOOR]), (WIRE_SUM_FLOOR, by_name[WIRE_FLOOR]))):
+        uffd = by_name[C_FLOOR]
+        floor = Row(name, name, uffd.p50_us + get.p50_us, uffd.p99_us + get.p99_us, uffd.mean_us + get.mean_us,
+                    0.0, "", 0)
+        floor.per_s = 1e6 / floor.mean_us if floor.mean_us else 0.0
+        floor.unit = "faults/s"
+        rows.insert(3 + at, floor)
+        by_name[name] = floor
     for row in rows:
         row.ratio = by_name[row.floor].p50_us and row.p50_us / by_name[row.floor].p50_us
     print(f"uffd-pager bench --store {store}: {pages} random 4 KiB pages x {rounds} rounds, "
@@ -181,7 +218,15 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
     print("\n".join(format_table(rows)))
     print()
     flush, set_loop = by_name[names["flush"]], by_name[SET_FLOOR]
-    print(f"{names['ours']} / ({C_FLOOR[7:]} + GET): p50 {format_ratio(by_name[names['ours']].ratio)}")
+    ours = by_name[names["ours"]]
+    print(f"{names['ours']} / ({C_FLOOR[7:]} + GET): p50 {format_ratio(ours.ratio)}")
+    print(f"{names['ours']} / ({C_FLOOR[7:]} + bare GET): p50 "
+          f"{format_ratio(ours.p50_us / by_name[WIRE_SUM_FLOOR].p50_us)}")
+    for i, floor_name in enumerate(("GET", "bare GET")):
+        ratios = sorted(pair[i] for pair in slices)
+        print(f"  the same, slice by slice ({len(ratios)} slices of {SLICE} faults, each beside the floors measured "
+              f"just before it), vs uffd + {floor_name}: median {format_ratio(statistics.median(ratios))}, "
+              f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
     print(f"write-back: {flush.per_s:.0f} MB/s vs pipelined SET {set_loop.per_s:.0f} MB/s = "
           f"{format_ratio(flush.per_s / set_loop.per_s if set_loop.per_s else float('nan'))} its throughput")
     print(f"sequential read: {by_name[names['seq']].per_s:.0f} MB/s (one page per fault; read-ahead is issue 11)")

@@ -51,6 +51,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from uffd_pager.errors import StoreLost, StoreUnavailable
 from uffd_pager.stores.base import BadPage, Extent, Store
+from uffd_pager.stores.redis_wire import Command, ReplyError, Wire
 from uffd_pager.uffd import PAGE_SIZE
 
 SCHEMES = ("redis", "redis+unix", "redis+cluster")
@@ -196,6 +197,7 @@ class RedisStore(Store):
         self._identity = target.identity
         self._end = 0
         self._closed = False
+        self._wires: dict[str, Wire] = {}  # fault reads' connections, per server (redis_wire.py)
 
     @classmethod
     async def open(cls, url: str, state_dir: str) -> "RedisStore":
@@ -211,15 +213,20 @@ class RedisStore(Store):
         target = parse_url(url)
         common: dict[str, Any] = dict(socket_timeout=target.timeout, socket_connect_timeout=target.timeout,
                                       username=target.username, password=target.password)
+        # One retry, on a new connection: a pooled connection may have died
+        # with a restarted server while the fault path's own connection
+        # (redis_wire.py) carried the reads. Every command sent here is
+        # idempotent (HSET, HDEL, COPY REPLACE, reads), so a retry is safe.
+        retry = Retry(NoBackoff(), 1)
         cluster = target.scheme == "redis+cluster"
         if cluster:
-            client: Any = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                                       retry=Retry(NoBackoff(), 1), **common)
+            client: Any = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=retry,
+                                       **common)
         elif target.unix_path is not None:
-            client = Redis(unix_socket_path=target.unix_path, db=target.db, retry=Retry(NoBackoff(), 0), **common)
+            client = Redis(unix_socket_path=target.unix_path, db=target.db, retry=retry, **common)
         else:
             host, port = target.nodes[0]
-            client = Redis(host=host, port=port, db=target.db, retry=Retry(NoBackoff(), 0), **common)
+            client = Redis(host=host, port=port, db=target.db, retry=retry, **common)
         store = cls(url, target, client, cluster)
         try:
             await store._attach(state_dir)
@@ -329,18 +336,26 @@ class RedisStore(Store):
                             "and forget it (uffd_pager.forget_store)")
 
     async def read(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
+        """One HMGET per chunk, over the fault path's own connections; on one
+        server the markers are read in the same round trip (after the
+        pages, so that a loss before the read is seen), in a cluster only
+        when a page is a hole (only the markers tell a hole from a master
+        that lost its memory)."""
         chunks: dict[int, list[int]] = {}
         for offset in offsets:
             chunks.setdefault(offset // CHUNK_BYTES, []).append(offset)
-        requests = [(self._key(chunk), [_FIELDS[(o % CHUNK_BYTES) // PAGE_SIZE] for o in members])
-                    for chunk, members in chunks.items()]
-        if len(requests) == 1:  # the common case, a fault or a run in one chunk: no pipeline's cost
-            replies = [await self._call(self._client.hmget(*requests[0]), "reading")]
+        requests: list[Command] = [
+            (b"HMGET", self._key(chunk), *[_FIELDS[(o % CHUNK_BYTES) // PAGE_SIZE] for o in members])
+            for chunk, members in chunks.items()]
+        markers = [(b"HGET", key, b"id") for key in self._markers]
+        if self._cluster:
+            replies = await self._wire_calls(requests)
+            if replies is None:  # the slot table moved: redis-py follows the redirections
+                replies = await self._call(self._hmgets(requests), "reading")
         else:
-            pipe = self._client.pipeline(transaction=False)
-            for key, fields in requests:
-                pipe.hmget(key, fields)
-            replies = await self._call(pipe.execute(), "reading")
+            replies = await self._wire_calls(requests + markers)
+            assert replies is not None
+            self._check_markers(replies[len(requests):])
         values: dict[int, bytes | None | BadPage] = {}
         holes = False
         for members, reply in zip(chunks.values(), replies):
@@ -350,11 +365,63 @@ class RedisStore(Store):
                 elif len(value) != PAGE_SIZE:
                     value = BadPage(offset, f"{self.url} holds {len(value)} bytes for it, not {PAGE_SIZE}")
                 values[offset] = value
-        if holes:
-            # A hole, or a server that lost its memory: only the markers tell
-            # (read after the pages, so a loss before the read is seen).
-            self._check_markers(await self._call(self._read_markers(), "reading"))
+        if holes and self._cluster:
+            ids = await self._wire_calls(markers)
+            if ids is None:
+                ids = await self._call(self._read_markers(), "reading")
+            self._check_markers(ids)
         return [values[offset] for offset in offsets]
+
+    async def _hmgets(self, requests: Sequence[Command]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for _, key, *fields in requests:
+            pipe.hmget(key, fields)
+        return await pipe.execute()
+
+    async def _wire_calls(self, commands: Sequence[Command]) -> list[Any] | None:
+        """The replies of commands (each naming its key second), sent over
+        the fault path's connections, one round trip per server; None when a
+        cluster redirected one (a slot moved: the caller asks redis-py, which
+        follows it and learns the new table). Raises StoreUnavailable."""
+        by_server: dict[str, list[int]] = {}
+        for i, command in enumerate(commands):
+            by_server.setdefault(self._server_of(command[1]), []).append(i)
+        try:
+            if len(by_server) == 1:
+                (server,) = by_server
+                replies = await self._wires[server].request(commands)
+            else:
+                answers = await asyncio.gather(*(self._wires[server].request([commands[i] for i in members])
+                                                  for server, members in by_server.items()))
+                replies = [None] * len(commands)
+                for members, answer in zip(by_server.values(), answers):
+                    for i, reply in zip(members, answer):
+                        replies[i] = reply
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {exc or type(exc).__name__}") from None
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                if self._cluster and str(reply).startswith(("MOVED", "ASK")):
+                    return None
+                raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {reply}")
+        return replies
+
+    def _server_of(self, key: bytes) -> str:
+        """The server that holds key (the one server, or the master of its
+        slot in the cluster's table), with a connection made for it."""
+        if not self._cluster:
+            server = ""
+            if server not in self._wires:
+                t = self.target
+                host, port = t.nodes[0] if t.nodes else (None, 0)
+                self._wires[server] = Wire(host=host, port=port, unix_path=t.unix_path, username=t.username,
+                                           password=t.password, db=t.db, timeout=t.timeout)
+            return server
+        node = self._client.get_node_from_key(key)
+        if node.name not in self._wires:
+            self._wires[node.name] = Wire(host=node.host, port=node.port, username=self.target.username,
+                                          password=self.target.password, timeout=self.target.timeout)
+        return node.name
 
     async def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -442,6 +509,8 @@ class RedisStore(Store):
         if self._closed:
             return
         self._closed = True
+        for wire in self._wires.values():
+            wire.close()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
