@@ -26,6 +26,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -151,6 +152,38 @@ def pager_read_encrypted(w: Workload) -> list[int]:
         _touch(region.address, w.offsets, write=True)
     with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
         return _touch(region.address, w.offsets)
+
+
+PAIR_SLICE = 256  # faults of one kind between two of the other
+
+
+def paired_encrypted_ratios(pager: Pager, directory: str, state: str, pristine: str, key: Key,
+                            offsets: array.array) -> list[float]:
+    """Encrypted and plain read faults taking turns, PAIR_SLICE pages at a
+    time, over two regions mapped side by side: the p50 ratio of each pair of
+    slices. This machine's wake-up latency swings several-fold within
+    seconds; a ratio of rows measured a minute apart says more about the
+    minute than about encryption."""
+    plain_path, sealed_path = os.path.join(directory, "paired-plain.bin"), os.path.join(directory, "paired-sealed.bin")
+    shutil.copyfile(pristine, plain_path)
+    size = os.path.getsize(pristine)
+    with open(sealed_path, "wb"):
+        pass  # sealed anew below: every page written through the key
+    with pager.map(f"file://{sealed_path}", size, key=key, writeback_interval=0) as region:
+        _touch(region.address, offsets, write=True)
+    ratios = []
+    with pager.map(f"file://{plain_path}", size, writeback_interval=0) as plain, \
+            pager.map(f"file://{sealed_path}", size, key=key, writeback_interval=0) as sealed:
+        for n, first in enumerate(range(0, len(offsets), PAIR_SLICE)):
+            part = offsets[first:first + PAIR_SLICE]
+            if n % 2:  # who goes first alternates
+                encrypted, unencrypted = _touch(sealed.address, part), _touch(plain.address, part)
+            else:
+                unencrypted, encrypted = _touch(plain.address, part), _touch(sealed.address, part)
+            ratios.append(statistics.median(encrypted) / statistics.median(unencrypted))
+    forget_store(sealed_path, state)
+    os.unlink(sealed_path)
+    return ratios
 
 
 # --- writes -----------------------------------------------------------------------
@@ -412,6 +445,7 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
         rng = random.Random(1)
         order = list(range(pages))
         key = Key.generate()
+        paired: list[float] = []  # encrypted / plain read p50, slice by slice
         state = os.path.join(tmp, "state")  # the encrypted rows' anchors, gone with the run
         with Pager(state_dir=state) as pager:
             for _ in range(rounds):
@@ -424,6 +458,7 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
                     forget_store(path, state)
                     shutil.copyfile(pristine, path)
                     samples[case.name].extend(case.run(Workload(path, size, offsets, pager, key)))
+                paired += paired_encrypted_ratios(pager, tmp, state, pristine, key, offsets)
             samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))
     rows = [summarize(case, samples[case.name]) for case in CASES + FORK_CASES]
     by_name = {row.name: row for row in rows}
@@ -436,6 +471,10 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
     print("\n".join(format_table(rows)))
     print()
     print("\n".join(format_summary(by_name)))
+    paired.sort()
+    print(f"encrypted / unencrypted read fault, taking turns {min(PAIR_SLICE, pages)} faults at a time ({len(paired)} pairs): "
+          f"p50 ratio median {format_ratio(statistics.median(paired))}, min {format_ratio(paired[0])}, "
+          f"max {format_ratio(paired[-1])}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"kernel": platform.release(), "pages": pages, "rounds": rounds,

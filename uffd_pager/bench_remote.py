@@ -224,7 +224,7 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
           f"{format_ratio(ours.p50_us / by_name[WIRE_SUM_FLOOR].p50_us)}")
     for i, floor_name in enumerate(("GET", "bare GET")):
         ratios = sorted(pair[i] for pair in slices)
-        print(f"  the same, slice by slice ({len(ratios)} slices of {SLICE} faults, each beside the floors measured "
+        print(f"  the same, slice by slice ({len(ratios)} slices of {min(SLICE, pages)} faults, each beside the floors measured "
               f"just before it), vs uffd + {floor_name}: median {format_ratio(statistics.median(ratios))}, "
               f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
     print(f"write-back: {flush.per_s:.0f} MB/s vs pipelined SET {set_loop.per_s:.0f} MB/s = "
