@@ -3,7 +3,10 @@
  * that every uffd_pager figure is compared with. The reference is the
  * simplest correct handler: poll, read one message, pread the page,
  * UFFDIO_COPY it. It runs either as a thread of the faulting process or in a
- * forked process that runs only this C code (no Python after fork).
+ * forked process that runs only this C code (no Python after fork). Its
+ * clustered form (read-ahead's floor) copies `cluster` pages from the
+ * faulting one on, straight from a read-only mapping of the file, with one
+ * UFFDIO_COPY.
  */
 #include "uffd_native.h"
 
@@ -13,6 +16,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +44,8 @@ void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int write, in
 struct up_ref {
     int uffd, file_fd, stop_pipe[2];
     uint64_t base, file_offset;
+    uint64_t len, cluster;      /* clustered: the range's length, pages per copy (0: one page, by pread) */
+    const uint8_t *map;         /* clustered: the file, mapped from file_offset over len */
     int64_t served;
     pthread_t thread;
     pid_t pid;
@@ -64,10 +70,20 @@ static int64_t ref_loop(struct up_ref *r)
         if (read(r->uffd, &msg, sizeof(msg)) != sizeof(msg) || msg.event != UFFD_EVENT_PAGEFAULT)
             continue;
         uint64_t addr = msg.arg.pagefault.address & ~(uint64_t)(UP_PAGE_SIZE - 1);
+        int64_t done;
+        if (r->cluster) {
+            uint64_t at = addr - r->base, n = r->cluster * UP_PAGE_SIZE;
+            if (n > r->len - at)
+                n = r->len - at;
+            if (up_uffd_copy(r->uffd, addr, r->map + at, n, 0, &done) == 0)
+                served++;
+            else if (errno == EEXIST)
+                up_uffd_wake(r->uffd, addr, UP_PAGE_SIZE);
+            continue;
+        }
         ssize_t n = pread(r->file_fd, buf, UP_PAGE_SIZE, (off_t)(r->file_offset + addr - r->base));
         if (n < UP_PAGE_SIZE)
             memset(buf + (n > 0 ? n : 0), 0, UP_PAGE_SIZE - (size_t)(n > 0 ? n : 0));
-        int64_t done;
         if (up_uffd_copy(r->uffd, addr, buf, UP_PAGE_SIZE, 0, &done) == 0)
             served++;
         else if (errno == EEXIST)
@@ -103,6 +119,8 @@ static struct up_ref *ref_new(int uffd, int file_fd, uint64_t base, uint64_t fil
 static void ref_free(struct up_ref *r)
 {
     int saved = errno;
+    if (r->map)
+        munmap((void *)r->map, r->len);
     close(r->stop_pipe[0]);
     close(r->stop_pipe[1]);
     if (r->result_pipe[0] >= 0)
@@ -125,11 +143,8 @@ struct up_ref *up_ref_start_thread(int uffd, int file_fd, uint64_t base, uint64_
     return r;
 }
 
-struct up_ref *up_ref_start_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset)
+static struct up_ref *ref_start_process(struct up_ref *r)
 {
-    struct up_ref *r = ref_new(uffd, file_fd, base, file_offset);
-    if (!r)
-        return NULL;
     if (pipe(r->result_pipe) < 0) {
         ref_free(r);
         return NULL;
@@ -151,6 +166,29 @@ struct up_ref *up_ref_start_process(int uffd, int file_fd, uint64_t base, uint64
     r->result_pipe[1] = -1;
     r->pid = pid;
     return r;
+}
+
+struct up_ref *up_ref_start_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset)
+{
+    struct up_ref *r = ref_new(uffd, file_fd, base, file_offset);
+    return r ? ref_start_process(r) : NULL;
+}
+
+struct up_ref *up_ref_start_cluster_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset, uint64_t len,
+                                            uint64_t cluster)
+{
+    struct up_ref *r = ref_new(uffd, file_fd, base, file_offset);
+    if (!r)
+        return NULL;
+    void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, file_fd, (off_t)file_offset);
+    if (map == MAP_FAILED) {
+        ref_free(r);
+        return NULL;
+    }
+    r->map = map;
+    r->len = len;
+    r->cluster = cluster ? cluster : 1;
+    return ref_start_process(r);
 }
 
 int64_t up_ref_stop(struct up_ref *r)

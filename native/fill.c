@@ -38,9 +38,17 @@ static int all_zero(const uint8_t *p, size_t n)
     return 1;
 }
 
-static int fill_live(const struct up_fill *f)
+int up_fill_live(const struct up_fill *f)
 {
     return f->live && up_portion_chain_live(f->portion);
+}
+
+void up_fill_mark_resident(struct up_fill *f, uint64_t first, uint64_t stop)
+{
+    up_bits_set_range(f->resident, first, stop);
+    f->resident_pages = up_bits_count(f->resident);
+    if (f->resident_pages > f->resident_peak)
+        f->resident_peak = f->resident_pages;
 }
 
 static int mark_dirty(struct up_fill *f, uint64_t idx)
@@ -92,8 +100,7 @@ static int place_page(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, 
         if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
             return -errno;
     }
-    up_bits_set_range(f->resident, idx, idx + 1);
-    f->resident_pages = up_bits_count(f->resident);
+    up_fill_mark_resident(f, idx, idx + 1);
     if (write)
         mark_dirty(f, idx);
     return 0;
@@ -120,7 +127,13 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
                           : pread(src->fd, page_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
     if (n < 0)
         return -errno;
-    return place_page(uffd, f, addr, idx, write, page_buf, (size_t)n);
+    int rc = place_page(uffd, f, addr, idx, write, page_buf, (size_t)n);
+    /* The faulting thread is awake already. A write with synchronous
+     * tracking is not read ahead: its neighbours, filled write-protected,
+     * would each cost a WP fault where a missing fault costs the same. */
+    if (rc == 0 && !(write && f->tracking == UP_TRACK_SYNC_WP))
+        up_fill_read_ahead(uffd, f, idx);
+    return rc;
 }
 
 /* The first write to a page filled write-protected (synchronous tracking). */
@@ -136,7 +149,7 @@ static int unprotect_written(int uffd, struct up_fill *f, uint64_t addr, uint64_
 int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
 {
     uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
-    if (!fill_live(f))
+    if (!up_fill_live(f))
         return -EBADF;
     if (addr < f->base || addr >= f->base + f->len)
         return -EFAULT;
@@ -155,7 +168,7 @@ int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
 int up_fill_place(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n)
 {
     uint64_t addr = address & ~(uint64_t)(UP_PAGE_SIZE - 1);
-    if (!fill_live(f))
+    if (!up_fill_live(f))
         return -EBADF;
     if (addr < f->base || addr >= f->base + f->len || n > UP_PAGE_SIZE)
         return -EFAULT;
@@ -262,7 +275,7 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
     struct uffd_msg msgs[BATCH];
     int served = 0;
     *n_deferred = 0;
-    if (!fill_live(f)) {
+    if (!up_fill_live(f)) {
         errno = EBADF;
         return -1;
     }

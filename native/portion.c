@@ -56,6 +56,7 @@ int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *pa
     memset(p, 0, sizeof(*p));
     p->fd = -1;
     p->catalog_fd = -1;
+    p->map_fd = -1;
     p->npages = npages;
     p->parent = parent;
     p->materialized = materialized;
@@ -65,6 +66,7 @@ int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *pa
 
 void up_portion_release(struct up_portion *p)
 {
+    up_portion_unmap(p);
     p->live = 0;
     up_bits_free(p->materialized);
     p->materialized = NULL;

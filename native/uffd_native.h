@@ -18,6 +18,16 @@ void up_msg_flatten(const struct uffd_msg *m, struct up_msg *out);
  * before a page is mapped, whose record must not be lost after. */
 int up_bits_prepare(struct up_bits *bits, uint64_t i);
 
+/* fill.c: whether the fill state and its portion chain are live; marks
+ * [first, stop) resident (room made for it with up_bits_prepare first). */
+int up_fill_live(const struct up_fill *f);
+void up_fill_mark_resident(struct up_fill *f, uint64_t first, uint64_t stop);
+/* readahead.c: after the missing page idx was filled, fills the window the
+ * detector advises (nothing while missing faults are deferred to Python). */
+void up_fill_read_ahead(int uffd, struct up_fill *f, uint64_t idx);
+/* readahead.c: unmaps the portion's read-ahead mapping, if any. */
+void up_portion_unmap(struct up_portion *p);
+
 /* Whether p and every portion of its parent chain are live. */
 int up_portion_chain_live(const struct up_portion *p);
 /* The portion of p's chain that holds page idx (the chain must be live). */

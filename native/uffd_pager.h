@@ -96,6 +96,11 @@ struct up_portion {
     struct up_aead *aead;       /* NULL: pages are stored as they are */
     int catalog_fd;
     uint8_t store_id[16];
+    /* Read-ahead's source (readahead.c): a read-only mapping of fd over the
+     * portion, made on first use; map_fd is the fd it maps (a portion
+     * placed again on another fd is mapped again). */
+    const uint8_t *map;
+    int map_fd;
 };
 
 /* One registered range of one uffd. Missing pages are filled by C from the
@@ -122,7 +127,28 @@ struct up_fill {
     uint64_t duplicates;        /* faults on a page already filled: woken only */
     uint64_t resident_pages;    /* the count of resident */
     uint64_t dirty_pages;       /* the count of dirty */
+    uint64_t resident_peak;     /* the most resident_pages has been */
     uint32_t last_thread_id;    /* of the latest fault read */
+    /* Read-ahead (readahead.c). Settings: */
+    uint32_t ra_max;            /* pages of the largest window; 0: no read-ahead */
+    int ra_fixed;               /* 1: every missing fault reads ra_max pages ahead; 0: adaptive */
+    /* what the adaptive detector has seen: */
+    int ra_seen;                /* a missing fault was seen */
+    uint64_t ra_last;           /* ... at this page */
+    int64_t ra_delta;           /* the distance from the one before */
+    uint32_t ra_window;         /* pages of the current window (0: random access) */
+    int64_t ra_step;            /* +1 forward, -1 backward, else a stride */
+    uint64_t ra_edge;           /* the page just past the last window: a reader going on faults there */
+    uint64_t read_ahead_pages;  /* pages filled ahead of a fault */
+    uint64_t read_ahead_hits;   /* faults at the edge of a window: the reader went through it */
+};
+
+/* The pages read-ahead advises to fill after a missing fault: first,
+ * first + step, ... (count pages, all inside the range). */
+struct up_ra {
+    uint64_t first;
+    uint64_t count;
+    int64_t step;
 };
 
 /* -1 with errno: EBADF (portion not live), EINVAL (len not a multiple of the
@@ -155,6 +181,22 @@ int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t fla
  * have from a descriptor; a page resident meanwhile is only woken. Returns
  * 0 or -errno (-EAGAIN: an event is unread, call again). */
 int up_fill_place(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n);
+/* Read-ahead (readahead.c). Feeds the detector with a missing fault at
+ * address and stores in *window what to read ahead (count 0: nothing).
+ * The C fill path calls it for stores with a descriptor; Python for the
+ * others (which it fetches). 0, or -1 with errno (EBADF, EFAULT). */
+int up_fill_advise(struct up_fill *fill, uint64_t address, struct up_ra *window);
+/* Fills the pages of [first, first + count) (page indices; strided: first,
+ * first + step, ...) that are neither resident nor in a portion without a
+ * descriptor, from their portions, in runs of up to 256 pages, one
+ * UFFDIO_COPY each (read: write-protected when writes are tracked). Best
+ * effort: stops at the first page it cannot fill (an event unread, a page
+ * that does not authenticate, an error); fills nothing while missing
+ * faults are deferred to Python (defer_missing). Returns the pages filled. */
+int64_t up_fill_ahead(int uffd, struct up_fill *fill, uint64_t first, uint64_t count, int64_t step);
+/* Whether the page at address is resident (filled and not removed since). */
+int up_fill_is_resident(const struct up_fill *fill, uint64_t address);
+
 /* Marks the pages of [start, end) (addresses) neither resident nor dirty
  * (REMOVE/UNMAP events); costs what was set there, not the range. */
 int up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
@@ -273,6 +315,11 @@ void up_touch_pages(uint64_t base, const uint64_t *offsets, int n, int write, in
 struct up_ref;
 struct up_ref *up_ref_start_thread(int uffd, int file_fd, uint64_t base, uint64_t file_offset);
 struct up_ref *up_ref_start_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset);
+/* The clustered reference, in a forked process: a fault at page P is
+ * served with pages [P, P + cluster) (within len) copied straight from a
+ * read-only mapping of the file, one UFFDIO_COPY. */
+struct up_ref *up_ref_start_cluster_process(int uffd, int file_fd, uint64_t base, uint64_t file_offset, uint64_t len,
+                                            uint64_t cluster);
 /* Stops the handler; returns the faults it served, or -1. */
 int64_t up_ref_stop(struct up_ref *ref);
 

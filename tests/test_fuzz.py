@@ -154,7 +154,7 @@ def file_descriptor_kind(fd: int) -> str:
 def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[str, Template]:
     """Every request a real client sends to the daemon at `socket_path`, each
     looked at on its way out: hello, status, map (plain, with `key`, with
-    children=), stats, backing, flush, reopen and adopt (as Region sends them
+    children=), stats, backing, prefetch, flush, reopen and adopt (as Region sends them
     after a read-only flush and in a forked child), unmap."""
     seen: dict[str, Template] = {}
     maps = iter(["map", "map with key", "map with children"])
@@ -177,6 +177,7 @@ def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[st
             with pager.map(files.url(files.plain), 2 * PAGE) as region:
                 region.stats()
                 region.backing()
+                region.prefetch(0, PAGE)
                 region.flush()
                 # What Region._request_writing sends after a flush refused with StoreReadOnly...
                 fd = open_store_file(region.store)

@@ -35,11 +35,14 @@ from typing import Callable, Iterator
 from uffd_pager.catalog import forget_store
 from uffd_pager.client import Pager
 from uffd_pager.crypto import Key
+from uffd_pager.layout import READ_AHEAD_MAX
 from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, buffer_address
 
 READ_FLOOR = "read: C reference, other process"
 OURS = "read: uffd_pager"
+OURS_NO_READ_AHEAD = "read: uffd_pager, read-ahead off"
+SEQUENTIAL_BYTES = 512 << 20  # 128 MiB with --quick
 
 
 @dataclass
@@ -146,6 +149,11 @@ def pager_read(w: Workload) -> list[int]:
         return _touch(region.address, w.offsets)
 
 
+def pager_read_off(w: Workload) -> list[int]:
+    with w.pager.map(f"file://{w.path}", w.size, read_ahead="off", writeback_interval=0) as region:
+        return _touch(region.address, w.offsets)
+
+
 def pager_read_encrypted(w: Workload) -> list[int]:
     """Read faults of pages stored encrypted (written and flushed first)."""
     with w.pager.map(f"file://{w.path}", w.size, key=w.key, writeback_interval=0) as region:
@@ -157,13 +165,35 @@ def pager_read_encrypted(w: Workload) -> list[int]:
 PAIR_SLICE = 256  # faults of one kind between two of the other
 
 
+def _taking_turns(ours: int, theirs: int, offsets: array.array) -> list[float]:
+    """Read faults over two regions mapped side by side (at addresses ours
+    and theirs) taking turns, PAIR_SLICE pages at a time, who goes first
+    alternating: the p50 ratio ours / theirs of each pair of slices. This
+    machine's wake-up latency swings several-fold within seconds; a ratio
+    of rows measured a minute apart says more about the minute than about
+    what the rows differ in."""
+    ratios = []
+    for n, first in enumerate(range(0, len(offsets), PAIR_SLICE)):
+        part = offsets[first:first + PAIR_SLICE]
+        if n % 2:
+            mine, other = _touch(ours, part), _touch(theirs, part)
+        else:
+            other, mine = _touch(theirs, part), _touch(ours, part)
+        ratios.append(statistics.median(mine) / statistics.median(other))
+    return ratios
+
+
+def paired_read_ahead_ratios(pager: Pager, path: str, offsets: array.array) -> list[float]:
+    """Random read faults with read-ahead (adaptive) beside without, taking turns."""
+    size = os.path.getsize(path)
+    with pager.map(f"file://{path}", size, writeback_interval=0) as adaptive, \
+            pager.map(f"file://{path}", size, read_ahead="off", writeback_interval=0) as off:
+        return _taking_turns(adaptive.address, off.address, offsets)
+
+
 def paired_encrypted_ratios(pager: Pager, directory: str, state: str, pristine: str, key: Key,
                             offsets: array.array) -> list[float]:
-    """Encrypted and plain read faults taking turns, PAIR_SLICE pages at a
-    time, over two regions mapped side by side: the p50 ratio of each pair of
-    slices. This machine's wake-up latency swings several-fold within
-    seconds; a ratio of rows measured a minute apart says more about the
-    minute than about encryption."""
+    """Encrypted beside plain read faults, taking turns (see _taking_turns)."""
     plain_path, sealed_path = os.path.join(directory, "paired-plain.bin"), os.path.join(directory, "paired-sealed.bin")
     shutil.copyfile(pristine, plain_path)
     size = os.path.getsize(pristine)
@@ -171,16 +201,9 @@ def paired_encrypted_ratios(pager: Pager, directory: str, state: str, pristine: 
         pass  # sealed anew below: every page written through the key
     with pager.map(f"file://{sealed_path}", size, key=key, writeback_interval=0) as region:
         _touch(region.address, offsets, write=True)
-    ratios = []
     with pager.map(f"file://{plain_path}", size, writeback_interval=0) as plain, \
             pager.map(f"file://{sealed_path}", size, key=key, writeback_interval=0) as sealed:
-        for n, first in enumerate(range(0, len(offsets), PAIR_SLICE)):
-            part = offsets[first:first + PAIR_SLICE]
-            if n % 2:  # who goes first alternates
-                encrypted, unencrypted = _touch(sealed.address, part), _touch(plain.address, part)
-            else:
-                unencrypted, encrypted = _touch(plain.address, part), _touch(sealed.address, part)
-            ratios.append(statistics.median(encrypted) / statistics.median(unencrypted))
+        ratios = _taking_turns(sealed.address, plain.address, offsets)
     forget_store(sealed_path, state)
     os.unlink(sealed_path)
     return ratios
@@ -256,6 +279,7 @@ CASES = [
     Case("read: C reference, same process", READ_FLOOR, _c_reference(lib.up_ref_start_thread)),
     Case(READ_FLOOR, READ_FLOOR, _c_reference(lib.up_ref_start_process)),
     Case(OURS, READ_FLOOR, pager_read),
+    Case(OURS_NO_READ_AHEAD, READ_FLOOR, pager_read_off),
     Case("read: uffd_pager encrypted", OURS, pager_read_encrypted),
     Case(FIRST_WRITE_FLOOR, FIRST_WRITE_FLOOR, lambda w: kernel_anonymous(w, write=True)),
     Case("write: uffd_pager fresh page, async", FIRST_WRITE_FLOOR, pager_first_write("async")),
@@ -268,6 +292,75 @@ CASES = [
     Case("write-back: uffd_pager flush, sync", WRITEBACK_FLOOR, pager_flush("sync"), unit="MB/s"),
     Case("write-back: uffd_pager flush, encrypted", "write-back: uffd_pager flush, async",
          pager_flush("async", encrypted=True), unit="MB/s"),
+]
+
+
+# --- sequential reads: read-ahead ---------------------------------------------------
+
+SEQ_KERNEL = "sequential: kernel file mmap"
+SEQ_FLOOR = f"sequential: C reference, {READ_AHEAD_MAX // PAGE_SIZE}-page copies from a mapping"
+SEQ_OURS = "sequential: uffd_pager, read-ahead adaptive"
+SEQ_OFF = "sequential: uffd_pager, read-ahead off"
+
+
+def _elapsed_per_page(touch: Callable[[], object], pages: int) -> list[int]:
+    start = time.perf_counter_ns()
+    touch()
+    return _per_page(time.perf_counter_ns() - start, pages)
+
+
+def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[int]]:
+    """A file region read in order, a byte a page (ns per page, one sample a
+    round): the kernel's mmap of the file (with its own read-ahead and
+    fault-around), the clustered C reference (another process; the same
+    largest window as ours, copied from a mapping of the file), uffd_pager
+    with adaptive read-ahead and without. The file is in the page cache."""
+    size = os.path.getsize(path)
+    pages = size // PAGE_SIZE
+    offsets = array.array("Q", range(0, size, PAGE_SIZE))
+    samples: dict[str, list[int]] = {SEQ_KERNEL: [], SEQ_FLOOR: [], SEQ_OURS: [], SEQ_OFF: []}
+    with open(path, "rb") as f:
+        while f.read(8 << 20):  # into the page cache
+            pass
+    for _ in range(rounds):
+        with open(path, "rb") as f:
+            memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        try:
+            samples[SEQ_KERNEL] += _elapsed_per_page(lambda: _touch(buffer_address(memory), offsets), pages)
+        finally:
+            memory.close()
+        samples[SEQ_FLOOR] += _clustered_reference(path, size, offsets)
+        for name, read_ahead in ((SEQ_OURS, "adaptive"), (SEQ_OFF, "off")):
+            with pager.map(f"file://{path}", size, read_ahead=read_ahead, writeback_interval=0) as region:
+                samples[name] += _elapsed_per_page(lambda: _touch(region.address, offsets), pages)
+    return samples
+
+
+def _clustered_reference(path: str, size: int, offsets: array.array) -> list[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    uffd = Uffd.create(Feature(0))
+    try:
+        with _anonymous(size) as memory:
+            address = buffer_address(memory)
+            uffd.register(address, size, RegisterMode.MISSING)
+            handler = lib.up_ref_start_cluster_process(uffd.fd, fd, address, 0, size, READ_AHEAD_MAX // PAGE_SIZE)
+            if handler == ffi.NULL:
+                raise OSError(ffi.errno, "cannot start the clustered C reference handler")
+            try:
+                return _elapsed_per_page(lambda: _touch(address, offsets), size // PAGE_SIZE)
+            finally:
+                lib.up_ref_stop(handler)
+                uffd.unregister(address, size)
+    finally:
+        uffd.close()
+        os.close(fd)
+
+
+SEQUENTIAL_CASES = [
+    Case(SEQ_KERNEL, SEQ_KERNEL, lambda w: [], unit="MB/s"),
+    Case(SEQ_FLOOR, SEQ_FLOOR, lambda w: [], unit="MB/s"),
+    Case(SEQ_OURS, SEQ_FLOOR, lambda w: [], unit="MB/s"),
+    Case(SEQ_OFF, SEQ_FLOOR, lambda w: [], unit="MB/s"),
 ]
 
 
@@ -407,6 +500,13 @@ def format_table(rows: list[Row]) -> list[str]:
             for line in table]
 
 
+def format_sequential(by_name: dict[str, Row]) -> str:
+    ours, floor = by_name[SEQ_OURS], by_name[SEQ_FLOOR]
+    return (f"sequential read: uffd_pager {ours.per_s:.0f} MB/s vs the clustered C reference {floor.per_s:.0f} MB/s = "
+            f"{format_ratio(ratio(ours.per_s, floor.per_s))} its throughput (kernel mmap {by_name[SEQ_KERNEL].per_s:.0f} "
+            f"MB/s, uffd_pager without read-ahead {by_name[SEQ_OFF].per_s:.0f} MB/s)")
+
+
 def format_summary(by_name: dict[str, Row]) -> list[str]:
     """The ratios the README quotes, each figure beside its floor."""
     fork_row = by_name["fork: with region, on-write"]
@@ -445,7 +545,7 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
         rng = random.Random(1)
         order = list(range(pages))
         key = Key.generate()
-        paired: list[float] = []  # encrypted / plain read p50, slice by slice
+        paired: dict[str, list[float]] = {"encrypted / unencrypted": [], "read-ahead adaptive / off": []}
         state = os.path.join(tmp, "state")  # the encrypted rows' anchors, gone with the run
         with Pager(state_dir=state) as pager:
             for _ in range(rounds):
@@ -458,9 +558,15 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
                     forget_store(path, state)
                     shutil.copyfile(pristine, path)
                     samples[case.name].extend(case.run(Workload(path, size, offsets, pager, key)))
-                paired += paired_encrypted_ratios(pager, tmp, state, pristine, key, offsets)
+                paired["encrypted / unencrypted"] += paired_encrypted_ratios(pager, tmp, state, pristine, key, offsets)
+                paired["read-ahead adaptive / off"] += paired_read_ahead_ratios(pager, pristine, offsets)
             samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))
-    rows = [summarize(case, samples[case.name]) for case in CASES + FORK_CASES]
+            sequential = os.path.join(tmp, "sequential.bin")
+            with open(sequential, "wb") as f:
+                for _ in range(SEQUENTIAL_BYTES // (4 if quick else 1) // (8 << 20)):
+                    f.write(os.urandom(8 << 20))
+            samples.update(sequential_samples(pager, sequential, rounds))
+    rows = [summarize(case, samples[case.name]) for case in CASES + SEQUENTIAL_CASES + FORK_CASES]
     by_name = {row.name: row for row in rows}
     for row in rows:
         # Latency: lower is better, ratio = ours / floor. Throughput rows keep
@@ -471,10 +577,12 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
     print("\n".join(format_table(rows)))
     print()
     print("\n".join(format_summary(by_name)))
-    paired.sort()
-    print(f"encrypted / unencrypted read fault, taking turns {min(PAIR_SLICE, pages)} faults at a time ({len(paired)} pairs): "
-          f"p50 ratio median {format_ratio(statistics.median(paired))}, min {format_ratio(paired[0])}, "
-          f"max {format_ratio(paired[-1])}")
+    print(format_sequential(by_name))
+    for what, ratios in paired.items():
+        ratios.sort()
+        print(f"random read faults {what}, taking turns {min(PAIR_SLICE, pages)} faults at a time "
+              f"({len(ratios)} pairs): p50 ratio median {format_ratio(statistics.median(ratios))}, "
+              f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"kernel": platform.release(), "pages": pages, "rounds": rounds,

@@ -45,6 +45,7 @@ from uffd_pager.layout import (
     DEFAULT_WRITEBACK_INTERVAL,
     check_geometry,
     parse_fork_policy,
+    parse_read_ahead,
     parse_tracking,
     parse_writeback_interval,
 )
@@ -256,7 +257,8 @@ class Pager:
     def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str = "async",
             writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL, fork_policy: str = "on-write",
             children: str | None = None, keep_child_portions: bool = False,
-            key_file: str | os.PathLike[str] | None = None, key: Key | None = None) -> Region:
+            key_file: str | os.PathLike[str] | None = None, key: Key | None = None,
+            read_ahead: str | int = "adaptive") -> Region:
         """Maps `size` bytes whose pages live in `store` (a URL such as
         ``file:///abs/path``) from byte `offset` on; see the README for every
         option. Pages are filled on first touch; holes and bytes past the end
@@ -264,7 +266,10 @@ class Pager:
         `close()` and every `writeback_interval` seconds. After fork() a
         child's writes go to its own portion (in `children`, or the same
         store), copied from the parent's per `fork_policy`. With `key_file`
-        (or a `Key`), pages are encrypted at rest with AES-256-GCM."""
+        (or a `Key`), pages are encrypted at rest with AES-256-GCM.
+        `read_ahead`: "adaptive" (windows that grow while access is
+        sequential and close on random access), "off", or a fixed window in
+        bytes filled after every missing fault."""
         check_geometry(size, offset)
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
@@ -272,6 +277,7 @@ class Pager:
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
+        parse_read_ahead(read_ahead)
         if key_file is not None and key is not None:
             raise TypeError("give key_file or key, not both")
         if key_file is not None:
@@ -309,7 +315,7 @@ class Pager:
                                                address=address, tracking=dirty_tracking,
                                                writeback_interval=interval, fork_policy=fork_policy,
                                                children=children, keep_child_portions=bool(keep_child_portions),
-                                               fds=list(fds))
+                                               read_ahead=read_ahead, fds=list(fds))
                 except protocol.PagerTimeout:
                     memory.orphan()  # the pager may be reading it by now: never unregistered under it
                     raise

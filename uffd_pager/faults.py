@@ -44,6 +44,8 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from uffd_pager.crypto import PageAuthError
 from uffd_pager.fetch import Fetcher, Result
@@ -64,6 +66,7 @@ from uffd_pager.uffd import (
     PageFault,
     RemapEvent,
     RemoveEvent,
+    Tracking,
     Uffd,
     UnmapEvent,
 )
@@ -80,6 +83,22 @@ _STALE_FAULT = (-errno.ESRCH, -errno.ENOENT)
 # How long a forked child's faults wait for it to claim its uffd (see
 # PagerService._wait_for_hand).
 _HAND_TIMEOUT = 30.0
+
+# Pages prefetch() fills from descriptors per turn of the loop: other
+# regions' faults are served in between.
+_PREFETCH_STEP = 4096
+
+
+class _Ahead(NamedTuple):
+    """A page of a store without a descriptor fetched ahead of any fault
+    (read-ahead, prefetch): placed if it is still missing and still read
+    from the same portion when it arrives, else dropped; a failure is left
+    to the page's own fault to meet (and report)."""
+
+    region: ServedRegion
+    page: int  # its address in the client
+    source: Portion
+    done: Callable[[bool], None] | None  # told whether it was placed
 
 
 class FaultHandler:
@@ -122,7 +141,7 @@ class FaultHandler:
         event = item.event
         if isinstance(event, PageFault):
             if item.status == -errno.EOPNOTSUPP:
-                self._fetch(region, event)  # its page is in a store without a descriptor
+                self._fetch(region, event, read_ahead=True)  # its page is in a store without a descriptor
             else:
                 region.pending.append(event)
         elif isinstance(event, ForkEvent):
@@ -166,7 +185,7 @@ class FaultHandler:
             if rc in (0, -errno.EINPROGRESS):  # served, or a task serves it
                 continue
             if rc == -errno.EOPNOTSUPP:
-                self._fetch(region, fault)
+                self._fetch(region, fault, read_ahead=True)
                 continue
             if rc == -errno.EAGAIN:
                 still.append(fault)
@@ -221,17 +240,77 @@ class FaultHandler:
             _wake_quietly(region.uffd, fault.page)
         return 0
 
-    def _fetch(self, region: ServedRegion, fault: PageFault) -> None:
+    def _fetch(self, region: ServedRegion, fault: PageFault, *, read_ahead: bool = False) -> None:
         """Fetches a missing page from the store of the portion that holds
         it (see fetch.py); `_fetched` places it. The region is held until
-        then, so its store and state outlive the fetch."""
+        then, so its store and state outlive the fetch. read_ahead: a fault
+        seen for the first time, which feeds the read-ahead detector (as
+        the C path does for its own); the window goes in the same batch."""
         index = region.page_index(fault.page)
         source = region.portion.source(index)
         assert source.offset is not None  # the C path found it placed
         region.holds += 1
         self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source))
+        fill = region.fill
+        if read_ahead and fill.read_ahead[0] and not fill.defer_missing \
+                and not (fault.write and fill.tracking == Tracking.SYNC_WP):  # as native/fill.c says why
+            first, count, step = region.fill.advise(fault.page)
+            self._fetch_ahead(region, (first + k * step for k in range(count)), None)
 
-    def _fetched(self, waiter: tuple[ServedRegion, PageFault, Portion], result: Result) -> None:
+    def _fetch_ahead(self, region: ServedRegion, indices: Iterable[int], done: Callable[[bool], None] | None) -> int:
+        """Wants the pages at indices that are missing and live in a store
+        without a descriptor; returns how many it wants."""
+        wanted = 0
+        fill = region.fill
+        for index in indices:
+            address = fill.base + index * PAGE_SIZE
+            if fill.is_resident(address):
+                continue
+            source = region.portion.source(index)
+            if source.offset is None or source.store.local_fd >= 0:
+                continue  # a descriptor's pages are C's to fill
+            region.holds += 1
+            wanted += 1
+            self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, _Ahead(region, address, source, done))
+        return wanted
+
+    async def prefetch(self, region: ServedRegion, first: int, end: int) -> int:
+        """Fills the missing pages of [first, end) (indices) now, as
+        read-ahead would: from descriptors in runs, a slice per turn of the
+        loop, the rest fetched in batches. Best effort: a page it cannot
+        fill is left to its first touch (and so is every page while the
+        on-access fork policy routes fills through itself). Returns the
+        pages filled."""
+        filled = 0
+        for start in range(first, end, _PREFETCH_STEP):
+            if region.released:
+                return filled
+            with self._table.holding(region):
+                filled += region.fill.fill_ahead(region.uffd, start, min(_PREFETCH_STEP, end - start))
+            await asyncio.sleep(0)
+        if region.released:
+            return filled
+        arrived = self._loop.create_future()
+        counts = {"waiting": 0, "placed": 0}
+
+        def done(placed: bool) -> None:
+            counts["waiting"] -= 1
+            counts["placed"] += placed
+            if counts["waiting"] == 0 and not arrived.done():
+                arrived.set_result(None)
+
+        if region.fill.defer_missing:
+            return filled  # fork_policy="on-access": each page's fill goes through the policy, at its fault
+        with self.fetcher.batch():
+            counts["waiting"] = self._fetch_ahead(region, iter(range(first, end)), done)
+        if counts["waiting"]:
+            await arrived
+        return filled + counts["placed"]
+
+    def _fetched(self, waiter: "tuple[ServedRegion, PageFault, Portion] | _Ahead", result: Result) -> None:
+        if isinstance(waiter, _Ahead):
+            self._fetched_ahead(waiter, result)
+            return
         region, fault, source = waiter
         try:
             if region.released or isinstance(result, asyncio.CancelledError):
@@ -256,6 +335,23 @@ class FaultHandler:
                 region.fetched[fault.page] = result
             self._settle(region, fault, rc)
         finally:
+            self._table.let_go(region)
+
+    def _fetched_ahead(self, ahead: _Ahead, result: Result) -> None:
+        region = ahead.region
+        placed = False
+        try:
+            if region.released or isinstance(result, (BaseException, BadPage)) \
+                    or (result is not None and len(result) != PAGE_SIZE) or region.fill.is_resident(ahead.page):
+                return
+            if region.portion.source(region.page_index(ahead.page)) is not ahead.source:
+                return  # copied into a child's own portion meanwhile: its fault reads it there
+            placed = region.fill.place(region.uffd, PageFault(ahead.page, 0, 0), result) == 0
+            region.read_ahead_fetched += placed
+            region.fetched_pages += placed
+        finally:
+            if ahead.done is not None:
+                ahead.done(placed)
             self._table.let_go(region)
 
     def _settle(self, region: ServedRegion, fault: PageFault, rc: int) -> None:

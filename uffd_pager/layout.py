@@ -9,6 +9,7 @@ child reads it through its parent's portion (see native/portion.c).
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from uffd_pager.crypto import PageAuthError
 from uffd_pager.stores.base import BadPage, Extent, Store, UnauthenticPage, run_blocking
 from uffd_pager.uffd import PAGE_SIZE, PortionState, Tracking
@@ -63,6 +64,39 @@ def parse_writeback_interval(seconds: object) -> float:
         raise ValueError(f"writeback_interval must be a number of seconds, at least {MIN_WRITEBACK_INTERVAL} "
                          f"(0 or None: off), not {seconds!r}")
     return float(seconds)
+
+
+# map(read_ahead=...): "adaptive" windows grow while access is sequential
+# (forward, backward or strided) up to READ_AHEAD_MAX and close at once on
+# random access; a number of bytes is a fixed window after every missing
+# fault; "off" reads only the faulting page. See native/readahead.c.
+READ_AHEAD_MAX = 1 << 20
+READ_AHEAD_FIXED_MAX = 16 << 20
+
+
+@dataclass(frozen=True)
+class ReadAhead:
+    pages: int  # the largest window; 0: off
+    fixed: bool
+
+    @property
+    def name(self) -> str | int:
+        """As map() takes it."""
+        if not self.pages:
+            return "off"
+        return self.pages * PAGE_SIZE if self.fixed else "adaptive"
+
+
+def parse_read_ahead(value: object) -> ReadAhead:
+    if value == "off" or value is None:
+        return ReadAhead(0, False)
+    if value == "adaptive":
+        return ReadAhead(READ_AHEAD_MAX // PAGE_SIZE, False)
+    if isinstance(value, int) and not isinstance(value, bool) and PAGE_SIZE <= value <= READ_AHEAD_FIXED_MAX \
+            and value % PAGE_SIZE == 0:
+        return ReadAhead(value // PAGE_SIZE, True)
+    raise ValueError(f"read_ahead must be \"adaptive\", \"off\" or a window in bytes (a multiple of {PAGE_SIZE}, "
+                     f"at most {READ_AHEAD_FIXED_MAX}), not {value!r}")
 
 
 # map(fork_policy=...): when a forked child's portion gets a copy of the

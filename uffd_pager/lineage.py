@@ -58,7 +58,9 @@ class Lineage:
         child_store = parent.child_store
         try:
             portion = Portion(child_store.store, child_store.allocator, parent.fill.length, parent=parent.portion)
-            fill = FillRange(parent.fill.base, parent.fill.length, portion.state, parent.fill.tracking)
+            pages, fixed = parent.fill.read_ahead
+            fill = FillRange(parent.fill.base, parent.fill.length, portion.state, parent.fill.tracking,
+                             read_ahead_pages=pages, read_ahead_fixed=fixed)
         except BaseException:
             child_uffd.close()
             raise

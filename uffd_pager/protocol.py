@@ -66,8 +66,9 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"v", "pid"}),
     "map": frozenset({"url", "size", "offset", "address", "tracking", "writeback_interval", "fork_policy",
-                      "children", "keep_child_portions", "fds"}),
+                      "children", "keep_child_portions", "read_ahead", "fds"}),
     "unmap": frozenset({"region"}),
+    "prefetch": frozenset({"region", "offset", "length"}),
     "flush": frozenset({"region"}),
     "stats": frozenset({"region"}),
     "backing": frozenset({"region"}),

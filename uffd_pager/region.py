@@ -138,6 +138,16 @@ class Region:
         reply = self._request("backing")
         return None if reply["offset"] is None else Backing(reply["url"], reply["offset"])
 
+    def prefetch(self, offset: int = 0, length: int | None = None) -> int:
+        """Fills the missing pages of [offset, offset + length) (the rest of
+        the region if length is None) now, before they are touched: from a
+        file in runs, from a remote store in pipelined batches. Best effort:
+        a page it cannot fill is filled on first touch as ever. Returns
+        the pages filled."""
+        if length is None:
+            length = self.size - offset
+        return self._request("prefetch", offset=offset, length=length)["pages"]
+
     def flush(self) -> dict[str, int]:
         """Returns once every page dirtied before the call is in the store and
         synced (msync(MS_SYNC) semantics): {"pages": n, "bytes": n} written.
@@ -193,13 +203,13 @@ class Region:
             protect(self.address, self.size + PAGE_SIZE, _PROT_NONE)
             memory.madvise(mmap.MADV_DONTNEED)
 
-    def _request(self, op: str) -> dict[str, Any]:
+    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         if self._memory is None:
             raise ValueError("the region is closed")
         if self._owner_pid != os.getpid():
             raise protocol.PagerGone(f"this forked process could not claim its copy of the region from the pager "
                                      f"at fork: {self._adopt_error}")
-        return self._channel.request(op, region=self._id)
+        return self._channel.request(op, region=self._id, **fields)
 
     _adopt_error: str = ""
     _forked = False  # this process's region is a forked child's copy

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from uffd_pager.layout import Portion, PortionAllocator, Span, clip_spans, tracking_name
+from uffd_pager.layout import Portion, PortionAllocator, ReadAhead, Span, clip_spans, tracking_name
 from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
 from uffd_pager.writeback import pages_of
@@ -96,7 +96,8 @@ class ServedRegion:
     # Pages fetched from a remote store whose placing failed with EAGAIN
     # (address -> bytes, None: a hole): placed on the next retry.
     fetched: dict[int, bytes | None] = field(default_factory=dict)
-    fetched_pages: int = 0  # pages fetched from stores without a descriptor
+    fetched_pages: int = 0  # pages fetched from stores without a descriptor (for faults, and ahead of them)
+    read_ahead_fetched: int = 0  # ... of which placed ahead of any fault (read-ahead, prefetch)
     fetch_failures: int = 0  # ... that could not be (poisoned)
     # fork_policy="on-access": pages whose copy is done, to be filled.
     copied: set[int] = field(default_factory=set)
@@ -133,8 +134,12 @@ class ServedRegion:
         return fill.counters()["dirty_pages"] + retried
 
     def stats(self) -> dict[str, Any]:
+        counters = self.fill.counters()
+        pages, fixed = self.fill.read_ahead
         return {
-            **self.fill.counters(),
+            **counters,
+            "read_ahead_pages": counters["read_ahead_pages"] + self.read_ahead_fetched,
+            "read_ahead": ReadAhead(pages, fixed).name,
             "dirty_pages": self.dirty_pages(),
             **self.writeback,
             "tracking": tracking_name(self.fill.tracking),

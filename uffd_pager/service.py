@@ -25,6 +25,7 @@ from uffd_pager.layout import (
     Portion,
     check_geometry,
     parse_fork_policy,
+    parse_read_ahead,
     parse_tracking,
     parse_writeback_interval,
 )
@@ -90,6 +91,7 @@ class PagerService:
             "map": self._op_map,
             "unmap": self._op_unmap,
             "flush": self._op_flush,
+            "prefetch": self._op_prefetch,
             "stats": self._op_stats,
             "backing": self._op_backing,
             "adopt": self._op_adopt,
@@ -273,6 +275,7 @@ class PagerService:
         tracking = parse_tracking(request.get("tracking", "async"))
         interval = parse_writeback_interval(request.get("writeback_interval"))
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
+        read_ahead = parse_read_ahead(request.get("read_ahead", "adaptive"))
         keep = request.get("keep_child_portions", False)
         if not isinstance(keep, bool):
             raise ValueError(f"keep_child_portions must be true or false, not {keep!r}")
@@ -305,7 +308,8 @@ class PagerService:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             portion = Portion(store.store, store.allocator, size)
             portion.place_at(offset)
-            fill = FillRange(address, size, portion.state, tracking)
+            fill = FillRange(address, size, portion.state, tracking, read_ahead_pages=read_ahead.pages,
+                             read_ahead_fixed=read_ahead.fixed)
             region = self._table.add_region(Uffd(uffd_fd), fill, portion, owner_pid=conn.pid, fork_policy=policy,
                                       child_store=child_store, keep_child_portions=keep)
         except BaseException:
@@ -386,6 +390,16 @@ class PagerService:
 
     async def _op_flush(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"ok": True, **(await self._flusher.flush(self._own_region(conn, request)))}
+
+    async def _op_prefetch(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        region = self._own_region(conn, request)
+        offset, length = _require_int(request, "offset"), _require_int(request, "length")
+        size = region.fill.length
+        if not 0 <= offset <= size or not 0 <= length <= size - offset:
+            raise ValueError(f"prefetch: [{offset}, {offset}+{length}) is not within the region's {size} bytes")
+        await self._lineage.settled(region)
+        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        return {"ok": True, "pages": await self._faults.prefetch(region, first, end)}
 
     async def _op_stats(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         region = self._own_region(conn, request)

@@ -406,12 +406,15 @@ class FillRange:
     counters stay readable."""
 
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
-                 "resident_pages", "dirty_pages")
+                 "resident_pages", "dirty_pages", "resident_peak", "read_ahead_pages", "read_ahead_hits")
     _RUNS = 1024
     _DEFERRED = 256
 
     def __init__(self, base: int, length: int, portion: PortionState,
-                 tracking: Tracking = Tracking.NONE) -> None:
+                 tracking: Tracking = Tracking.NONE, *, read_ahead_pages: int = 0,
+                 read_ahead_fixed: bool = False) -> None:
+        """read_ahead_pages: the largest read-ahead window (0: none), fixed
+        or adaptive (see native/readahead.c)."""
         self._npages = length // PAGE_SIZE
         self._c = ffi.gc(ffi.new("struct up_fill *"), lib.up_fill_release)
         self.portion = portion  # keeps its struct alive while we point at it
@@ -419,6 +422,9 @@ class FillRange:
             err = ffi.errno
             limit = " (a region is at most 2^47 bytes, 128 TiB)" if err == errno.EINVAL else ""
             raise _os_error(err, f"fill state of {length:#x} bytes at {base:#x}{limit}")
+        self._c.ra_max = read_ahead_pages
+        self._c.ra_fixed = int(read_ahead_fixed)
+        self._window = ffi.new("struct up_ra *")
         self._deferred = ffi.new("struct up_msg[]", self._DEFERRED)
         self._n_deferred = ffi.new("int *")
         self._runs = ffi.new("struct up_run[]", self._RUNS)
@@ -437,6 +443,32 @@ class FillRange:
     @property
     def length(self) -> int:
         return self._c.len
+
+    @property
+    def read_ahead(self) -> tuple[int, bool]:
+        """(the largest window in pages, fixed), as given."""
+        return self._c.ra_max, bool(self._c.ra_fixed)
+
+    def advise(self, address: int) -> tuple[int, int, int]:
+        """Feeds read-ahead's detector with a missing fault at address (of a
+        store the C path does not fill); the window to fetch: (first page
+        index, count, step)."""
+        if lib.up_fill_advise(self._live(), address, self._window) < 0:
+            raise _os_error(ffi.errno, f"read-ahead advice for {address:#x}")
+        w = self._window
+        return w.first, w.count, w.step
+
+    def fill_ahead(self, uffd: Uffd, first: int, count: int, step: int = 1) -> int:
+        """Fills the pages of [first, first + count) (indices; by step) that
+        are not resident, from portions with a descriptor, in runs; best
+        effort. Returns the pages filled."""
+        filled = lib.up_fill_ahead(uffd.fd, self._live(), first, count, step)
+        if filled < 0:
+            raise _os_error(ffi.errno, "read-ahead")
+        return filled
+
+    def is_resident(self, address: int) -> bool:
+        return bool(lib.up_fill_is_resident(self._live(), address))
 
     @property
     def defer_missing(self) -> bool:
