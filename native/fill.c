@@ -45,6 +45,8 @@ int up_fill_live(const struct up_fill *f)
 
 void up_fill_mark_resident(struct up_fill *f, uint64_t first, uint64_t stop)
 {
+    if (f->dropped)
+        up_bits_clear_range(f->dropped, first, stop);
     up_bits_set_range(f->resident, first, stop);
     f->resident_pages = up_bits_count(f->resident);
     if (f->resident_pages > f->resident_peak)
@@ -117,8 +119,9 @@ static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
                              src->offset + idx * UP_PAGE_SIZE, page_buf);
 }
 
-/* Fills a missing page from where the portion chain holds it. */
-static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write)
+/* Fills a missing page from where the portion chain holds it (and the
+ * window read-ahead advises, if read_ahead). */
+static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write, int read_ahead)
 {
     const struct up_portion *src = up_portion_source(f->portion, idx);
     if (src->fd < 0)
@@ -131,7 +134,7 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
     /* The faulting thread is awake already. A write with synchronous
      * tracking is not read ahead: its neighbours, filled write-protected,
      * would each cost a WP fault where a missing fault costs the same. */
-    if (rc == 0 && !(write && f->tracking == UP_TRACK_SYNC_WP))
+    if (rc == 0 && read_ahead && !(write && f->tracking == UP_TRACK_SYNC_WP))
         up_fill_read_ahead(uffd, f, idx);
     return rc;
 }
@@ -154,15 +157,101 @@ int up_fill_fault(int uffd, struct up_fill *f, uint64_t address, uint64_t flags)
     if (addr < f->base || addr >= f->base + f->len)
         return -EFAULT;
     uint64_t idx = page_index(f, addr);
-    if (flags & UFFD_PAGEFAULT_FLAG_WP)
+    if (f->evicting && up_bits_test(f->evicting, idx))
+        return -EBUSY; /* the agent is dropping it: the fault waits until it is gone */
+    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+        if (f->dropped && up_bits_test(f->dropped, idx)) {
+            /* Dropped by page-out since the write faulted: the writer faults
+             * again, as a missing page, and gets it from the store. (Not
+             * "not resident": a forked child's inherited pages are present
+             * without being resident in its own fill state.) */
+            if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
+                return -errno;
+            return 0;
+        }
         return unprotect_written(uffd, f, addr, idx);
-    if (up_bits_test(f->resident, idx)) {
-        f->duplicates++;
-        if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
-            return -errno;
-        return 0;
     }
-    return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
+    if (f->resident_limit && f->resident_pages >= f->resident_limit && !up_bits_test(f->resident, idx))
+        return -EBUSY; /* over the cap by a window already: wait for page-out to catch up */
+    if (up_bits_test(f->resident, idx)) {
+        /* Usually a second fault on a page filled meanwhile: the copy finds
+         * it present (EEXIST) and only wakes. But a page filled while a
+         * MADV_DONTNEED was under way (its REMOVE event read, its zap not
+         * yet done) is gone although marked resident: filled again here,
+         * never woken into the same fault forever. */
+        f->duplicates++;
+        return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, 0);
+    }
+    return fill_missing(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, 1);
+}
+
+int up_fill_take_victims(struct up_fill *f, uint64_t want, struct up_run *runs, int max_runs)
+{
+    if (!up_fill_live(f)) {
+        errno = EBADF;
+        return -1;
+    }
+    if (f->tracking != UP_TRACK_SYNC_WP || !f->dirty) {
+        errno = EINVAL;
+        return -1;
+    }
+    uint64_t npages = f->len / UP_PAGE_SIZE;
+    if (!f->evicting && !(f->evicting = up_bits_new(npages)))
+        return -1;
+    int n = 0;
+    uint64_t taken = 0, pos = f->evict_hand < npages ? f->evict_hand : 0, scanned = 0;
+    while (taken < want && n < max_runs && scanned < npages) {
+        /* The next resident page from pos, wrapping once around the range. */
+        uint64_t next = up_bits_next_set(f->resident, pos, npages);
+        if (next >= npages) {
+            scanned += npages - pos;
+            pos = 0;
+            continue;
+        }
+        scanned += next - pos;
+        pos = next;
+        uint64_t end = up_bits_next_clear(f->resident, pos, npages);
+        uint64_t dirty = up_bits_next_set(f->dirty, pos, end), busy = up_bits_next_set(f->evicting, pos, end);
+        uint64_t stop = dirty < busy ? dirty : busy;
+        if (stop - pos > want - taken)
+            stop = pos + (want - taken);
+        if (stop > pos) {
+            if (up_bits_prepare(f->evicting, pos) < 0 || up_bits_prepare(f->evicting, stop - 1) < 0)
+                return n ? n : -1;
+            up_bits_set_range(f->evicting, pos, stop);
+            runs[n].addr = f->base + pos * UP_PAGE_SIZE;
+            runs[n].store_offset = 0;
+            runs[n].len = (stop - pos) * UP_PAGE_SIZE;
+            n++;
+            taken += stop - pos;
+        }
+        uint64_t skip = stop > pos ? stop : pos + 1; /* past the run, or past a dirty or busy page */
+        scanned += skip - pos;
+        pos = skip < npages ? skip : 0;
+    }
+    f->evict_hand = pos;
+    return n;
+}
+
+int up_fill_end_eviction(struct up_fill *f, uint64_t address, uint64_t len, int dropped)
+{
+    if (!f->live) {
+        errno = EBADF;
+        return -1;
+    }
+    if (!f->evicting || address < f->base || len > f->base + f->len - address)
+        return 0;
+    uint64_t first = page_index(f, address), stop = first + len / UP_PAGE_SIZE;
+    if (dropped) {
+        if (!f->dropped && !(f->dropped = up_bits_new(f->len / UP_PAGE_SIZE)))
+            return -1;
+        if (up_bits_prepare(f->dropped, first) < 0 || up_bits_prepare(f->dropped, stop - 1) < 0)
+            return -1;
+        up_bits_set_range(f->dropped, first, stop); /* before the evicting bits go: a held WP fault sees one */
+        f->evictions += stop - first;
+    }
+    up_bits_clear_range(f->evicting, first, stop);
+    return 0;
 }
 
 int up_fill_place(int uffd, struct up_fill *f, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n)
@@ -173,12 +262,10 @@ int up_fill_place(int uffd, struct up_fill *f, uint64_t address, uint64_t flags,
     if (addr < f->base || addr >= f->base + f->len || n > UP_PAGE_SIZE)
         return -EFAULT;
     uint64_t idx = page_index(f, addr);
-    if (up_bits_test(f->resident, idx)) {
-        f->duplicates++;
-        if (up_uffd_wake(uffd, addr, UP_PAGE_SIZE) < 0 && errno != ESRCH)
-            return -errno;
-        return 0;
-    }
+    if (f->evicting && up_bits_test(f->evicting, idx))
+        return -EBUSY;
+    if (up_bits_test(f->resident, idx))
+        f->duplicates++; /* and copied again all the same: see up_fill_fault */
     memcpy(page_buf, data, n); /* place_page pads it with zeros */
     return place_page(uffd, f, addr, idx, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, page_buf, n);
 }
@@ -260,7 +347,9 @@ void up_fill_release(struct up_fill *f)
     f->live = 0;
     up_bits_free(f->resident);
     up_bits_free(f->dirty);
-    f->resident = f->dirty = NULL;
+    up_bits_free(f->evicting);
+    up_bits_free(f->dropped);
+    f->resident = f->dirty = f->evicting = f->dropped = NULL;
 }
 
 static void defer(struct up_msg *deferred, int *n, const struct uffd_msg *m, int status)

@@ -85,6 +85,13 @@ static void advise(struct up_fill *f, uint64_t idx, struct up_ra *w)
     }
     if (!window)
         return;
+    if (f->resident_limit) { /* no further than the cap allows */
+        uint64_t room_left = f->resident_limit > f->resident_pages ? f->resident_limit - f->resident_pages : 0;
+        if (window > room_left)
+            window = (uint32_t)room_left;
+        if (!window)
+            return;
+    }
     /* Pages left in the range by step: forward npages - 1 - idx, backward idx. */
     uint64_t room = step > 0 ? (npages - 1 - idx) / (uint64_t)step : idx / (uint64_t)(-step);
     uint64_t count = window < room ? window : room;
@@ -174,7 +181,9 @@ static const uint8_t *run_source(struct up_portion *src, uint64_t idx, uint64_t 
         int64_t got = up_aead_read_page(src->aead, src->catalog_fd, src->fd, src->store_id,
                                         src->offset / UP_PAGE_SIZE + idx + i, off + i * UP_PAGE_SIZE, page);
         if (got < 0) {
+            int err = errno;
             *n = i;
+            errno = err; /* EBADMSG: page idx + i does not authenticate */
             return i ? run_buf : NULL;
         }
         if (got == 0)
@@ -184,7 +193,8 @@ static const uint8_t *run_source(struct up_portion *src, uint64_t idx, uint64_t 
 }
 
 /* Copies pages [idx, idx + n) of src into the client; returns the pages
- * filled, or -1 once it must stop (errno says why). */
+ * filled (fewer than n: errno says why the next one was not), or -1 if
+ * none was. */
 static int64_t copy_run(int uffd, struct up_fill *f, struct up_portion *src, uint64_t idx, uint64_t n)
 {
     const uint8_t *from = run_source(src, idx, &n);
@@ -201,7 +211,19 @@ static int64_t copy_run(int uffd, struct up_fill *f, struct up_portion *src, uin
         f->copies += copied;
         f->read_ahead_pages += copied;
     }
-    return rc < 0 ? -1 : (int64_t)copied;
+    if (rc < 0 && !copied)
+        return -1;
+    if (rc == 0 && copied < n)
+        errno = EBADMSG; /* run_source stopped before a page that does not authenticate */
+    return (int64_t)copied;
+}
+
+/* Whether filling may go on past a page it could not fill: one that does
+ * not authenticate (its own fault poisons it), or one present already
+ * (EEXIST). Anything else (an event unread, the process gone) stops it. */
+static int skippable(int err)
+{
+    return err == EBADMSG || err == EEXIST;
 }
 
 static const uint8_t zeros[RUN_MAX * UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SIZE)));
@@ -262,6 +284,30 @@ static int64_t fill_plain(int uffd, struct up_fill *f, struct up_portion *src, u
     return filled;
 }
 
+/* Fills pages [pos, end) of portion src, which holds them all: a plain
+ * one in runs at its holes, an encrypted one page by page. Goes on past a
+ * page that cannot be filled if skippable. The pages filled, or -1 once it
+ * must stop with none. */
+static int64_t fill_from(int uffd, struct up_fill *f, struct up_portion *src, uint64_t pos, uint64_t end)
+{
+    int64_t filled = 0;
+    while (pos < end) {
+        uint64_t n = end - pos;
+        if (src->aead && n > RUN_MAX)
+            n = RUN_MAX;
+        int64_t got = src->aead ? copy_run(uffd, f, src, pos, n) : fill_plain(uffd, f, src, pos, pos + n);
+        if (got < 0 && !skippable(errno))
+            return filled ? filled : -1;
+        if (got < 0)
+            got = 0;
+        filled += got;
+        if ((uint64_t)got < n && !skippable(errno))
+            return filled;
+        pos += (uint64_t)got < n ? (uint64_t)got + 1 : n; /* past the page it could not fill */
+    }
+    return filled;
+}
+
 int64_t up_fill_ahead(int uffd, struct up_fill *f, uint64_t first, uint64_t count, int64_t step)
 {
     if (!up_fill_live(f)) {
@@ -279,6 +325,13 @@ int64_t up_fill_ahead(int uffd, struct up_fill *f, uint64_t first, uint64_t coun
         uint64_t pos = lo;
         while ((pos = up_bits_next_clear(f->resident, pos, hi)) < hi) {
             uint64_t run_end = up_bits_next_set(f->resident, pos, hi), src_end;
+            if (f->evicting) { /* never fill a page the agent is dropping */
+                if (up_bits_test(f->evicting, pos)) {
+                    pos++;
+                    continue;
+                }
+                run_end = up_bits_next_set(f->evicting, pos, run_end);
+            }
             if (up_portion_source_run(f->portion, pos, run_end, &src_end) < 0)
                 break;
             struct up_portion *src = (struct up_portion *)up_portion_source(f->portion, pos);
@@ -286,16 +339,13 @@ int64_t up_fill_ahead(int uffd, struct up_fill *f, uint64_t first, uint64_t coun
                 pos = src_end;
                 continue;
             }
-            uint64_t n = src_end - pos < RUN_MAX ? src_end - pos : RUN_MAX;
-            if (!src->aead)
-                n = src_end - pos; /* fill_plain cuts it in runs at the file's holes */
-            int64_t got = src->aead ? copy_run(uffd, f, src, pos, n) : fill_plain(uffd, f, src, pos, pos + n);
+            int64_t got = fill_from(uffd, f, src, pos, src_end);
             if (got < 0)
                 break;
             filled += got;
-            if ((uint64_t)got < n)
-                break;
-            pos += n;
+            if ((uint64_t)got < src_end - pos)
+                break; /* an event unread, the process gone: stop */
+            pos = src_end;
         }
         return filled;
     }
@@ -303,15 +353,15 @@ int64_t up_fill_ahead(int uffd, struct up_fill *f, uint64_t first, uint64_t coun
         uint64_t idx = first + (uint64_t)((int64_t)k * step);
         if (idx >= npages)
             break;
-        if (up_bits_test(f->resident, idx))
+        if (up_bits_test(f->resident, idx) || (f->evicting && up_bits_test(f->evicting, idx)))
             continue;
         struct up_portion *src = (struct up_portion *)up_portion_source(f->portion, idx);
         if (src->fd < 0)
             continue;
-        int64_t got = copy_run(uffd, f, src, idx, 1);
-        if (got <= 0)
+        int64_t got = fill_from(uffd, f, src, idx, idx + 1); /* a hole as the zero page, as in a run */
+        if (got <= 0 && !skippable(errno))
             break;
-        filled += got;
+        filled += got > 0 ? got : 0;
     }
     return filled;
 }

@@ -141,6 +141,14 @@ struct up_fill {
     uint64_t ra_edge;           /* the page just past the last window: a reader going on faults there */
     uint64_t read_ahead_pages;  /* pages filled ahead of a fault */
     uint64_t read_ahead_hits;   /* faults at the edge of a window: the reader went through it */
+    /* Page-out (fill.c): pages the client's agent is dropping; their faults
+     * are handed to Python (-EBUSY) until the drop is done. NULL until the
+     * first eviction. */
+    struct up_bits *evicting;
+    struct up_bits *dropped;    /* pages page-out dropped, not filled again since (NULL until then) */
+    uint64_t evict_hand;        /* where the next search for victims starts: a clock over the range */
+    uint64_t resident_limit;    /* 0, or resident pages past which a missing fault waits (-EBUSY) for page-out */
+    uint64_t evictions;         /* pages dropped to stay under the region's cap */
 };
 
 /* The pages read-ahead advises to fill after a missing fault: first,
@@ -174,12 +182,14 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
 /* Serves one fault (flags as in the message): fills a missing page from
  * fill's source, wakes a page already filled, or records the first write to
  * a write-protected page and unprotects it. Returns 0, or -errno: -EBADMSG
- * for an encrypted page that fails authentication. */
+ * for an encrypted page that fails authentication, -EBUSY for a page being
+ * dropped (page-out: call again once it is). */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
 /* Serves a missing-page fault with n bytes of data fetched elsewhere (the
  * rest of the page reads as zero; n 0: a hole), as up_fill_fault would
- * have from a descriptor; a page resident meanwhile is only woken. Returns
- * 0 or -errno (-EAGAIN: an event is unread, call again). */
+ * have from a descriptor; a page present meanwhile is only woken. Returns
+ * 0 or -errno (-EAGAIN: an event is unread, call again; -EBUSY: the page
+ * is being dropped, call again once it is). */
 int up_fill_place(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags, const uint8_t *data, uint64_t n);
 /* Read-ahead (readahead.c). Feeds the detector with a missing fault at
  * address and stores in *window what to read ahead (count 0: nothing).
@@ -194,6 +204,18 @@ int up_fill_advise(struct up_fill *fill, uint64_t address, struct up_ra *window)
  * that does not authenticate, an error); fills nothing while missing
  * faults are deferred to Python (defer_missing). Returns the pages filled. */
 int64_t up_fill_ahead(int uffd, struct up_fill *fill, uint64_t first, uint64_t count, int64_t step);
+/* Page-out, synchronous tracking only (a clean page is write-protected
+ * there, so a write to it waits in a WP fault while it is dropped): takes
+ * up to `want` resident pages that are neither dirty nor already being
+ * dropped, from the clock hand on, as runs (store_offset 0), and marks them
+ * evicting: every fault on them returns -EBUSY until up_fill_end_eviction.
+ * Returns the runs stored; -1 with errno (EBADF; EINVAL: not synchronous
+ * tracking). */
+int up_fill_take_victims(struct up_fill *fill, uint64_t want, struct up_run *runs, int max_runs);
+/* The drop of [address, address + len) is over (done or failed): its
+ * pages are no longer evicting; dropped counts them in evictions. */
+int up_fill_end_eviction(struct up_fill *fill, uint64_t address, uint64_t len, int dropped);
+
 /* Whether the page at address is resident (filled and not removed since). */
 int up_fill_is_resident(const struct up_fill *fill, uint64_t address);
 
@@ -293,6 +315,27 @@ int64_t up_aead_read_page(struct up_aead *aead, int catalog_fd, int fd, const ui
  * record allows one is EBADMSG, never a page of zeros. */
 int64_t up_aead_open_page(struct up_aead *aead, int catalog_fd, const uint8_t *sealed, const uint8_t *store_id,
                           uint64_t page, uint8_t *out);
+
+/* --- the client's page-out agent (agent.c) ------------------------------ */
+
+/* What the pager sends on the agent's socket (SOCK_SEQPACKET, one a
+ * message), and what the agent answers: err 0, or an errno (EINVAL: not
+ * inside a region the library allowed). */
+struct up_agent_request {
+    uint64_t seq;
+    uint64_t start;
+    uint64_t len;
+};
+struct up_agent_reply {
+    uint64_t seq;
+    int64_t err;
+};
+/* Starts the agent's thread on fd (this process's end of a socket whose
+ * other end the pager holds); the thread owns fd from then on. */
+int up_agent_start(int fd);
+/* Lets the agent drop pages of [start, start + len) / no longer. */
+int up_agent_allow(uint64_t start, uint64_t len);
+void up_agent_forget(uint64_t start);
 
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);

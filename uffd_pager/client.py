@@ -45,6 +45,7 @@ from uffd_pager.layout import (
     DEFAULT_WRITEBACK_INTERVAL,
     check_geometry,
     parse_fork_policy,
+    parse_max_resident,
     parse_read_ahead,
     parse_tracking,
     parse_writeback_interval,
@@ -53,6 +54,7 @@ from uffd_pager.region import Region, RegionMapping, fork_lock
 from uffd_pager.catalog import open_catalog_file
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
+from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -82,6 +84,7 @@ class Connection:
         self._sock: socket.socket | None = None
         self._pid = -1
         self._unanswered = 0  # requests that timed out: their late replies come first
+        self.agent_started = False  # this process's page-out agent was handed over on this connection
         self.pager_pid = 0
         self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
@@ -185,6 +188,7 @@ class Connection:
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's socket without a word on it."""
         self._lock = threading.Lock()
+        self.agent_started = False  # the parent's agent thread is not in the child
         if self._sock is not None:
             self._sock.close()  # the child's descriptor only: no shutdown reaches the pager
         self._sock = None
@@ -258,7 +262,7 @@ class Pager:
             writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL, fork_policy: str = "on-write",
             children: str | None = None, keep_child_portions: bool = False,
             key_file: str | os.PathLike[str] | None = None, key: Key | None = None,
-            read_ahead: str | int = "adaptive") -> Region:
+            read_ahead: str | int = "adaptive", max_resident: int | None = None) -> Region:
         """Maps `size` bytes whose pages live in `store` (a URL such as
         ``file:///abs/path``) from byte `offset` on; see the README for every
         option. Pages are filled on first touch; holes and bytes past the end
@@ -269,7 +273,9 @@ class Pager:
         (or a `Key`), pages are encrypted at rest with AES-256-GCM.
         `read_ahead`: "adaptive" (windows that grow while access is
         sequential and close on random access), "off", or a fixed window in
-        bytes filled after every missing fault."""
+        bytes filled after every missing fault. `max_resident`: a cap in
+        bytes on the region's resident pages, kept by dropping clean pages
+        (needs dirty_tracking="sync"; see the README's "Page-out")."""
         check_geometry(size, offset)
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
@@ -278,6 +284,7 @@ class Pager:
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
         parse_read_ahead(read_ahead)
+        capped = parse_max_resident(max_resident, tracking == Tracking.SYNC_WP) > 0
         if key_file is not None and key is not None:
             raise TypeError("give key_file or key, not both")
         if key_file is not None:
@@ -291,6 +298,9 @@ class Pager:
                 if url is not None and not is_remote(url):
                     descriptors[name] = open_store_file(url)
                     passed.callback(os.close, descriptors[name])
+            if capped and not self._conn.agent_started:
+                descriptors["agent"] = _start_agent()
+                passed.callback(os.close, descriptors["agent"])
             if key is not None:
                 descriptors["key"] = _key_memfd(key)
                 passed.callback(os.close, descriptors["key"])
@@ -315,7 +325,9 @@ class Pager:
                                                address=address, tracking=dirty_tracking,
                                                writeback_interval=interval, fork_policy=fork_policy,
                                                children=children, keep_child_portions=bool(keep_child_portions),
-                                               read_ahead=read_ahead, fds=list(fds))
+                                               read_ahead=read_ahead, max_resident=max_resident, fds=list(fds))
+                    if "agent" in fds:
+                        self._conn.agent_started = True
                 except protocol.PagerTimeout:
                     memory.orphan()  # the pager may be reading it by now: never unregistered under it
                     raise
@@ -324,6 +336,8 @@ class Pager:
                     memory.release_uffd()
                     memory.close()
                     raise
+        if capped and lib.up_agent_allow(address, size) < 0:  # only the region itself may be dropped
+            log.warning("page-out agent: too many regions allowed; region at %#x is not capped", address)
         # The pager filled the tag page to see that the uffd is ours: missing
         # again, so that a forked child's first read of it is a fault.
         memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
@@ -448,6 +462,19 @@ def _close_at_exit() -> None:
 
 
 log = logging.getLogger("uffd_pager.client")
+
+
+def _start_agent() -> int:
+    """Starts this process's page-out agent (native/agent.c) on one end of a
+    socket pair; returns the other end, for the pager."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = ours.detach()
+    if lib.up_agent_start(fd) < 0:
+        err = ffi.errno
+        os.close(fd)
+        theirs.close()
+        raise OSError(err, f"cannot start the page-out agent's thread: {os.strerror(err)}")
+    return theirs.detach()
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 atexit.register(_close_at_exit)

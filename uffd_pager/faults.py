@@ -74,6 +74,10 @@ from uffd_pager.uffd import (
 log = logging.getLogger("uffd_pager.pager")
 
 
+# Faults to serve again later: an event is unread (EAGAIN), or the page is
+# being dropped by page-out (EBUSY, see paging.py).
+_LATER = (-errno.EAGAIN, -errno.EBUSY)
+
 # Faults that lost their target (the process exited, or the page's mapping
 # changed under the copy): wake the range so any thread still waiting
 # refaults. A fault outside the region (EFAULT: it was grown or partly moved
@@ -111,10 +115,12 @@ class FaultHandler:
         self._lineage = lineage
         self.fetcher = Fetcher(loop, self._fetched)
         table.serve_faults_of = self._on_faults
+        self.on_served: Callable[[ServedRegion], None] = lambda region: None  # page-out's check
 
     def _on_faults(self, region: ServedRegion) -> None:
         with self._table.holding(region), self.fetcher.batch():  # this read's faults: one batch per store
             self._serve_faults(region)
+        self.on_served(region)
 
     def _serve_faults(self, region: ServedRegion) -> None:
         try:
@@ -151,8 +157,9 @@ class FaultHandler:
             region.events["remap"] += 1
             self._apply_remap(region, event)
         elif isinstance(event, RemoveEvent):
-            if (event.start, event.end) != (region.tag_address, region.tag_address + PAGE_SIZE):
-                region.events["remove"] += 1  # not the library's own drop of the tag page
+            if (event.start, event.end) != (region.tag_address, region.tag_address + PAGE_SIZE) \
+                    and (event.start, event.end) not in region.dropping:
+                region.events["remove"] += 1  # not the library's own drop of the tag page, nor page-out's
             region.fill.forget(event.start, event.end)
         elif isinstance(event, UnmapEvent):
             region.events["unmap"] += 1
@@ -171,7 +178,7 @@ class FaultHandler:
                 rc = self._fail_page(region, fault, region.unfillable[fault.page])
             elif fault.page in region.fetched:
                 rc = region.fill.place(region.uffd, fault, region.fetched[fault.page])
-                if rc != -errno.EAGAIN:
+                if rc not in _LATER:
                     del region.fetched[fault.page]
             elif fault.page == region.tag_address:
                 rc = self._serve_tag_page(region, fault)
@@ -187,7 +194,7 @@ class FaultHandler:
             if rc == -errno.EOPNOTSUPP:
                 self._fetch(region, fault, read_ahead=True)
                 continue
-            if rc == -errno.EAGAIN:
+            if rc in _LATER:
                 still.append(fault)
             elif rc in _STALE_FAULT:
                 _wake_quietly(region.uffd, fault.page)
@@ -216,6 +223,7 @@ class FaultHandler:
         if not region.released:
             with self._table.holding(region):
                 self._serve_faults(region)
+            self.on_served(region)
 
     def _wait_for_hand(self, region: ServedRegion, fault: PageFault) -> int:
         """A forked child's fault before its library took its own uffd back
@@ -271,7 +279,8 @@ class FaultHandler:
                 continue  # a descriptor's pages are C's to fill
             region.holds += 1
             wanted += 1
-            self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, _Ahead(region, address, source, done))
+            self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, _Ahead(region, address, source, done),
+                              ahead=True)
         return wanted
 
     async def prefetch(self, region: ServedRegion, first: int, end: int) -> int:
@@ -331,7 +340,7 @@ class FaultHandler:
                 return
             region.fetched_pages += 1
             rc = region.fill.place(region.uffd, fault, result)
-            if rc == -errno.EAGAIN:
+            if rc in _LATER:
                 region.fetched[fault.page] = result
             self._settle(region, fault, rc)
         finally:
@@ -359,7 +368,7 @@ class FaultHandler:
         copy): kept for the retry timer, woken, or failed."""
         if rc == 0:
             return
-        if rc == -errno.EAGAIN:
+        if rc in _LATER:
             region.pending.append(fault)
             self._schedule_retry(region)
         elif rc in _STALE_FAULT:
@@ -421,7 +430,7 @@ class FaultHandler:
         if fault.page in region.copied:
             region.copied.discard(fault.page)
             rc = region.fill.fill_fault(region.uffd, fault)
-            if rc == -errno.EAGAIN:
+            if rc in _LATER:
                 region.copied.add(fault.page)
             return rc
         if region.copy_lock.locked():

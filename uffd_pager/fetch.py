@@ -31,7 +31,7 @@ Result = bytes | None | BadPage | BaseException
 
 # Pages per read request: one pipelined round trip each.
 MAX_BATCH = 256
-# Reads in flight per store at once (each one holds a connection).
+# Reads in flight per store at once (pipelined on the store's connections).
 MAX_IN_FLIGHT = 16
 _FIRST_RETRY = 0.01
 _LAST_RETRY = 1.0
@@ -43,6 +43,8 @@ class Fetcher:
         self._loop = loop
         self._deliver = deliver
         self._waiting: dict[tuple[Store, int], list[Any]] = {}
+        self._due: dict[tuple[Store, int], float] = {}  # when a fault's page must have come, or failed
+        self._closed = False
         self._queued: dict[Store, list[int]] = {}
         self._slots: dict[Store, asyncio.Semaphore] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -51,14 +53,21 @@ class Fetcher:
         self.shared = 0  # faults served by a read another fault started
         self.retries = 0  # reads retried after a failure
 
-    def want(self, store: Store, offset: int, waiter: Any) -> None:
+    def want(self, store: Store, offset: int, waiter: Any, *, ahead: bool = False) -> None:
         """Fetches the page at store offset for waiter (once, whoever else
-        waits for it)."""
+        waits for it). ahead: no fault waits for it (read-ahead, prefetch):
+        it is read once, never retried, and a fault that comes to wait for
+        it starts the deadline."""
         key = (store, offset)
+        if not ahead and key not in self._due:
+            self._due[key] = self._loop.time() + store.fetch_deadline
         waiters = self._waiting.get(key)
         if waiters is not None:
             waiters.append(waiter)
             self.shared += 1
+            return
+        if self._closed:
+            self._deliver(waiter, asyncio.CancelledError())
             return
         self._waiting[key] = [waiter]
         queue = self._queued.setdefault(store, [])
@@ -85,6 +94,8 @@ class Fetcher:
                 self.send(store)
 
     def send(self, store: Store) -> None:
+        if self._closed:
+            return
         offsets = sorted(self._queued.pop(store, []))
         for i in range(0, len(offsets), MAX_BATCH):
             task = self._loop.create_task(self._fetch(store, offsets[i:i + MAX_BATCH]))
@@ -101,6 +112,7 @@ class Fetcher:
             # left waiting is a new pager's to serve, never a SIGBUS).
             results = [asyncio.CancelledError()] * len(offsets)
         for offset, result in zip(offsets, results):
+            self._due.pop((store, offset), None)
             for waiter in self._waiting.pop((store, offset), []):
                 try:
                     self._deliver(waiter, result)
@@ -108,9 +120,11 @@ class Fetcher:
                     log.exception("delivering the page at %s offset %d", store.url, offset)
 
     async def _read(self, store: Store, offsets: list[int]) -> list[Result]:
-        deadline = self._loop.time() + store.fetch_deadline
         delay = _FIRST_RETRY
         while True:
+            # The earliest fault's deadline, counted from when it was wanted
+            # (not from when a slot came free); pages only read ahead: none.
+            deadline = min((self._due[(store, o)] for o in offsets if (store, o) in self._due), default=0.0)
             try:
                 results: list[Result] = list(await store.read(offsets))
             except (ConnectionError, TimeoutError) as exc:  # StoreUnavailable: the store may come back
@@ -130,5 +144,17 @@ class Fetcher:
             return results
 
     def close(self) -> None:
+        """Cancels every read; every waiter, even of a read not started yet,
+        is handed CancelledError (its fault is left for a new pager)."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
+        self._queued.clear()
+        waiting, self._waiting = self._waiting, {}
+        self._due.clear()
+        for (store, offset), waiters in waiting.items():
+            for waiter in waiters:
+                try:
+                    self._deliver(waiter, asyncio.CancelledError())
+                except Exception:
+                    log.exception("delivering the page at %s offset %d", store.url, offset)

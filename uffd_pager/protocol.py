@@ -35,7 +35,7 @@ __all__ = ["DescriptorsDropped", "LimitExceeded", "PagerError", "PagerGone", "Pa
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
-MAX_FDS = 6  # len(MAP_DESCRIPTORS)
+MAX_FDS = 7  # len(MAP_DESCRIPTORS)
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -66,7 +66,7 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"v", "pid"}),
     "map": frozenset({"url", "size", "offset", "address", "tracking", "writeback_interval", "fork_policy",
-                      "children", "keep_child_portions", "read_ahead", "fds"}),
+                      "children", "keep_child_portions", "read_ahead", "max_resident", "fds"}),
     "unmap": frozenset({"region"}),
     "prefetch": frozenset({"region", "offset", "length"}),
     "flush": frozenset({"region"}),
@@ -78,7 +78,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
 }
 
 # map's descriptors, named in its "fds" field in the order they are attached.
-MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog")
+MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog", "agent")
 REQUIRED_MAP_DESCRIPTORS = ("uffd",)  # a remote store has no descriptor
 
 

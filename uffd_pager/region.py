@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from uffd_pager import protocol
+from uffd_pager.native import lib
 from uffd_pager.stores.file import open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
 
@@ -69,6 +70,7 @@ class RegionMapping(mmap.mmap):
         uffd, self.uffd = self.uffd, None
         if uffd is None:
             return
+        lib.up_agent_forget(buffer_address(self))  # the page-out agent may no longer drop pages here
         for start, end in spans or [(buffer_address(self), buffer_address(self) + self.registered)]:
             try:
                 uffd.unregister(start, end - start)

@@ -22,6 +22,7 @@ class Connection:
     uid: int
     regions: dict[int, ServedRegion] = field(default_factory=dict)
     greeted: bool = False  # its hello was answered
+    agent: Any = None  # its process's page-out agent (paging.Agent), from its first map that gave one
     # Requests with their descriptors; an exception to answer with; None at EOF.
     inbox: "asyncio.Queue[tuple[dict[str, Any], list[int]] | Exception | None]" = field(default_factory=asyncio.Queue)
 
@@ -97,6 +98,10 @@ class ServedRegion:
     # (address -> bytes, None: a hole): placed on the next retry.
     fetched: dict[int, bytes | None] = field(default_factory=dict)
     fetched_pages: int = 0  # pages fetched from stores without a descriptor (for faults, and ahead of them)
+    max_resident: int = 0  # pages; 0: no cap (paging.py)
+    evicting: bool = False  # an eviction runs
+    dropping: set[tuple[int, int]] = field(default_factory=set)  # [start, end) the agent is dropping
+    agent: Any = None  # the client process's page-out agent (paging.Agent), if it gave one
     read_ahead_fetched: int = 0  # ... of which placed ahead of any fault (read-ahead, prefetch)
     fetch_failures: int = 0  # ... that could not be (poisoned)
     # fork_policy="on-access": pages whose copy is done, to be filled.
@@ -140,6 +145,7 @@ class ServedRegion:
             **counters,
             "read_ahead_pages": counters["read_ahead_pages"] + self.read_ahead_fetched,
             "read_ahead": ReadAhead(pages, fixed).name,
+            "max_resident": self.max_resident * PAGE_SIZE,
             "dirty_pages": self.dirty_pages(),
             **self.writeback,
             "tracking": tracking_name(self.fill.tracking),

@@ -24,12 +24,15 @@ from uffd_pager.flushing import Flusher
 from uffd_pager.layout import (
     Portion,
     check_geometry,
+    READ_AHEAD_MAX,
     parse_fork_policy,
+    parse_max_resident,
     parse_read_ahead,
     parse_tracking,
     parse_writeback_interval,
 )
 from uffd_pager.lineage import Lineage
+from uffd_pager.paging import Agent, PageOut
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
@@ -83,6 +86,8 @@ class PagerService:
         self._lineage = Lineage(self._loop, self._table)
         self._faults = FaultHandler(self._loop, self._table, self._lineage)
         self._flusher = Flusher(self._loop, self._table, self._lineage)
+        self._pageout = PageOut(self._loop, self._flusher.flush, self._faults.retry_now, _hold, self._table.let_go)
+        self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -114,6 +119,7 @@ class PagerService:
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
             self._faults.fetcher.close()
+            self._pageout.close()
             for region in list(self._table.regions.values()):
                 self._table.release_region(region)
             for conn in list(self._connections):
@@ -254,6 +260,8 @@ class PagerService:
             pass
         for region in list(conn.regions.values()):
             self._table.release_region(region)
+        if conn.agent is not None:
+            conn.agent.close()
         conn.sock.close()
         self._stop_if_idle()
 
@@ -276,6 +284,11 @@ class PagerService:
         interval = parse_writeback_interval(request.get("writeback_interval"))
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
         read_ahead = parse_read_ahead(request.get("read_ahead", "adaptive"))
+        max_resident = parse_max_resident(request.get("max_resident"), tracking == Tracking.SYNC_WP)
+        if "agent" in named and conn.agent is not None:
+            raise protocol.ProtocolError("a connection hands its page-out agent once")
+        if max_resident and conn.agent is None and "agent" not in named:
+            raise ValueError("max_resident needs the client's page-out agent, which this client did not give")
         keep = request.get("keep_child_portions", False)
         if not isinstance(keep, bool):
             raise ValueError(f"keep_child_portions must be true or false, not {keep!r}")
@@ -319,6 +332,11 @@ class PagerService:
                 os.close(pagemap_fd)
             raise
         fds.remove(uffd_fd)  # the region's now
+        if "agent" in named:
+            conn.agent = Agent(self._loop, socket.socket(fileno=_claim(fds, named["agent"])))
+        region.agent = conn.agent
+        region.max_resident = max_resident
+        region.fill.resident_limit = max_resident and max_resident + READ_AHEAD_MAX // PAGE_SIZE
         store.allocator.reserve(offset, size)
         region.pagemap_fd = pagemap_fd
         region.connection = conn
@@ -398,6 +416,8 @@ class PagerService:
         if not 0 <= offset <= size or not 0 <= length <= size - offset:
             raise ValueError(f"prefetch: [{offset}, {offset}+{length}) is not within the region's {size} bytes")
         await self._lineage.settled(region)
+        if not length:
+            return {"ok": True, "pages": 0}
         first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
         return {"ok": True, "pages": await self._faults.prefetch(region, first, end)}
 
@@ -454,6 +474,10 @@ class PagerService:
         if region is None:
             raise KeyError(f"no region {request.get('region')} on this connection")
         return region
+
+
+def _hold(region: ServedRegion) -> None:
+    region.holds += 1  # let go with RegionTable.let_go
 
 
 def _claim(fds: list[int], fd: int) -> int:

@@ -406,7 +406,7 @@ class FillRange:
     counters stay readable."""
 
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
-                 "resident_pages", "dirty_pages", "resident_peak", "read_ahead_pages", "read_ahead_hits")
+                 "resident_pages", "dirty_pages", "resident_peak", "read_ahead_pages", "read_ahead_hits", "evictions")
     _RUNS = 1024
     _DEFERRED = 256
 
@@ -466,6 +466,27 @@ class FillRange:
         if filled < 0:
             raise _os_error(ffi.errno, "read-ahead")
         return filled
+
+    def take_victims(self, want: int) -> list[Run]:
+        """Page-out (synchronous tracking): up to `want` clean resident
+        pages from the clock hand on, marked evicting (see native/fill.c)."""
+        n = lib.up_fill_take_victims(self._live(), want, self._runs, self._RUNS)
+        if n < 0:
+            raise _os_error(ffi.errno, "choosing pages to drop")
+        return [self._run(i) for i in range(n)]
+
+    @property
+    def resident_limit(self) -> int:
+        return self._c.resident_limit
+
+    @resident_limit.setter
+    def resident_limit(self, pages: int) -> None:
+        """Resident pages past which a missing fault waits (-EBUSY) for
+        page-out; 0: never."""
+        self._c.resident_limit = pages
+
+    def end_eviction(self, address: int, length: int, *, dropped: bool) -> None:
+        lib.up_fill_end_eviction(self._live(), address, length, int(dropped))
 
     def is_resident(self, address: int) -> bool:
         return bool(lib.up_fill_is_resident(self._live(), address))

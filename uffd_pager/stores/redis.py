@@ -66,6 +66,9 @@ _EXAMPLES = ("redis://HOST:PORT/NAME, redis+unix:///PATH/TO/SOCKET?name=NAME or 
 _FIELDS = [str(i).encode() for i in range(PAGES_PER_CHUNK)]
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _closing: set[asyncio.Task[None]] = set()  # clients closing in the background
+# Error replies that a retry may outlive (a server loading its data, a
+# cluster re-electing); any other is final for the read that got it.
+_TRANSIENT = ("LOADING", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MASTERDOWN", "NOREPLICAS")
 
 
 @dataclass(frozen=True)
@@ -384,8 +387,13 @@ class RedisStore(Store):
         cluster redirected one (a slot moved: the caller asks redis-py, which
         follows it and learns the new table). Raises StoreUnavailable."""
         by_server: dict[str, list[int]] = {}
-        for i, command in enumerate(commands):
-            by_server.setdefault(self._server_of(command[1]), []).append(i)
+        try:
+            for i, command in enumerate(commands):
+                by_server.setdefault(self._server_of(command[1]), []).append(i)
+        except Exception:  # a cluster's table without the slot (redis-py raises): it knows what to do
+            if self._cluster:
+                return None
+            raise
         try:
             if len(by_server) == 1:
                 (server,) = by_server
@@ -398,13 +406,30 @@ class RedisStore(Store):
                     for i, reply in zip(members, answer):
                         replies[i] = reply
         except (ConnectionError, TimeoutError, OSError) as exc:
+            if self._cluster:
+                # A master failed over or left: redis-py reconnects and
+                # learns the cluster's new table; our connection to an
+                # address no longer in it goes.
+                self._forget_gone_servers()
+                return None
             raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {exc or type(exc).__name__}") from None
         for reply in replies:
             if isinstance(reply, ReplyError):
                 if self._cluster and str(reply).startswith(("MOVED", "ASK")):
                     return None
-                raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {reply}")
+                if str(reply).startswith(_TRANSIENT):
+                    raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {reply}")
+                # The server will not serve it however long we retry.
+                raise OSError(errno.EIO, f"{self.url}: reading: the server answered {reply}")
         return replies
+
+    def _forget_gone_servers(self) -> None:
+        try:
+            live = {node.name for node in self._client.get_nodes()}
+        except Exception:
+            live = set()
+        for name in [n for n in self._wires if n not in live]:
+            self._wires.pop(name).close()
 
     def _server_of(self, key: bytes) -> str:
         """The server that holds key (the one server, or the master of its

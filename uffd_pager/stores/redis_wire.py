@@ -58,8 +58,14 @@ class _Protocol(asyncio.Protocol):
         if self.lost is not None or self._transport is None:
             future.set_exception(ConnectionError(f"connection lost: {self.lost}"))
             return future
+        if not commands:
+            future.set_result([])  # a request of nothing: no reply will come for it
+            return future
+        # Packed before it is queued: a command that cannot be packed must
+        # not leave a request behind that would take the next one's replies.
+        payload = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
         self._pending.append(_Request(len(commands), future, self._loop.time()))
-        self._transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        self._transport.write(payload)
         if self._timer is None:
             self._arm()
         return future
@@ -134,10 +140,13 @@ class Wire:
         self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
 
     async def request(self, commands: Sequence[Command]) -> list[Any]:
         """Sends the commands at once; their replies, in order (an error
         reply is a hiredis.ReplyError in its place)."""
+        if self._closed:
+            raise ConnectionError("the connection was closed")
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connected()
@@ -146,12 +155,16 @@ class Wire:
     async def _connected(self) -> _Protocol:
         if self._connecting is None:  # one connection attempt, whoever else waits for it
             self._connecting = asyncio.ensure_future(self._connect())
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+            self._connecting.add_done_callback(self._connect_done)
+        return await asyncio.shield(self._connecting)
+
+    def _connect_done(self, connecting: "asyncio.Future[_Protocol]") -> None:
+        # However its waiters fared (cancelled ones included), the next
+        # request after this attempt makes a new one if it failed.
+        if self._connecting is connecting:
+            self._connecting = None
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: a failure is its waiters' to report
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -160,15 +173,22 @@ class Wire:
         else:
             making = loop.create_connection(lambda: _Protocol(loop, self._timeout), self._host, self._port)
         _, protocol = await asyncio.wait_for(making, self._timeout)
-        if self._hello:
-            for reply in await protocol.send(self._hello):
-                if isinstance(reply, hiredis.ReplyError):
-                    protocol.close()
-                    raise ConnectionError(f"the server refused the connection: {reply}")
+        try:
+            if self._hello:
+                for reply in await protocol.send(self._hello):
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise ConnectionError(f"the server refused the connection: {reply}")
+        except BaseException:  # refused, lost, or the wire closed meanwhile: never left open
+            protocol.close()
+            raise
+        if self._closed:
+            protocol.close()
+            raise ConnectionError("closed")
         self._protocol = protocol
         return protocol
 
     def close(self) -> None:
+        self._closed = True
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None

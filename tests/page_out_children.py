@@ -1,0 +1,58 @@
+"""Child processes for tests/test_page_out.py, as importable code.
+
+Run one as ``python page_out_children.py NAME ARGS...``; plain ``print``
+lines on stdout.
+"""
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+import random
+
+import uffd_pager
+from child import PlainRegistry
+from uffd_pager.bench import _touch
+
+PAGE = uffd_pager.PAGE_SIZE
+SLICE = 256 * PAGE
+
+CHILDREN = PlainRegistry()
+child = CHILDREN.register
+
+
+@child("read-capped")
+def read_capped(group: str, path: str, size_arg: str, cap: str) -> None:
+    """Joins the memory cgroup `group`, then reads a region of the file
+    through a private pager (which joins it too) capped at `cap` bytes: in
+    order (printing the sha256 of what it read), then every page at random
+    (comparing each with the file: "random exact")."""
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    size = int(size_arg)
+    with uffd_pager.Pager() as pager, \
+            pager.map(f"file://{path}", size, dirty_tracking="sync", max_resident=int(cap),
+                      writeback_interval=0) as region:
+        view = region.view()
+        digest = hashlib.sha256()
+        for at in range(0, size, SLICE):
+            digest.update(view[at:at + SLICE])
+        print("in-order", digest.hexdigest(), flush=True)
+        pages = list(range(size // PAGE))
+        random.Random(3).shuffle(pages)
+        fd = os.open(path, os.O_RDONLY)
+        wrong = 0
+        for first in range(0, len(pages), 4096):
+            part = pages[first:first + 4096]
+            _touch(region.address, array.array("Q", (p * PAGE for p in part)))
+            for p in part[:64]:  # and a sample of them, byte for byte
+                wrong += bytes(view[p * PAGE:(p + 1) * PAGE]) != os.pread(fd, PAGE, p * PAGE)
+        os.close(fd)
+        print("random", "exact" if not wrong else f"{wrong} pages differ", flush=True)
+        stats = region.stats()
+        print("evictions", stats["evictions"], "resident_peak", stats["resident_peak"], flush=True)
+        del view
+
+
+if __name__ == "__main__":
+    CHILDREN.main()

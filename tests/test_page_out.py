@@ -1,0 +1,205 @@
+"""Page-out under a cap (uffd_pager/paging.py, native/agent.c, fill.c's
+victims): a capped region reads every byte in order and at random while its
+resident size (the kernel's Rss of its mapping) stays within the cap and a
+read-ahead window; writes are written back before their pages go, a write
+racing its own page's eviction is never lost, and a client in a memory
+cgroup smaller than its region reads all of it without being OOM-killed."""
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import uffd_pager
+from pages import differing_pages
+from uffd_pager.bench import _touch
+
+PAGE = uffd_pager.PAGE_SIZE
+MiB = 1 << 20
+N = 64 * MiB // PAGE
+CAP = 8 * MiB
+WINDOW = 1 * MiB  # read-ahead's largest window: how far past the cap a fault may fill before it waits
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def url(path: Path) -> str:
+    return f"file://{path}"
+
+
+def mapping_rss(address: int) -> int:
+    """The kernel's Rss of the mapping that holds address (bytes)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def touch(region: uffd_pager.Region, pages: list[int], *, every: int = 512) -> int:
+    """Reads a byte of each page in the order given; returns the largest Rss
+    of the region's mapping seen, sampled every `every` pages."""
+    peak = 0
+    for first in range(0, len(pages), every):
+        _touch(region.address, array.array("Q", (p * PAGE for p in pages[first:first + every])))
+        peak = max(peak, mapping_rss(region.address))
+    return peak
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("order", ["in-order", "random"])
+def test_a_capped_region_reads_every_byte_and_stays_within_its_cap(pager, random_file, order):
+    path = random_file(N * PAGE)
+    pages = list(range(N))
+    if order == "random":
+        random.Random(5).shuffle(pages)
+    with pager.map(url(path), N * PAGE, dirty_tracking="sync", max_resident=CAP, writeback_interval=0) as region:
+        peak = touch(region, pages)
+        stats = region.stats()
+        expected = path.read_bytes()
+        # Read back in slices: each slice faults in again what was dropped.
+        wrong = [s for s in range(0, N, 256) if bytes(region.view()[s * PAGE:(s + 256) * PAGE]) !=
+                 expected[s * PAGE:(s + 256) * PAGE]]
+        assert wrong == [], f"slices of 256 pages differ from the file at pages {wrong[:10]}"
+        assert mapping_rss(region.address) <= CAP + WINDOW + PAGE
+    assert stats["max_resident"] == CAP and stats["evictions"] >= N - CAP // PAGE - WINDOW // PAGE, stats
+    assert stats["resident_peak"] * PAGE <= CAP + WINDOW, stats
+    assert peak <= CAP + WINDOW + PAGE, f"the region's Rss reached {peak / MiB:.1f} MiB under a {CAP // MiB} MiB cap"
+    assert stats["errors"] == 0 and stats["last_error"] == "", stats
+    assert stats["events"]["remove"] == 0, "page-out's own drops are not the program's MADV_DONTNEEDs"
+
+
+@pytest.mark.timeout(120)
+def test_writes_under_the_cap_are_written_back_before_their_pages_go(pager, random_file):
+    path = random_file(N * PAGE)
+    model = bytearray(path.read_bytes())
+    rng = random.Random(11)
+    with pager.map(url(path), N * PAGE, dirty_tracking="sync", max_resident=CAP, writeback_interval=0) as region:
+        view = region.view()
+        for _ in range(20000):  # ~ every page written once or so, far more than the cap holds
+            p = rng.randrange(N)
+            data = os.urandom(64)
+            at = p * PAGE + rng.randrange(0, PAGE - 64)
+            view[at:at + 64] = data
+            model[at:at + 64] = data
+        assert region.stats()["evictions"] > 0
+        assert differing_pages(view, model) == [], "a page read back after its eviction lost a write"
+        region.flush()
+        del view
+        assert mapping_rss(region.address) <= CAP + WINDOW + PAGE
+    assert differing_pages(path.read_bytes(), model) == [], "the file misses writes"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("round_", range(3))
+def test_a_write_racing_its_own_pages_eviction_is_never_lost(pager, sparse_file, round_):
+    """Writers keep writing counters to a few hot pages while a reader sweeps
+    the region over and over, so the hot pages are taken as victims again
+    and again while being written: the last value written to each page is
+    what it reads, and what the file holds after the flush."""
+    path = sparse_file(N * PAGE)
+    hot = random.Random(round_).sample(range(N), 64)
+    last = {p: 0 for p in hot}
+    stop = threading.Event()
+    with pager.map(url(path), N * PAGE, dirty_tracking="sync", max_resident=64 * PAGE * 4,
+                   writeback_interval=0) as region:
+        view = region.view()
+
+        def writer(mine: list[int]) -> None:
+            c = 0
+            while not stop.is_set():
+                c += 1
+                for p in mine:
+                    view[p * PAGE:p * PAGE + 8] = c.to_bytes(8, "little")
+                    last[p] = c
+
+        def sweeper() -> None:
+            while not stop.is_set():
+                _touch(region.address, array.array("Q", range(0, N * PAGE, PAGE * 7)))
+
+        threads = [threading.Thread(target=writer, args=(hot[k::4],)) for k in range(4)]
+        threads.append(threading.Thread(target=sweeper))
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a thread is stuck in a fault"
+        evictions = region.stats()["evictions"]
+        seen = {p: int.from_bytes(view[p * PAGE:p * PAGE + 8], "little") for p in hot}
+        region.flush()
+        del view
+    assert evictions > 1000, f"only {evictions} pages were evicted: the race was hardly run"
+    lost = {p: (seen[p], last[p]) for p in hot if seen[p] != last[p]}
+    assert not lost, f"pages read back without their last write (page: (seen, written)): {dict(list(lost.items())[:5])}"
+    with open(path, "rb") as f:
+        stored = {p: int.from_bytes(os.pread(f.fileno(), 8, p * PAGE), "little") for p in hot}
+    assert stored == last, "the file misses the last writes"
+
+
+@pytest.mark.timeout(60)
+def test_max_resident_is_refused_clearly_where_it_cannot_be_kept(pager, random_file):
+    path = random_file(PAGE * 64)
+    with pytest.raises(ValueError, match='dirty_tracking="sync"'):
+        pager.map(url(path), 64 * PAGE, max_resident=CAP)  # "async": a write could not be held
+    for bad in (1000, PAGE, -CAP, CAP + 1, 1.5 * CAP, True, "8M"):
+        with pytest.raises(ValueError, match="max_resident must be"):
+            pager.map(url(path), 64 * PAGE, dirty_tracking="sync", max_resident=bad)
+    assert pager.status()["regions"] == 0
+
+
+def _cgroup(limit: int) -> Path:
+    if not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
+        pytest.skip("no memory cgroup (v1) at /sys/fs/cgroup/memory")
+    group = CGROUP_ROOT / f"uffd-pager-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    return group
+
+
+@pytest.mark.timeout(300)
+def test_a_client_capped_at_300_mib_reads_a_1_gib_region_in_order_and_at_random(tmp_path):
+    size = 1 << 30
+    path = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // (8 * MiB)):
+            chunk = os.urandom(8 * MiB)
+            digest.update(chunk)
+            f.write(chunk)
+    group = _cgroup(300 * MiB)
+    try:
+        child = Path(__file__).with_name("page_out_children.py")
+        # The child joins the cgroup itself before it starts its pager (which
+        # inherits it): the whole client, pager included, lives under the cap.
+        result = subprocess.run([sys.executable, str(child), "read-capped", str(group), str(path), str(size),
+                                 str(192 * MiB)], capture_output=True, text=True, timeout=280)
+        failcnt = int((group / "memory.failcnt").read_text())
+        oom = (group / "memory.oom_control").read_text()
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    assert result.returncode == 0, (f"the capped client ended with {result.returncode} (-9: OOM-killed); "
+                                    f"stdout {result.stdout[-2000:]!r} stderr {result.stderr[-2000:]!r}; {oom}")
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines.get("in-order") == digest.hexdigest(), result.stdout
+    assert lines.get("random") == "exact", result.stdout
+    print(f"capped client: {result.stdout.strip()}; cgroup failcnt {failcnt}")

@@ -1,0 +1,200 @@
+"""Page-out: keeping a region under its cap (`map(..., max_resident=BYTES)`).
+
+When a region's resident pages pass its cap (the high watermark), pages are
+dropped down to 7/8 of it (the low one). Victims are taken by a clock over
+the region's address range (native/fill.c `up_fill_take_victims`): for a
+sequential scan, the pages filled longest ago; pages written since their
+last write-back are passed over (a second chance), and when only such pages
+are left the region is flushed first, which makes them clean.
+
+Why a write is never lost: this needs synchronous tracking, where a clean
+page is mapped write-protected, so the first write to it is a WP fault that
+waits in the kernel for the pager. Once a page is taken as a victim every
+fault on it returns -EBUSY to the pager (it is kept pending, its thread
+waiting) until the drop is over; then the writer is woken, faults again on
+the page now missing, and gets it from the store with what was written
+back. With WP_ASYNC ("async" tracking) a write costs no fault, so nothing
+could hold a write between our check and the drop: max_resident refuses it.
+
+The drop itself is MADV_DONTNEED, which only the client's own process may
+call: a native agent thread in the client (native/agent.c) does it on our
+request, over the socket the client passed with its first map. The REMOVE
+event the drop queues clears the pages' resident bits as any other.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from uffd_pager.layout import READ_AHEAD_MAX
+from uffd_pager.served import ServedRegion
+from uffd_pager.uffd import PAGE_SIZE, Run
+from uffd_pager.writeback import runs_of_pages
+
+log = logging.getLogger("uffd_pager.paging")
+
+_REQUEST = struct.Struct("=QQQ")  # seq, start, len: struct up_agent_request
+_REPLY = struct.Struct("=Qq")  # seq, err: struct up_agent_reply
+_BATCH = 4096  # pages taken as victims at once
+_IN_FLIGHT = 8  # drop requests sent to one agent before the first is answered
+
+
+class Agent:
+    """The pager's end of one client process's agent socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock = sock
+        self._seq = 0
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)  # the socket's buffer holds a few requests, not hundreds
+        self._closed = False
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(_REPLY.size)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if len(data) != _REPLY.size:
+                self.close()  # the client is gone, or its agent is not one
+                return
+            seq, err = _REPLY.unpack(data)
+            future = self._waiting.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result(err)
+
+    async def drop(self, start: int, length: int, timeout: float) -> None:
+        """MADV_DONTNEED of [start, start + length) in the client; raises
+        OSError when the agent refuses, is gone, or does not answer."""
+        async with self._slots:
+            if self._closed:
+                raise OSError(errno.EPIPE, "the client's page-out agent is gone")
+            self._seq += 1
+            seq = self._seq
+            future: asyncio.Future[int] = self._loop.create_future()
+            self._waiting[seq] = future
+            try:
+                await self._loop.sock_sendall(self._sock, _REQUEST.pack(seq, start, length))
+                err = await asyncio.wait_for(future, timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                self._waiting.pop(seq, None)
+                raise OSError(errno.EPIPE, f"the client's page-out agent did not drop the pages: {exc!r}") from None
+        if err:
+            raise OSError(err, f"the client's page-out agent refused to drop {length} bytes at {start:#x}: "
+                               f"{os.strerror(err)}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(errno.EPIPE)
+        self._waiting.clear()
+
+
+class PageOut:
+    """Keeps capped regions under their caps (see the module's doc)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flush: Callable[[ServedRegion], Awaitable[object]],
+                 retry: Callable[[ServedRegion], None], hold: Callable[[ServedRegion], object],
+                 let_go: Callable[[ServedRegion], None]) -> None:
+        self._loop = loop
+        self._flush = flush
+        self._retry = retry
+        self._hold = hold
+        self._let_go = let_go
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def check(self, region: ServedRegion) -> None:
+        """After faults were served: starts an eviction if the region is over its cap."""
+        if region.max_resident and not region.evicting and not region.released and region.agent is not None \
+                and region.fill.counters()["resident_pages"] > region.max_resident:
+            region.evicting = True
+            self._hold(region)
+            task = self._loop.create_task(self._evict(region))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _evict(self, region: ServedRegion) -> None:
+        low = region.max_resident * 7 // 8
+        flushed = False
+        try:
+            while not region.released and (resident := region.fill.counters()["resident_pages"]) > low:
+                runs = self._without_unstored(region, region.fill.take_victims(min(resident - low, _BATCH)))
+                if not runs:
+                    if flushed:
+                        # Every page left is written again as fast as it is
+                        # written back: faults go on unheld until a drop succeeds.
+                        region.fill.resident_limit = 0
+                        self._retry(region)
+                        return
+                    await self._flush(region)  # the written pages become clean, and victims
+                    flushed = True
+                    continue
+                flushed = False
+                try:
+                    for run in runs:
+                        region.dropping.add((run.addr, run.addr + run.length))
+                    await asyncio.gather(*(self._drop(region, run.addr, run.length) for run in runs))
+                finally:
+                    for run in runs:
+                        region.dropping.discard((run.addr, run.addr + run.length))
+                    self._retry(region)  # the faults held meanwhile, -EBUSY, go on
+                region.fill.resident_limit = region.max_resident + READ_AHEAD_MAX // PAGE_SIZE
+        except Exception as exc:  # a region must never lose the pager: note it, stop this eviction
+            if region.last_error != f"page-out: {exc}":  # once per cause, not once per eviction
+                log.error("region %d: page-out stopped: %s; its cap is lifted until page-out succeeds again",
+                          region.id, exc)
+            region.last_error = f"page-out: {exc}"
+            if not region.released:
+                region.fill.resident_limit = 0  # faults never wait for a page-out that cannot happen
+                self._retry(region)
+        finally:
+            region.evicting = False
+            self._let_go(region)
+
+    @staticmethod
+    def _without_unstored(region: ServedRegion, runs: list[Run]) -> list[Run]:
+        """The victims less the pages whose bytes are not in the store yet
+        although the kernel sees them clean: taken by a write-back still
+        under way (in_flight), or left by a failed one (retry_pages).
+        Dropping one would lose its write; they are let go of again."""
+        unstored = region.in_flight | region.retry_pages
+        if not unstored:
+            return runs
+        base, kept = region.fill.base, []
+        for run in runs:
+            first = (run.addr - base) // PAGE_SIZE
+            pages = [first + k for k in range(run.length // PAGE_SIZE)]
+            for page in pages:
+                if page in unstored:
+                    region.fill.end_eviction(base + page * PAGE_SIZE, PAGE_SIZE, dropped=False)
+            kept += runs_of_pages({p for p in pages if p not in unstored}, base, 0)
+        return kept
+
+    async def _drop(self, region: ServedRegion, address: int, length: int) -> None:
+        dropped = False
+        try:
+            assert region.agent is not None
+            await region.agent.drop(address, length, timeout=30.0)
+            dropped = True
+        finally:
+            if not region.released:
+                region.fill.end_eviction(address, length, dropped=dropped)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
