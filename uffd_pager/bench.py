@@ -27,6 +27,8 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -364,6 +366,75 @@ SEQUENTIAL_CASES = [
 ]
 
 
+# --- out of core: a region 4x its cap -------------------------------------------------
+
+OOC_KERNEL = "out-of-core: kernel mmap, memory cgroup of 1/4"
+OOC_OURS = "out-of-core: uffd_pager, max_resident 1/4"
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
+
+
+def _drop_cache(path: str) -> None:
+    """The file out of the page cache: both sides of the out-of-core rows
+    read it from the disk, the kernel's under its cgroup's cap."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def out_of_core_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[int]]:
+    """A sequential scan of a file region 4x larger than a memory cap (ns
+    per page, one sample a round): the kernel's mmap of the file in a child
+    process in a memory cgroup (v1) capped at a quarter of it, and
+    uffd_pager with max_resident a quarter of it. Without a memory cgroup
+    the kernel's row is left out."""
+    size = os.path.getsize(path)
+    pages = size // PAGE_SIZE
+    samples: dict[str, list[int]] = {OOC_KERNEL: [], OOC_OURS: []}
+    offsets = array.array("Q", range(0, size, PAGE_SIZE))
+    group = None
+    if os.path.exists(os.path.join(CGROUP_ROOT, "memory.limit_in_bytes")):
+        group = os.path.join(CGROUP_ROOT, f"uffd-pager-bench-{os.getpid()}")
+        os.makedirs(group, exist_ok=True)
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(size // 4))
+    try:
+        for _ in range(rounds):
+            if group is not None:
+                _drop_cache(path)
+                procs = os.path.join(group, "cgroup.procs")
+                result = subprocess.run(
+                    [sys.executable, "-m", "uffd_pager.bench_scan", path], capture_output=True, text=True,
+                    timeout=600, preexec_fn=lambda: _join(procs), check=True)
+                samples[OOC_KERNEL] += _per_page(int(result.stdout.split()[0]), pages)
+            _drop_cache(path)
+            with pager.map(f"file://{path}", size, dirty_tracking="sync", max_resident=size // 4,
+                           writeback_interval=0) as region:
+                samples[OOC_OURS] += _elapsed_per_page(lambda: _touch(region.address, offsets), pages)
+    finally:
+        if group is not None:
+            for _ in range(50):
+                try:
+                    os.rmdir(group)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    return samples
+
+
+def _join(procs: str) -> None:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+
+
+OUT_OF_CORE_CASES = [
+    Case(OOC_KERNEL, OOC_KERNEL, lambda w: [], unit="MB/s"),
+    Case(OOC_OURS, OOC_KERNEL, lambda w: [], unit="MB/s"),
+]
+
+
 # --- fork ----------------------------------------------------------------------------
 
 FORK_FLOOR = "fork: process without the region"
@@ -566,7 +637,9 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
                 for _ in range(SEQUENTIAL_BYTES // (4 if quick else 1) // (8 << 20)):
                     f.write(os.urandom(8 << 20))
             samples.update(sequential_samples(pager, sequential, rounds))
-    rows = [summarize(case, samples[case.name]) for case in CASES + SEQUENTIAL_CASES + FORK_CASES]
+            samples.update(out_of_core_samples(pager, sequential, rounds))
+    out_of_core = OUT_OF_CORE_CASES if samples[OOC_KERNEL] else [Case(OOC_OURS, OOC_OURS, lambda w: [], unit="MB/s")]
+    rows = [summarize(case, samples[case.name]) for case in CASES + SEQUENTIAL_CASES + out_of_core + FORK_CASES]
     by_name = {row.name: row for row in rows}
     for row in rows:
         # Latency: lower is better, ratio = ours / floor. Throughput rows keep
@@ -578,6 +651,11 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
     print()
     print("\n".join(format_summary(by_name)))
     print(format_sequential(by_name))
+    if OOC_KERNEL in by_name:
+        ours, kernel = by_name[OOC_OURS], by_name[OOC_KERNEL]
+        print(f"out-of-core scan (a region 4x its cap, from the disk): uffd_pager {ours.per_s:.0f} MB/s vs the kernel's "
+              f"mmap in a memory cgroup of the same cap {kernel.per_s:.0f} MB/s = "
+              f"{format_ratio(ratio(ours.per_s, kernel.per_s))} its throughput")
     for what, ratios in paired.items():
         ratios.sort()
         print(f"random read faults {what}, taking turns {min(PAIR_SLICE, pages)} faults at a time "
