@@ -54,5 +54,62 @@ def read_capped(group: str, path: str, size_arg: str, cap: str) -> None:
         del view
 
 
+def _pattern(tag: str, page: int) -> bytes:
+    return hashlib.sha256(f"{tag}:{page}".encode()).digest() * (PAGE // 32)
+
+
+def _check_and_sweep(region: uffd_pager.Region, model: dict[int, str], npages: int) -> dict[str, int]:
+    """Reads the region through twice in order (dropping pages as it goes)
+    and counts the pages that differ from the model."""
+    view = region.view()
+    wrong = 0
+    for _ in range(2):
+        for p in range(npages):
+            wrong += bytes(view[p * PAGE:(p + 1) * PAGE]) != _pattern(model[p], p)
+    del view
+    stats = region.stats()
+    return {"wrong": wrong, "evictions": stats["evictions"], "resident_peak": stats["resident_peak"],
+            "max_resident": stats["max_resident"]}
+
+
+@child("fork-capped")
+def fork_capped(path: str, npages_arg: str, cap: str) -> None:
+    """A capped region written, flushed, then forked: parent and child each
+    write their own pages and sweep the region (evicting as they go); each
+    must read its own view. One JSON line each: {"who", "wrong", "evictions", ...}."""
+    import json
+    import sys
+
+    npages = int(npages_arg)
+    with uffd_pager.Pager() as pager:
+        region = pager.map(f"file://{path}", npages * PAGE, dirty_tracking="sync", max_resident=int(cap),
+                           writeback_interval=0)
+        view = region.view()
+        for p in range(npages):
+            view[p * PAGE:(p + 1) * PAGE] = _pattern("A", p)
+        del view
+        region.flush()
+        model = {p: "A" for p in range(npages)}
+        pid = os.fork()
+        who, tag, mine = ("child", "B", range(0, npages, 2)) if pid == 0 else ("parent", "C", range(1, npages, 3))
+        try:
+            view = region.view()
+            for p in mine:
+                view[p * PAGE:(p + 1) * PAGE] = _pattern(tag, p)
+                model[p] = tag
+            del view
+            report = _check_and_sweep(region, model, npages)
+            region.flush()
+            report.update(_check_and_sweep(region, model, npages))
+            print(json.dumps({"who": who, **report}), flush=True)
+        finally:
+            if pid == 0:
+                region.close()
+                sys.stdout.flush()
+                os._exit(0)
+        os.waitpid(pid, 0)
+        region.close()
+
+
 if __name__ == "__main__":
     CHILDREN.main()

@@ -203,3 +203,21 @@ def test_a_client_capped_at_300_mib_reads_a_1_gib_region_in_order_and_at_random(
     assert lines.get("in-order") == digest.hexdigest(), result.stdout
     assert lines.get("random") == "exact", result.stdout
     print(f"capped client: {result.stdout.strip()}; cgroup failcnt {failcnt}")
+
+
+@pytest.mark.timeout(120)
+def test_a_parent_and_its_forked_child_each_read_their_own_data_under_the_cap(sparse_file):
+    import json
+
+    npages = 4096
+    path = sparse_file(npages * PAGE)
+    child = Path(__file__).with_name("page_out_children.py")
+    result = subprocess.run([sys.executable, str(child), "fork-capped", str(path), str(npages), str(2 * MiB)],
+                            capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    reports = {r["who"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(reports) == {"parent", "child"}, result.stdout
+    for who, report in reports.items():
+        assert report["wrong"] == 0, f"the {who} read {report['wrong']} pages that are not its own view: {report}"
+        assert report["max_resident"] == 2 * MiB and report["evictions"] > npages, f"{who}: {report}"
+        assert report["resident_peak"] * PAGE <= 2 * MiB + WINDOW, f"{who}: {report}"

@@ -50,7 +50,7 @@ from uffd_pager.layout import (
     parse_tracking,
     parse_writeback_interval,
 )
-from uffd_pager.region import Region, RegionMapping, fork_lock
+from uffd_pager.region import Region, RegionMapping, fork_lock, start_agent
 from uffd_pager.catalog import open_catalog_file
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
@@ -299,7 +299,7 @@ class Pager:
                     descriptors[name] = open_store_file(url)
                     passed.callback(os.close, descriptors[name])
             if capped and not self._conn.agent_started:
-                descriptors["agent"] = _start_agent()
+                descriptors["agent"] = start_agent()
                 passed.callback(os.close, descriptors["agent"])
             if key is not None:
                 descriptors["key"] = _key_memfd(key)
@@ -341,7 +341,7 @@ class Pager:
         # The pager filled the tag page to see that the uffd is ours: missing
         # again, so that a forked child's first read of it is a fault.
         memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
-        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset)
+        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset, capped=capped)
         self._regions.add(region)
         return region
 
@@ -463,18 +463,6 @@ def _close_at_exit() -> None:
 
 log = logging.getLogger("uffd_pager.client")
 
-
-def _start_agent() -> int:
-    """Starts this process's page-out agent (native/agent.c) on one end of a
-    socket pair; returns the other end, for the pager."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fd = ours.detach()
-    if lib.up_agent_start(fd) < 0:
-        err = ffi.errno
-        os.close(fd)
-        theirs.close()
-        raise OSError(err, f"cannot start the page-out agent's thread: {os.strerror(err)}")
-    return theirs.detach()
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 atexit.register(_close_at_exit)

@@ -70,6 +70,7 @@ class Lineage:
                                  child_store=child_store, keep_child_portions=parent.keep_child_portions,
                                  parent=parent)
         child.handed, child.forked_at = False, self._loop.time()
+        child.max_resident = parent.max_resident  # capped once its process hands its agent (adopt)
         # Pages the parent's write-back has taken but not yet stored are clean
         # in the child's page tables too: the child writes them itself.
         child.retry_pages |= parent.in_flight | parent.retry_pages

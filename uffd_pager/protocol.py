@@ -72,7 +72,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "flush": frozenset({"region"}),
     "stats": frozenset({"region"}),
     "backing": frozenset({"region"}),
-    "adopt": frozenset({"region"}),
+    "adopt": frozenset({"region", "fds"}),
     "reopen": frozenset({"region", "fds"}),
     "status": frozenset(),
 }
@@ -90,6 +90,9 @@ class Channel(Protocol):
 
     def request_fds(self, op: str, pass_fds: tuple[int, ...] = (),
                     **fields: Any) -> tuple[dict[str, Any], list[int]]: ...
+
+    # This process's page-out agent was handed to the pager on this channel.
+    agent_started: bool
 
 
 def check_request(request: dict[str, Any]) -> str:

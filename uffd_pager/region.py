@@ -6,12 +6,13 @@ import fcntl
 import logging
 import mmap
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from uffd_pager import protocol
-from uffd_pager.native import lib
+from uffd_pager.native import ffi, lib
 from uffd_pager.stores.file import open_store_file
 from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
 
@@ -87,6 +88,19 @@ class RegionMapping(mmap.mmap):
         self.release_uffd()
 
 
+def start_agent() -> int:
+    """Starts this process's page-out agent (native/agent.c) on one end of a
+    socket pair; returns the other end, for the pager."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = ours.detach()
+    if lib.up_agent_start(fd) < 0:
+        err = ffi.errno
+        os.close(fd)
+        theirs.close()
+        raise OSError(err, f"cannot start the page-out agent's thread: {os.strerror(err)}")
+    return theirs.detach()
+
+
 @dataclass(frozen=True)
 class Backing:
     """Where this process's portion of a region lives."""
@@ -108,8 +122,9 @@ class Region:
     """
 
     def __init__(self, channel: protocol.Channel, owner: object, region_id: int, memory: RegionMapping,
-                 address: int, size: int, store: str, offset: int) -> None:
+                 address: int, size: int, store: str, offset: int, *, capped: bool = False) -> None:
         self._channel = channel  # requests about this region go there
+        self._capped = capped  # max_resident: this process's page-out agent may drop its pages
         self._owner = owner  # the Pager: kept alive (and its pager process) while the region is
         self._id = region_id
         self._memory: RegionMapping | None = memory
@@ -253,7 +268,20 @@ class Region:
             ctypes.string_at(self.address + self.size, 1)
             # Missing again, so that our own forked children fault on it too.
             memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
-            reply, fds = self._channel.request_fds("adopt", region=self._id)
+            # A capped region stays capped in the child: its agent is made
+            # here (the parent's thread is not) and handed with the claim.
+            agent = start_agent() if self._capped and not self._channel.agent_started else -1
+            try:
+                passed = (agent,) if agent >= 0 else ()
+                reply, fds = self._channel.request_fds("adopt", passed, region=self._id,
+                                                       fds=["agent"] if agent >= 0 else [])
+            finally:
+                if agent >= 0:
+                    os.close(agent)
+            if agent >= 0:
+                self._channel.agent_started = True
+            if self._capped:
+                lib.up_agent_allow(self.address, self.size)
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)

@@ -439,12 +439,18 @@ class PagerService:
         not hold it would read zeros once we are gone. Its tag-page fault
         has told us its pid already."""
         ancestor_id = _require_int(request, "region")
+        named = protocol.named_descriptors(request, fds, ("agent",), ()) if "fds" in request else {}
         for region in self._table.regions.values():
             if region.owner_pid == conn.pid and region.parent is not None and self._lineage.descends(region, ancestor_id):
                 if region.connection is not None and region.connection is not conn:
                     region.connection.regions.pop(region.id, None)
                 region.connection = conn
                 conn.regions[region.id] = region
+                if "agent" in named and conn.agent is None:
+                    conn.agent = Agent(self._loop, socket.socket(fileno=_claim(fds, named["agent"])))
+                if conn.agent is not None and region.max_resident:  # capped in the child as in its parent
+                    region.agent = conn.agent
+                    region.fill.resident_limit = region.max_resident + READ_AHEAD_MAX // PAGE_SIZE
                 handed_fd = os.dup(region.uffd.fd)
                 if not region.handed:
                     region.handed = True
