@@ -221,3 +221,45 @@ def test_a_parent_and_its_forked_child_each_read_their_own_data_under_the_cap(sp
         assert report["wrong"] == 0, f"the {who} read {report['wrong']} pages that are not its own view: {report}"
         assert report["max_resident"] == 2 * MiB and report["evictions"] > npages, f"{who}: {report}"
         assert report["resident_peak"] * PAGE <= 2 * MiB + WINDOW, f"{who}: {report}"
+
+
+@pytest.mark.timeout(120)
+def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
+    """Pager(max_resident=): two regions without caps of their own, read in
+    turns, keep their resident pages together near the pager's cap (a soft
+    cap: a drop under way lets faults pass it for a while), every byte
+    exact; an "async" region beside them is not paged out."""
+    paths = [random_file(4 * N * PAGE // 8) for _ in range(2)]  # 32 MiB each
+    size = 4 * N * PAGE // 8
+    with uffd_pager.Pager(max_resident=CAP) as pager:
+        regions = [pager.map(url(p), size, dirty_tracking="sync", writeback_interval=0) for p in paths]
+        unpaged = pager.map(url(paths[0]), 256 * PAGE, writeback_interval=0)  # "async": never dropped
+        bytes(unpaged.view())
+        peak = 0
+        pages = size // PAGE
+        for first in range(0, pages, 512):
+            for region in regions:
+                _touch(region.address, array.array("Q", (p * PAGE for p in range(first, min(first + 512, pages)))))
+            peak = max(peak, sum(mapping_rss(r.address) for r in regions))
+        for region, path in zip(regions, paths):
+            data = path.read_bytes()
+            wrong = [s for s in range(0, pages, 256)
+                     if bytes(region.view()[s * PAGE:(s + 256) * PAGE]) != data[s * PAGE:(s + 256) * PAGE]]
+            assert wrong == [], f"slices differ at pages {wrong[:10]}"
+        stats = [r.stats() for r in regions]
+        assert all(s["evictions"] > 0 and s["max_resident"] == 0 for s in stats), stats
+        assert unpaged.stats()["evictions"] == 0
+        assert peak <= CAP + 4 * WINDOW, f"the regions together reached {peak / MiB:.1f} MiB under a {CAP // MiB} MiB cap"
+        for region in regions + [unpaged]:
+            region.close()
+        assert pager.status()["internal_errors"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_pager_cap_is_refused_before_any_pager_starts(tmp_path):
+    for bad in (1000, -PAGE, 1.5, True):
+        with pytest.raises(ValueError, match="max_resident must be"):
+            uffd_pager.Pager(max_resident=bad)
+    result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(tmp_path / "s"),
+                             "--max-resident", "1000"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "multiple of 4096" in result.stderr, (result.returncode, result.stderr)

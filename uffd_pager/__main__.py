@@ -45,11 +45,18 @@ async def _serve(listener: socket.socket, args: argparse.Namespace) -> None:
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
                            limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
-                           state_dir=args.state_dir)
+                           state_dir=args.state_dir, max_resident=args.max_resident)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
     await service.serve()
+
+
+def _page_multiple(text: str) -> int:
+    value = _positive_int(text)
+    if value % 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 4096")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"regions one client uid may hold at once (default {DEFAULT_MAX_REGIONS})")
     serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",
                        help=f"bytes one client uid may have mapped at once (default 2^50)")
+    serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
+                       help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
+                            "page-out (a multiple of 4096; default 0: no such cap)")
 
     bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
     bench.add_argument("--quick", action="store_true", help="fewer pages: the run of ./run.sh")

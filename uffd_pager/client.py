@@ -85,6 +85,7 @@ class Connection:
         self._pid = -1
         self._unanswered = 0  # requests that timed out: their late replies come first
         self.agent_started = False  # this process's page-out agent was handed over on this connection
+        self.pager_cap = 0  # the pager's cap on all "sync" regions together (bytes; 0: none), from its hello
         self.pager_pid = 0
         self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
@@ -130,10 +131,13 @@ class Connection:
             if sock is None:
                 sock = self._connect()
                 if op != "hello":
-                    self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}, ())
+                    hello, _ = self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION,
+                                                     "pid": os.getpid()}, ())
+                    self.pager_cap = int(hello.get("max_resident", 0))
             reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
             if op == "hello":
                 self.pager_pid = reply.get("pid", 0)
+                self.pager_cap = int(reply.get("max_resident", 0))
             return reply, received
 
     def _exchange(self, sock: socket.socket, message: dict[str, Any],
@@ -209,10 +213,16 @@ class Pager:
     for its answer (then PagerTimeout). `state_dir`: the private pager's
     state directory (encrypted stores' rollback anchors; default
     $UFFD_PAGER_STATE_DIR, else /var/lib/uffd-pager for root, else
-    $XDG_STATE_HOME/uffd-pager).
+    $XDG_STATE_HOME/uffd-pager). `max_resident`: the private pager's cap
+    in bytes on all regions with dirty_tracking="sync" together
+    (`uffd-pager serve --max-resident`; see the README's "Page-out").
     """
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None,
+                 max_resident: int | None = None) -> None:
+        if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)
+                                         or max_resident < 0 or max_resident % PAGE_SIZE):
+            raise ValueError(f"max_resident must be a number of bytes, a multiple of {PAGE_SIZE}, not {max_resident!r}")
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -222,7 +232,8 @@ class Pager:
             # never races its start-up.
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
-                 "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else [])],
+                 "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
+                 *(["--max-resident", str(max_resident)] if max_resident else [])],
                 pass_fds=[listener.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -284,7 +295,9 @@ class Pager:
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
         parse_read_ahead(read_ahead)
-        capped = parse_max_resident(max_resident, tracking == Tracking.SYNC_WP) > 0
+        # Pageable: by its own cap, or by the pager's over all "sync" regions.
+        capped = parse_max_resident(max_resident, tracking == Tracking.SYNC_WP) > 0 \
+            or (self._conn.pager_cap > 0 and tracking == Tracking.SYNC_WP)
         if key_file is not None and key is not None:
             raise TypeError("give key_file or key, not both")
         if key_file is not None:

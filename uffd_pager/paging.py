@@ -29,11 +29,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from uffd_pager.layout import READ_AHEAD_MAX
 from uffd_pager.served import ServedRegion
-from uffd_pager.uffd import PAGE_SIZE, Run
+from uffd_pager.uffd import PAGE_SIZE, Run, Tracking
 from uffd_pager.writeback import runs_of_pages
 
 log = logging.getLogger("uffd_pager.paging")
@@ -42,6 +42,12 @@ _REQUEST = struct.Struct("=QQQ")  # seq, start, len: struct up_agent_request
 _REPLY = struct.Struct("=Qq")  # seq, err: struct up_agent_reply
 _BATCH = 4096  # pages taken as victims at once
 _IN_FLIGHT = 8  # drop requests sent to one agent before the first is answered
+
+
+def _pageable(region: ServedRegion) -> bool:
+    """Whether page-out may drop the region's pages: its process gave an
+    agent, and its tracking holds a write while its page is dropped."""
+    return region.agent is not None and not region.released and region.fill.tracking == Tracking.SYNC_WP
 
 
 class Agent:
@@ -117,19 +123,38 @@ class PageOut:
         self._hold = hold
         self._let_go = let_go
         self._tasks: set[asyncio.Task[None]] = set()
+        self.total_cap = 0  # pages all pageable regions may keep together (the pager's --max-resident); 0: none
+        self.regions: Callable[[], Iterable[ServedRegion]] = lambda: ()
 
     def check(self, region: ServedRegion) -> None:
-        """After faults were served: starts an eviction if the region is over its cap."""
+        """After faults were served: starts an eviction if the region is
+        over its own cap, or the pageable regions together over the pager's."""
         if region.max_resident and not region.evicting and not region.released and region.agent is not None \
                 and region.fill.counters()["resident_pages"] > region.max_resident:
-            region.evicting = True
-            self._hold(region)
-            task = self._loop.create_task(self._evict(region))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(region, region.max_resident * 7 // 8)
+        if self.total_cap:
+            self._check_total()
 
-    async def _evict(self, region: ServedRegion) -> None:
-        low = region.max_resident * 7 // 8
+    def _check_total(self) -> None:
+        """The pager's cap is kept by taking pages from the pageable region
+        that holds the most, down to 7/8 of the cap (a soft cap: what
+        faults bring in while a drop is under way passes it for a while)."""
+        pageable = [r for r in self.regions() if _pageable(r)]
+        resident = {r: r.fill.counters()["resident_pages"] for r in pageable}
+        total = sum(resident.values())
+        if total <= self.total_cap or any(r.evicting for r in pageable):
+            return
+        largest = max(pageable, key=resident.__getitem__)
+        self._start(largest, max(0, resident[largest] - (total - self.total_cap * 7 // 8)))
+
+    def _start(self, region: ServedRegion, low: int) -> None:
+        region.evicting = True
+        self._hold(region)
+        task = self._loop.create_task(self._evict(region, low))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _evict(self, region: ServedRegion, low: int) -> None:
         flushed = False
         try:
             while not region.released and (resident := region.fill.counters()["resident_pages"]) > low:
@@ -153,7 +178,8 @@ class PageOut:
                     for run in runs:
                         region.dropping.discard((run.addr, run.addr + run.length))
                     self._retry(region)  # the faults held meanwhile, -EBUSY, go on
-                region.fill.resident_limit = region.max_resident + READ_AHEAD_MAX // PAGE_SIZE
+                if region.max_resident:
+                    region.fill.resident_limit = region.max_resident + READ_AHEAD_MAX // PAGE_SIZE
         except Exception as exc:  # a region must never lose the pager: note it, stop this eviction
             if region.last_error != f"page-out: {exc}":  # once per cause, not once per eviction
                 log.error("region %d: page-out stopped: %s; its cap is lifted until page-out succeeds again",

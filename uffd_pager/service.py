@@ -72,7 +72,9 @@ class PagerService:
     """One pager: its listening socket, its clients, and the parts that serve them."""
 
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
-                 limits: TenantLimits | None = None, state_dir: str | None = None) -> None:
+                 limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0) -> None:
+        """max_resident: bytes all regions with "sync" tracking may keep
+        resident together (0: no such cap), kept by page-out."""
         self._listener = listener
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
@@ -87,6 +89,8 @@ class PagerService:
         self._faults = FaultHandler(self._loop, self._table, self._lineage)
         self._flusher = Flusher(self._loop, self._table, self._lineage)
         self._pageout = PageOut(self._loop, self._flusher.flush, self._faults.retry_now, _hold, self._table.let_go)
+        self._pageout.total_cap = max_resident // PAGE_SIZE
+        self._pageout.regions = lambda: self._table.regions.values()
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
         _raise_descriptor_limit()
@@ -268,7 +272,8 @@ class PagerService:
     async def _op_hello(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         protocol.check_version(request)
         conn.greeted = True
-        return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid()}
+        return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid(),
+                "max_resident": self._pageout.total_cap * PAGE_SIZE}
 
     async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """A region of the client: its uffd, registered over address..+size
