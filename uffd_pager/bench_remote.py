@@ -47,6 +47,7 @@ WIRE_SUM_FLOOR = "floor: C uffd round trip + bare GET"
 OURS = "read: uffd_pager over {store}"
 SEQUENTIAL = "sequential read over {store}"
 FLUSH = "write-back: uffd_pager flush over {store}"
+OUT_OF_CORE = "out-of-core: sequential over {store}, max_resident 1/4"
 
 
 @contextlib.contextmanager
@@ -149,7 +150,8 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
     rounds = 3 if quick else 5
     size = pages * PAGE_SIZE
     unix = store == "redis+unix"
-    names = {k: v.format(store=store) for k, v in (("ours", OURS), ("seq", SEQUENTIAL), ("flush", FLUSH))}
+    names = {k: v.format(store=store) for k, v in (("ours", OURS), ("seq", SEQUENTIAL), ("flush", FLUSH),
+                                                    ("ooc", OUT_OF_CORE))}
     samples: dict[str, list[int]] = {n: [] for n in (C_FLOOR, GET_FLOOR, WIRE_FLOOR, SET_FLOOR, *names.values())}
     with tempfile.TemporaryDirectory(dir=directory, prefix="uffd-pager-bench-") as tmp, \
             redis_server(tmp, unix) as (prefix, kwargs), Pager(state_dir=os.path.join(tmp, "state")) as pager:
@@ -196,9 +198,15 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
                 start = time.perf_counter_ns()
                 _touch(region.address, sequential)
                 samples[names["seq"]].append((time.perf_counter_ns() - start) // seq_pages)
+            with pager.map(seq_url, seq_pages * PAGE_SIZE, dirty_tracking="sync", writeback_interval=0,
+                           max_resident=seq_pages * PAGE_SIZE // 4) as region:
+                start = time.perf_counter_ns()
+                _touch(region.address, sequential)
+                samples[names["ooc"]].append((time.perf_counter_ns() - start) // seq_pages)
     cases = [Case(C_FLOOR, C_FLOOR, lambda w: []), Case(GET_FLOOR, GET_FLOOR, lambda w: []),
              Case(WIRE_FLOOR, WIRE_FLOOR, lambda w: []), Case(names["ours"], SUM_FLOOR, lambda w: []),
              Case(names["seq"], names["seq"], lambda w: [], unit="MB/s"),
+             Case(names["ooc"], names["seq"], lambda w: [], unit="MB/s"),
              Case(SET_FLOOR, SET_FLOOR, lambda w: [], unit="MB/s"),
              Case(names["flush"], SET_FLOOR, lambda w: [], unit="MB/s")]
     rows = [summarize(case, samples[case.name]) for case in cases]
@@ -231,4 +239,8 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
           f"{format_ratio(flush.per_s / set_loop.per_s if set_loop.per_s else float('nan'))} its throughput")
     print(f"sequential read: {by_name[names['seq']].per_s:.0f} MB/s (adaptive read-ahead: windows of up to 256 pages, "
           "each one pipelined batch)")
+    ooc = by_name[names["ooc"]]
+    print(f"out-of-core: a sequential scan under max_resident of a quarter of it: {ooc.per_s:.0f} MB/s = "
+          f"{format_ratio(ooc.per_s / by_name[names['seq']].per_s if by_name[names['seq']].per_s else float('nan'))} "
+          "the uncapped scan")
     return 0
