@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import uffd_pager
 from pages import differing_pages
 from uffd_pager.bench import _touch
 
+CHILDREN_PY = Path(__file__).with_name("read_ahead_children.py")  # the child processes below
 PAGE = uffd_pager.PAGE_SIZE
 N = 2048  # pages in most regions here (8 MiB)
 
@@ -509,31 +509,6 @@ def test_a_stride_near_the_ends_of_the_region(pager, random_file):
 
 # --- 7. Redis stalls ---------------------------------------------------------------------------------------------
 
-_REDIS_CHILD = textwrap.dedent("""
-    import array, random, sys, time
-    import uffd_pager
-    from uffd_pager.bench import _touch
-    PAGE = uffd_pager.PAGE_SIZE
-    store, npages, order = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    data = random.Random(1).randbytes(npages * PAGE)
-    with uffd_pager.Pager() as pager:
-        with pager.map(store, npages * PAGE, writeback_interval=0) as region:
-            region.view()[:] = data
-            region.flush()
-        region = pager.map(store, npages * PAGE, writeback_interval=0)
-        pages = list(range(npages)) if order == "forward" else list(range(npages - 1, -1, -1))
-        print("ready", flush=True)
-        sys.stdin.readline()  # the server is stopped now
-        for k in range(0, npages, 8):
-            _touch(region.address, array.array("Q", (p * PAGE for p in pages[k:k + 8])))
-        print("touched", flush=True)
-        view = region.view()
-        bad = [p for p in range(npages) if view[p * PAGE:(p + 1) * PAGE] != data[p * PAGE:(p + 1) * PAGE]]
-        zero = [p for p in bad if view[p * PAGE:(p + 1) * PAGE] == bytes(PAGE)]
-        print("stats", region.stats(), flush=True)
-        print("bad", len(bad), "zero", len(zero), bad[:20], flush=True)
-        region.close()
-""")
 
 
 @pytest.mark.timeout(120)
@@ -548,12 +523,9 @@ def test_redis_read_ahead_across_a_stopped_server_is_exact_or_fails_loudly(priva
     store = private_redis_server.url_for(redis_name)
     if timeout is not None:
         store += f"?timeout={timeout}"
-    script = tmp_path / "redis_child.py"
-    script.write_text(_REDIS_CHILD)
     npages = 2048
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
-    child = subprocess.Popen([sys.executable, str(script), store, str(npages), order], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, str(CHILDREN_PY), "redis-stall", store, str(npages), order],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         os.kill(private_redis_server.pid, signal.SIGSTOP)
@@ -631,45 +603,6 @@ def test_pages_dropped_by_the_client_are_read_ahead_again_from_the_file(pager, r
         assert stats["errors"] == 0 and stats["copies"] >= N + 300 + 1 + 548, stats
 
 
-_DROP_CHILD = textwrap.dedent("""
-    import array, ctypes, os, random, sys, threading, time
-    import uffd_pager
-    from uffd_pager.bench import _touch
-    PAGE = uffd_pager.PAGE_SIZE
-    path, npages, seconds, tracking = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    data = open(path, "rb").read()
-    with uffd_pager.Pager() as pager:
-        region = pager.map("file://" + path, npages * PAGE, dirty_tracking=tracking, writeback_interval=0)
-        stop = time.monotonic() + seconds
-        def reader(backward):
-            order = list(range(npages - 1, -1, -1)) if backward else list(range(npages))
-            while time.monotonic() < stop:
-                _touch(region.address, array.array("Q", (p * PAGE for p in order)))
-        def dropper():
-            rng = random.Random(5)
-            while time.monotonic() < stop:
-                lo = rng.randrange(npages)
-                n = rng.randrange(1, 300)
-                n = min(n, npages - lo)
-                assert libc.madvise(region.address + lo * PAGE, n * PAGE, 4) == 0
-        threads = [threading.Thread(target=reader, args=(False,), daemon=True),
-                   threading.Thread(target=reader, args=(True,), daemon=True),
-                   threading.Thread(target=dropper, daemon=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(seconds + 20)
-        if any(t.is_alive() for t in threads):
-            print("HUNG", region.stats(), flush=True)
-            os._exit(3)
-        _touch(region.address, array.array("Q", (p * PAGE for p in range(npages))))
-        view = region.view()
-        bad = [p for p in range(npages) if view[p * PAGE:(p + 1) * PAGE] != data[p * PAGE:(p + 1) * PAGE]]
-        print("bad", len(bad), bad[:10], region.stats()["duplicates"], flush=True)
-        region.close()
-""")
 
 
 @pytest.mark.timeout(120)
@@ -680,11 +613,8 @@ def test_pages_dropped_while_other_threads_read_ahead_into_them(random_file, tmp
     missing (its thread would refault forever), and every byte is exact."""
     npages = 4096
     path = random_file(npages * PAGE)
-    script = tmp_path / "drop_child.py"
-    script.write_text(_DROP_CHILD)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
-    child = subprocess.Popen([sys.executable, str(script), str(path), str(npages), "4", tracking],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, str(CHILDREN_PY), "drop-race", str(path), str(npages), "4", tracking],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = child.communicate(timeout=80)
     except subprocess.TimeoutExpired:
@@ -817,29 +747,6 @@ def test_redis_regions_closed_with_read_ahead_in_flight(pager, redis_server, red
     assert pager.status()["regions"] == 0
 
 
-_PREFETCH_STALL_CHILD = textwrap.dedent("""
-    import array, random, sys
-    import uffd_pager
-    from uffd_pager.bench import _touch
-    PAGE = uffd_pager.PAGE_SIZE
-    store, npages = sys.argv[1], int(sys.argv[2])
-    data = random.Random(2).randbytes(npages * PAGE)
-    with uffd_pager.Pager() as pager:
-        with pager.map(store.split("?")[0], npages * PAGE, writeback_interval=0) as region:
-            region.view()[:] = data
-            region.flush()
-        region = pager.map(store, npages * PAGE, writeback_interval=0)
-        print("ready", flush=True)
-        sys.stdin.readline()  # the server is stopped now
-        print("prefetched", region.prefetch(), flush=True)
-        sys.stdin.readline()  # the server runs again
-        _touch(region.address, array.array("Q", (p * PAGE for p in range(npages))))
-        view = region.view()
-        bad = [p for p in range(npages) if view[p * PAGE:(p + 1) * PAGE] != data[p * PAGE:(p + 1) * PAGE]]
-        print("stats", region.stats(), flush=True)
-        print("bad", len(bad), bad[:20], "alive", pager.alive(), pager.status()["internal_errors"], flush=True)
-        region.close()
-""")
 
 
 @pytest.mark.timeout(120)
@@ -849,11 +756,8 @@ def test_redis_prefetch_while_the_server_is_stopped_returns_and_leaves_pages_to_
     up on the pages it cannot fetch without poisoning any: once the server
     runs again every page is read exactly at its touch."""
     store = private_redis_server.url_for(redis_name) + "?timeout=0.3"
-    script = tmp_path / "prefetch_child.py"
-    script.write_text(_PREFETCH_STALL_CHILD)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
-    child = subprocess.Popen([sys.executable, str(script), store, "1024"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, str(CHILDREN_PY), "prefetch-stall", store, "1024"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         os.kill(private_redis_server.pid, signal.SIGSTOP)
@@ -909,7 +813,8 @@ def test_preallocated_and_punched_extents_read_exactly(pager, tmp_path, order, w
             touch(region, pages[16:])
             view = region.view()
             stats = region.stats()
-            bad = [p for p in range(N) if p not in before and view[p * PAGE:(p + 1) * PAGE] != now[p * PAGE:(p + 1) * PAGE]]
+            bad = [p for p in range(N)
+                   if p not in before and view[p * PAGE:(p + 1) * PAGE] != now[p * PAGE:(p + 1) * PAGE]]
     finally:
         os.close(fd)
     assert stats["errors"] == 0, stats
@@ -969,36 +874,6 @@ def test_holes_in_a_strided_window_are_zero_fills(pager, sparse_file, stride):
     assert stats["copies"] == 0, stats  # as for a sequential read (see test_an_empty_file_reads_as_zeros_ahead)
 
 
-_REMAP_CHILD = textwrap.dedent("""
-    import array, ctypes, sys
-    import uffd_pager
-    from uffd_pager.bench import _touch
-    PAGE = uffd_pager.PAGE_SIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    libc.mremap.restype = ctypes.c_void_p
-    path, npages, order, window = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    window = int(window) if window.isdigit() else window
-    size = npages * PAGE
-    data = open(path, "rb").read()[:size]
-    data += bytes(size - len(data))
-    with uffd_pager.Pager() as pager:
-        region = pager.map("file://" + path, size, read_ahead=window, writeback_interval=0)
-        pages = list(range(npages)) if order == "forward" else list(range(npages - 1, -1, -1))
-        _touch(region.address, array.array("Q", (p * PAGE for p in pages[:300])))
-        target = libc.mmap(None, size, 0, 0x22, -1, 0)
-        new = libc.mremap(region.address, size, size, 3, target)
-        assert new == target, (new, target)
-        _touch(new, array.array("Q", (p * PAGE for p in pages[300:])))
-        seen = ctypes.string_at(new, size)
-        bad = [p for p in range(npages) if seen[p * PAGE:(p + 1) * PAGE] != data[p * PAGE:(p + 1) * PAGE]]
-        stats = region.stats()
-        print("bad", len(bad), bad[:20], "errors", stats["errors"], "remap", stats["events"]["remap"],
-              "ahead", stats["read_ahead_pages"], flush=True)
-        region.close()
-""")
 
 
 @pytest.mark.timeout(120)
@@ -1009,11 +884,8 @@ def test_read_ahead_after_the_region_is_moved_with_mremap(random_file, sparse_fi
     npages = 2048
     path = random_file(npages * PAGE - 55) if kind == "random" else \
         sparse_file(npages * PAGE - 55, unaligned_sparse_writes(npages, seed=13))
-    script = tmp_path / "remap_child.py"
-    script.write_text(_REMAP_CHILD)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)] + sys.path))
-    result = subprocess.run([sys.executable, str(script), str(path), str(npages), order, window],
-                            capture_output=True, text=True, timeout=90, env=env)
+    result = subprocess.run([sys.executable, str(CHILDREN_PY), "remap", str(path), str(npages), order, window],
+                            capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-3000:])
     assert "bad 0 [] errors 0 remap 1" in result.stdout, result.stdout
 
