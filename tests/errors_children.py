@@ -16,25 +16,37 @@ CHILDREN = PlainRegistry()
 child = CHILDREN.register
 
 
-def uffd_fds() -> int:
-    return sum("userfaultfd" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-               if os.path.exists(f"/proc/self/fd/{fd}"))
-
-
 @child("without-ptrace")
 def without_ptrace(url: str) -> None:
-    """Run without CAP_SYS_PTRACE: reports its capabilities and what map() raised."""
+    """Run without CAP_SYS_PTRACE: maps a region, writes, flushes and reads
+    it back, then forks; the forked child reports what a request about the
+    region raised and then touches it (a SIGSEGV: it does not have that
+    memory). Reports as JSON lines: the child's, then the parent's."""
     with uffd_pager.Pager() as pager:
-        fds = uffd_fds()
-        try:
-            pager.map(url, 4096)
-            error = None
-        except Exception as exc:
-            error = [type(exc).__name__, str(exc)]
+        region = pager.map(url, 4 * 4096, writeback_interval=0)
+        view = region.view()
+        view[:5] = b"hello"
+        flushed = region.flush()["pages"]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                region.stats()
+                error = None
+            except Exception as exc:
+                error = [type(exc).__name__, str(exc)]
+            os.write(1, (json.dumps({"child_error": error}) + "\n").encode())
+            view[0]  # not mapped in this process: SIGSEGV
+            os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        read_back = bytes(view[:5]).decode()
+        del view
+        region.close()
         regions = pager.status()["regions"]
     with open("/proc/self/status") as f:
         caps = int(f.read().split("CapEff:")[1].split()[0], 16)
-    print(json.dumps({"caps": caps, "error": error, "new_uffd_fds": uffd_fds() - fds, "regions": regions}))
+    print(json.dumps({"caps": caps, "flushed": flushed, "read_back": read_back, "regions": regions,
+                      "child_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      "child_exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
 
 
 if __name__ == "__main__":

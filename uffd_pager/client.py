@@ -321,10 +321,14 @@ class Pager:
                     if url is not None and not is_remote(url):  # a remote store's is in the pager's state dir
                         descriptors[name] = open_catalog_file(file_path(url))
                         passed.callback(os.close, descriptors[name])
-            uffd = Uffd.create(REGION_FEATURES | TRACKING_FEATURES[tracking])
+            uffd, follows_fork = _region_uffd(TRACKING_FEATURES[tracking])
             mapped = size + PAGE_SIZE  # and the tag page (see Region)
             try:
                 memory = RegionMapping.create(mapped, self.alive)
+                if not follows_fork:
+                    # A child must not see the region at all (an access is a
+                    # SIGSEGV), rather than see it unserved or as zeros.
+                    memory.madvise(mmap.MADV_DONTFORK)
             except BaseException:
                 uffd.close()
                 raise
@@ -354,7 +358,8 @@ class Pager:
         # The pager filled the tag page to see that the uffd is ours: missing
         # again, so that a forked child's first read of it is a fault.
         memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
-        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset, capped=capped)
+        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset, capped=capped,
+                        follows_fork=follows_fork)
         self._regions.add(region)
         return region
 
@@ -475,6 +480,24 @@ def _close_at_exit() -> None:
 
 
 log = logging.getLogger("uffd_pager.client")
+_told_no_fork = False  # the one line about regions that do not follow fork() was logged
+
+
+def _region_uffd(tracking: Feature) -> tuple[Uffd, bool]:
+    """A uffd for a region, and whether it follows fork(). UFFDIO_API
+    refuses UFFD_FEATURE_EVENT_FORK (EPERM) to a process without
+    CAP_SYS_PTRACE; such a process still gets regions, which a forked child
+    does not inherit (MADV_DONTFORK), and is told so once."""
+    global _told_no_fork
+    try:
+        return Uffd.create(REGION_FEATURES | tracking), True
+    except PermissionError:
+        uffd = Uffd.create((REGION_FEATURES & ~Feature.EVENT_FORK) | tracking)  # still EPERM: the original cause
+    if not _told_no_fork:
+        _told_no_fork = True
+        log.warning("uffd_pager: no CAP_SYS_PTRACE, so regions do not follow fork(): a forked child does not "
+                    "inherit them (an access there is a SIGSEGV); grant CAP_SYS_PTRACE for fork support")
+    return uffd, False
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)

@@ -122,9 +122,11 @@ class Region:
     """
 
     def __init__(self, channel: protocol.Channel, owner: object, region_id: int, memory: RegionMapping,
-                 address: int, size: int, store: str, offset: int, *, capped: bool = False) -> None:
+                 address: int, size: int, store: str, offset: int, *, capped: bool = False,
+                 follows_fork: bool = True) -> None:
         self._channel = channel  # requests about this region go there
         self._capped = capped  # max_resident: this process's page-out agent may drop its pages
+        self._follows_fork = follows_fork  # False: MADV_DONTFORK, a forked child has no such memory
         self._owner = owner  # the Pager: kept alive (and its pager process) while the region is
         self._id = region_id
         self._memory: RegionMapping | None = memory
@@ -264,6 +266,12 @@ class Region:
         if memory.uffd is not None:
             memory.uffd.close()
             memory.uffd = None
+        if not self._follows_fork:
+            # Not mapped in this process (MADV_DONTFORK): nothing to claim,
+            # and never unmapped from here (the range may hold other memory).
+            self._adopt_error = "the region does not follow fork() (its process had no CAP_SYS_PTRACE)"
+            memory.orphan()
+            return
         try:
             ctypes.string_at(self.address + self.size, 1)
             # Missing again, so that our own forked children fault on it too.
