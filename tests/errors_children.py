@@ -49,5 +49,24 @@ def without_ptrace(url: str) -> None:
                       "child_exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}), flush=True)
 
 
+@child("older-kernel")
+def older_kernel(url: str) -> None:
+    """Run with features hidden ($UFFD_PAGER_HIDE_FEATURES, as on an older
+    kernel): maps with the default tracking, writes, flushes, and tries
+    dirty_tracking="async" explicitly. One JSON line."""
+    with uffd_pager.Pager() as pager:
+        region = pager.map(url, 4 * 4096, writeback_interval=0)
+        region.view()[:5] = b"older"
+        report = {"tracking": region.stats()["tracking"], "flushed": region.flush()["pages"]}
+        region.close()
+        try:
+            pager.map(url, 4096, dirty_tracking="async").close()
+            report["async"] = None
+        except OSError as exc:
+            report["async"] = [type(exc).__name__, str(exc)]
+        report["regions"] = pager.status()["regions"]
+    print(json.dumps(report), flush=True)
+
+
 if __name__ == "__main__":
     CHILDREN.main()

@@ -128,3 +128,21 @@ def test_without_cap_sys_ptrace_regions_work_and_a_forked_child_does_not_inherit
     error_type, message = child["child_error"]
     assert error_type == "PagerGone" and "does not follow fork()" in message, child
     assert result.stderr.count("no CAP_SYS_PTRACE") == 1, result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_on_a_kernel_without_wp_async_sync_tracking_is_chosen_and_said(random_file):
+    """As on Linux < 6.7 (UFFD_FEATURE_WP_ASYNC hidden from the library in
+    a subprocess): the default tracking is "sync", said in one line, and
+    works; "async" asked for explicitly is refused naming "sync"."""
+    path = random_file(4 * PAGE)
+    result = subprocess.run([sys.executable, str(ERRORS_CHILDREN_PY), "older-kernel", f"file://{path}"],
+                            capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, UFFD_PAGER_HIDE_FEATURES="WP_ASYNC"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["tracking"], report["flushed"], report["regions"]) == ("sync", 1, 0), report
+    assert path.read_bytes()[:5] == b"older"
+    error_type, message = report["async"]
+    assert error_type == "OSError" and 'dirty_tracking="sync"' in message and "WP_ASYNC" in message, report
+    assert result.stderr.count("lacks UFFD_FEATURE_WP_ASYNC") == 1, result.stderr

@@ -237,9 +237,10 @@ def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
         bytes(unpaged.view())
         peak = 0
         pages = size // PAGE
-        for first in range(0, pages, 512):
+        step = 128
+        for first in range(0, pages, step):
             for region in regions:
-                _touch(region.address, array.array("Q", (p * PAGE for p in range(first, min(first + 512, pages)))))
+                _touch(region.address, array.array("Q", (p * PAGE for p in range(first, min(first + step, pages)))))
             peak = max(peak, sum(mapping_rss(r.address) for r in regions))
         for region, path in zip(regions, paths):
             data = path.read_bytes()
@@ -249,7 +250,10 @@ def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
         stats = [r.stats() for r in regions]
         assert all(s["evictions"] > 0 and s["max_resident"] == 0 for s in stats), stats
         assert unpaged.stats()["evictions"] == 0
-        assert peak <= CAP + 4 * WINDOW, f"the regions together reached {peak / MiB:.1f} MiB under a {CAP // MiB} MiB cap"
+        # Soft: while a drop is under way both regions go on faulting, a
+        # slice and a read-ahead window or two each.
+        slack = 2 * step * PAGE + 4 * WINDOW
+        assert peak <= CAP + slack, f"the regions together reached {peak / MiB:.1f} MiB under a {CAP // MiB} MiB cap"
         for region in regions + [unpaged]:
             region.close()
         assert pager.status()["internal_errors"] == 0

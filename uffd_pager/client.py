@@ -55,7 +55,7 @@ from uffd_pager.catalog import open_catalog_file
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
 from uffd_pager.native import ffi, lib
-from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, buffer_address
+from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, available_features, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
 # munmap of the region, report the faulting thread, and write-protect pages
@@ -269,7 +269,7 @@ class Pager:
         """The pager process's pid."""
         return self._conn.pager_pid
 
-    def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str = "async",
+    def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str | None = None,
             writeback_interval: float | None = DEFAULT_WRITEBACK_INTERVAL, fork_policy: str = "on-write",
             children: str | None = None, keep_child_portions: bool = False,
             key_file: str | os.PathLike[str] | None = None, key: Key | None = None,
@@ -291,6 +291,7 @@ class Pager:
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
                 raise TypeError(f"{name} must be a URL string, not {type(url).__name__}")
+        dirty_tracking = _tracking_for(dirty_tracking)
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
@@ -481,6 +482,26 @@ def _close_at_exit() -> None:
 
 log = logging.getLogger("uffd_pager.client")
 _told_no_fork = False  # the one line about regions that do not follow fork() was logged
+_told_sync = False  # the one line about "sync" tracking chosen for an older kernel was logged
+
+
+def _tracking_for(asked: object) -> object:
+    """dirty_tracking as map() uses it: None is "async" where the kernel has
+    UFFD_FEATURE_WP_ASYNC (Linux 6.7+), else "sync", said once; "async"
+    asked for on a kernel without it is an error that names "sync"."""
+    global _told_sync
+    if asked not in (None, "async"):
+        return asked
+    if Feature.WP_ASYNC in available_features():
+        return "async"
+    if asked == "async":
+        raise OSError(errno.EOPNOTSUPP, 'dirty_tracking="async" needs UFFD_FEATURE_WP_ASYNC (Linux 6.7 and later), '
+                                        'which this kernel lacks: use dirty_tracking="sync" (or leave it unset)')
+    if not _told_sync:
+        _told_sync = True
+        log.warning('uffd_pager: this kernel lacks UFFD_FEATURE_WP_ASYNC (Linux < 6.7): dirty_tracking="sync" '
+                    "(each page's first write is a fault to the pager)")
+    return "sync"
 
 
 def _region_uffd(tracking: Feature) -> tuple[Uffd, bool]:
