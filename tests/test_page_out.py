@@ -267,3 +267,18 @@ def test_a_bad_pager_cap_is_refused_before_any_pager_starts(tmp_path):
     result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(tmp_path / "s"),
                              "--max-resident", "1000"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "multiple of 4096" in result.stderr, (result.returncode, result.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_regions_capped_one_after_another_on_one_connection_each_keep_their_cap(pager, random_file):
+    """A region closed while its eviction waits on the agent (whose drop
+    waits for a REMOVE event nobody reads any more) must not leave the
+    agent stuck for the next region: each of three regions in turn keeps
+    its cap, and page-out never gives up on one."""
+    path = random_file(N * PAGE)
+    for _ in range(3):
+        with pager.map(url(path), N * PAGE, dirty_tracking="sync", max_resident=CAP, writeback_interval=0) as region:
+            _touch(region.address, array.array("Q", range(0, N * PAGE, PAGE)))
+            stats = region.stats()
+        assert stats["last_error"] == "" and stats["evictions"] > 0, stats
+        assert stats["resident_peak"] * PAGE <= CAP + WINDOW, stats

@@ -122,7 +122,7 @@ class PageOut:
         self._retry = retry
         self._hold = hold
         self._let_go = let_go
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[ServedRegion, asyncio.Task[None]] = {}
         self.total_cap = 0  # pages all pageable regions may keep together (the pager's --max-resident); 0: none
         self.regions: Callable[[], Iterable[ServedRegion]] = lambda: ()
 
@@ -151,8 +151,18 @@ class PageOut:
         region.evicting = True
         self._hold(region)
         task = self._loop.create_task(self._evict(region, low))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[region] = task
+        task.add_done_callback(lambda _: self._tasks.pop(region, None))
+
+    def released(self, region: ServedRegion) -> None:
+        """The region is gone: its eviction stops at once. Its drop in the
+        agent may be waiting for the REMOVE event it queued, which nobody
+        reads any more; only closing the region's uffd (at its teardown,
+        once our hold on it is let go) lets that drop, and the agent's next
+        ones, go on."""
+        task = self._tasks.get(region)
+        if task is not None:
+            task.cancel()
 
     async def _evict(self, region: ServedRegion, low: int) -> None:
         flushed = False
@@ -222,5 +232,5 @@ class PageOut:
                 region.fill.end_eviction(address, length, dropped=dropped)
 
     def close(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._tasks.values()):
             task.cancel()

@@ -141,6 +141,7 @@ class PagerService:
             self._done.set_result(None)
 
     def _on_released(self, region: ServedRegion) -> None:
+        self._pageout.released(region)
         if region.parent is None and region.uid is not None:
             self._tenants.remove(region.uid, region.fill.length)
         self._lineage.sync_defer_missing()
