@@ -119,25 +119,34 @@ def kernel_file_read(w: Workload) -> list[int]:
         return _touch(buffer_address(memory), w.offsets)
 
 
+@contextlib.contextmanager
+def _c_handled(path: str, size: int, start: Callable[..., object]) -> Iterator[int]:
+    """Anonymous memory of `size` bytes whose faults a C reference handler
+    serves from the file at path: start(uffd, file fd, address, file
+    offset) starts it. Yields the memory's address."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    uffd = Uffd.create(Feature(0))
+    try:
+        with _anonymous(size) as memory:
+            address = buffer_address(memory)
+            uffd.register(address, size, RegisterMode.MISSING)
+            handler = start(uffd.fd, fd, address, 0)
+            if handler == ffi.NULL:
+                raise OSError(ffi.errno, "cannot start the C reference handler")
+            try:
+                yield address
+            finally:
+                lib.up_ref_stop(handler)
+                uffd.unregister(address, size)
+    finally:
+        uffd.close()
+        os.close(fd)
+
+
 def _c_reference(start: Callable[..., object]) -> Callable[[Workload], list[int]]:
     def run(w: Workload) -> list[int]:
-        fd = os.open(w.path, os.O_RDONLY | os.O_CLOEXEC)
-        uffd = Uffd.create(Feature(0))
-        try:
-            with _anonymous(w.size) as memory:
-                address = buffer_address(memory)
-                uffd.register(address, w.size, RegisterMode.MISSING)
-                handler = start(uffd.fd, fd, address, 0)
-                if handler == ffi.NULL:
-                    raise OSError(ffi.errno, "cannot start the C reference handler")
-                try:
-                    return _touch(address, w.offsets)
-                finally:
-                    lib.up_ref_stop(handler)
-                    uffd.unregister(address, w.size)
-        finally:
-            uffd.close()
-            os.close(fd)
+        with _c_handled(w.path, w.size, start) as address:
+            return _touch(address, w.offsets)
 
     return run
 
@@ -311,6 +320,22 @@ def _elapsed_per_page(touch: Callable[[], object], pages: int) -> list[int]:
     return _per_page(time.perf_counter_ns() - start, pages)
 
 
+def kernel_scan_ns(path: str) -> int:
+    """The kernel's mmap of the whole file read a byte a page in order
+    (read-only, private): the nanoseconds it took. Run here, and in a
+    memory cgroup by bench_scan.py."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    try:
+        offsets = array.array("Q", range(0, size, PAGE_SIZE))
+        start = time.perf_counter_ns()
+        _touch(buffer_address(memory), offsets)
+        return time.perf_counter_ns() - start
+    finally:
+        memory.close()
+
+
 def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[int]]:
     """A file region read in order, a byte a page (ns per page, one sample a
     round): the kernel's mmap of the file (with its own read-ahead and
@@ -325,12 +350,7 @@ def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[i
         while f.read(8 << 20):  # into the page cache
             pass
     for _ in range(rounds):
-        with open(path, "rb") as f:
-            memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-        try:
-            samples[SEQ_KERNEL] += _elapsed_per_page(lambda: _touch(buffer_address(memory), offsets), pages)
-        finally:
-            memory.close()
+        samples[SEQ_KERNEL] += _per_page(kernel_scan_ns(path), pages)
         samples[SEQ_FLOOR] += _clustered_reference(path, size, offsets)
         for name, read_ahead in ((SEQ_OURS, "adaptive"), (SEQ_OFF, "off")):
             with pager.map(f"file://{path}", size, read_ahead=read_ahead, writeback_interval=0) as region:
@@ -339,23 +359,11 @@ def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[i
 
 
 def _clustered_reference(path: str, size: int, offsets: array.array) -> list[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    uffd = Uffd.create(Feature(0))
-    try:
-        with _anonymous(size) as memory:
-            address = buffer_address(memory)
-            uffd.register(address, size, RegisterMode.MISSING)
-            handler = lib.up_ref_start_cluster_process(uffd.fd, fd, address, 0, size, READ_AHEAD_MAX // PAGE_SIZE)
-            if handler == ffi.NULL:
-                raise OSError(ffi.errno, "cannot start the clustered C reference handler")
-            try:
-                return _elapsed_per_page(lambda: _touch(address, offsets), size // PAGE_SIZE)
-            finally:
-                lib.up_ref_stop(handler)
-                uffd.unregister(address, size)
-    finally:
-        uffd.close()
-        os.close(fd)
+    def start(uffd: int, fd: int, address: int, offset: int) -> object:
+        return lib.up_ref_start_cluster_process(uffd, fd, address, offset, size, READ_AHEAD_MAX // PAGE_SIZE)
+
+    with _c_handled(path, size, start) as address:
+        return _elapsed_per_page(lambda: _touch(address, offsets), size // PAGE_SIZE)
 
 
 SEQUENTIAL_CASES = [
