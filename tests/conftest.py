@@ -185,23 +185,34 @@ class Daemon:
     def __init__(self, path: Path, process: subprocess.Popen[bytes]) -> None:
         self.path = str(path)
         self.process = process
+        self.stopped = False
 
     def connect(self) -> uffd_pager.Pager:
         return uffd_pager.connect(self.path)
 
+    def stop(self) -> None:
+        """SIGTERM; it must exit with status 0 (support.stop_daemon)."""
+        self.stopped = True
+        stop_daemon(self.path, self.process)
+
 
 @pytest.fixture
 def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """start_daemon(name="pager.sock", wrapper=()) -> a running Daemon, its
-    command run through `wrapper` (e.g. setpriv) if given; waited for until its
-    socket accepts, stopped with SIGTERM at teardown, when it must exit cleanly."""
+    """start_daemon(name="pager.sock", wrapper=(), options=(), pass_fds=()) ->
+    a running Daemon, its command run through `wrapper` (e.g. setpriv) if
+    given, with `--socket socket_dir/name` unless `options` say where it
+    listens (a --config file; or an inherited socket there); waited for until
+    its socket accepts, stopped with SIGTERM at teardown (unless stopped
+    already), when it must exit cleanly."""
     daemons: list[Daemon] = []
 
-    def start(name: str = "pager.sock", *, wrapper: Sequence[str] = ()) -> Daemon:
+    def start(name: str = "pager.sock", *, wrapper: Sequence[str] = (), options: Sequence[str] | None = None,
+              pass_fds: Sequence[int] = ()) -> Daemon:
         path = socket_dir / name
         process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
-            stdin=subprocess.DEVNULL, cwd="/",
+            [*wrapper, sys.executable, "-m", "uffd_pager", "serve",
+             *(["--socket", str(path)] if options is None else options)],
+            stdin=subprocess.DEVNULL, cwd="/", pass_fds=pass_fds,
         )
         daemon = Daemon(path, process)
         daemons.append(daemon)
@@ -214,7 +225,8 @@ def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for daemon in daemons:
-        stop_daemon(daemon.path, daemon.process)
+        if not daemon.stopped:
+            daemon.stop()
 
 
 @pytest.fixture

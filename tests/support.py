@@ -34,6 +34,23 @@ def accepts(path: Path) -> bool:
     return True
 
 
+def run_cli(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`uffd-pager ARGS...` (as `python -m uffd_pager`), its output as text."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "uffd_pager", *args], stderr=subprocess.PIPE, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, **kwargs)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """The command refused its arguments (status 2, no traceback) before
+    doing anything, naming each of `words`."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, f"{word!r} not in: {result.stderr}"
+    assert not result.stdout, "it started working before refusing"
+
+
 def describe_returncode(code: int | None) -> str:
     """A Popen return code in words: "still running", "killed by SIGBUS", "exit 1"."""
     if code is None:

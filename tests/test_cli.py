@@ -15,24 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from support import assert_usage_error, run_cli
 from uffd_pager import bench
 from uffd_pager.__main__ import build_parser
 
 BUILD_DEPS = Path(__file__).resolve().parents[1] / "native" / "build-deps.sh"
-
-
-def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess[str]:
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    return subprocess.run([sys.executable, "-m", "uffd_pager", *args], stderr=subprocess.PIPE, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, **kwargs)
-
-
-def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr
-    for word in words:
-        assert word in result.stderr
-    assert not result.stdout, "it started working before refusing"
 
 
 # --- native/build-deps.sh ------------------------------------------------------------------

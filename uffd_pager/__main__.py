@@ -11,8 +11,10 @@ import signal
 import socket
 import stat
 import sys
-from typing import Callable
+from importlib.metadata import version
+from typing import Any, Callable, Mapping
 
+from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
 
 
@@ -62,6 +64,10 @@ def _page_multiple(text: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
+    if args.listen_fd is None and not args.socket:
+        print("uffd-pager serve: error: no socket to listen on: give --socket PATH or socket = PATH in the "
+              "config file", file=sys.stderr)
+        return 2
     if args.listen_fd is not None:
         listener = socket.socket(fileno=args.listen_fd)
     else:
@@ -126,9 +132,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(quick=args.quick, pages=args.pages, directory=args.dir, json_path=args.json)
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 0)
@@ -162,11 +165,15 @@ def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
                         help="how much the pager logs: DEBUG, INFO, WARNING (default) or ERROR")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line; `config`: serve's settings from its config file,
+    the defaults of the options it names (the command line wins)."""
+    config = dict(config or {})
     parser = argparse.ArgumentParser(
         prog="uffd-pager",
         description="A user-space pager: file-backed, fork-safe memory regions served by userfaultfd.")
-    _add_log_level(parser, "WARNING")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('uffd_pager')}")
+    _add_log_level(parser, config.pop("log_level", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -177,10 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sub_parser
 
     serve = command("serve", "run a pager daemon on a Unix socket", cmd_serve)
-    where = serve.add_mutually_exclusive_group(required=True)
+    serve.add_argument("--config", metavar="PATH",
+                       help="a TOML file of these options' settings, overridden by the command line (default "
+                            f"{DEFAULT_CONFIG} if it exists)")
+    # Required, but the config file may name it: checked by cmd_serve.
+    where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket", help="path of the Unix socket to listen on")
     where.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # embedded pager: inherited listener
-    serve.add_argument("--exit-when-idle", action="store_true",
+    serve.add_argument("--exit-when-idle", action=argparse.BooleanOptionalAction, default=False,
                        help="exit once no client and no region is left")
     serve.add_argument("--state-dir", metavar="DIR",
                        help="where the pager keeps what an attacker of the stores must not roll back (encrypted "
@@ -193,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
+    serve.set_defaults(**config)
 
     bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
     bench.add_argument("--quick", action="store_true", help="fewer pages: the run of ./run.sh")
@@ -212,8 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_config(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """serve's command line parsed again over its config file's settings."""
+    from uffd_pager import config
+
+    path = config.config_path(args.config, embedded=args.listen_fd is not None)
+    if path is None:
+        return args
+    parser = build_parser()
+    try:
+        settings = config.load(path)
+    except config.ConfigError as exc:
+        parser.error(str(exc))
+    if args.listen_fd is not None:
+        settings.pop("socket", None)  # the inherited listener is the socket
+    return build_parser(settings).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args = _with_config(args, argv)
     logging.basicConfig(level=args.log_level, format="uffd-pager[%(process)d] %(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -1,0 +1,126 @@
+"""`uffd-pager serve --config FILE`: a TOML file of serve's options, read
+strictly, the command line overriding it; and `uffd-pager --version`."""
+from __future__ import annotations
+
+import errno
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from support import assert_usage_error, run_cli
+from uffd_pager import PAGE_SIZE, config
+from uffd_pager.__main__ import build_parser
+from uffd_pager.errors import LimitExceeded
+
+PAGES = 16
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def map_and_read(pager, store: Path):
+    """A region over the first PAGES pages of `store`, read back byte-exact."""
+    region = pager.map(f"file://{store}", PAGES * PAGE_SIZE)
+    assert bytes(region.view()) == store.read_bytes()[:PAGES * PAGE_SIZE]
+    return region
+
+
+@pytest.mark.timeout(60)
+def test_config_file_sets_the_socket_and_the_limits(start_daemon, socket_dir, tmp_path, random_file):
+    store = random_file(PAGES * PAGE_SIZE)
+    path = write_config(tmp_path / "pager.toml", f'socket = "{socket_dir / "from-config.sock"}"\n'
+                                                 'max-regions = 1\n')
+    daemon = start_daemon("from-config.sock", options=["--config", path])
+    with daemon.connect() as pager:
+        with map_and_read(pager, store):
+            with pytest.raises(LimitExceeded) as refused:
+                pager.map(f"file://{store}", PAGES * PAGE_SIZE)
+            assert refused.value.errno == errno.EDQUOT and "--max-regions" in str(refused.value)
+        with map_and_read(pager, store):  # the first one's place is free again
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_command_line_overrides_the_config_file(start_daemon, socket_dir, tmp_path, random_file):
+    store = random_file(PAGES * PAGE_SIZE)
+    path = write_config(tmp_path / "pager.toml", f'socket = "{socket_dir / "not-this.sock"}"\nmax-regions = 1\n')
+    daemon = start_daemon("this.sock", options=["--config", path, "--socket", str(socket_dir / "this.sock"),
+                                                "--max-regions", "2"])
+    assert not (socket_dir / "not-this.sock").exists()
+    with daemon.connect() as pager, map_and_read(pager, store), map_and_read(pager, store):
+        assert pager.status()["regions"] == 2
+
+
+@pytest.mark.parametrize("argv, level", [
+    (["serve"], "DEBUG"),
+    (["serve", "--log-level", "error"], "ERROR"),
+    (["--log-level", "info", "serve"], "INFO"),
+])
+def test_log_level_of_the_config_file_unless_given_before_or_after_serve(tmp_path, argv, level):
+    settings = config.load(write_config(tmp_path / "pager.toml", 'log-level = "debug"\nmax-regions = 3\n'))
+    args = build_parser(settings).parse_args(argv)
+    assert (args.log_level, args.max_regions) == (level, 3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text, words", [
+    ("max_regions = 4\n", ["unknown key 'max_regions'", "did you mean 'max-regions'"]),
+    ('colour = "blue"\n', ["unknown key 'colour'", "socket", "max-mapped"]),
+    ("[serve]\nmax-regions = 4\n", ["unknown key 'serve'"]),
+])
+def test_an_unknown_key_is_refused(tmp_path, text, words):
+    path = write_config(tmp_path / "pager.toml", text)
+    result = run_cli("serve", "--config", path, "--socket", str(tmp_path / "never.sock"))
+    assert_usage_error(result, path, *words)
+    assert not (tmp_path / "never.sock").exists(), "it listened before refusing"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text, words", [
+    ('max-regions = "16"\n', ["max-regions must be an integer", "'16'"]),
+    ("max-regions = true\n", ["max-regions must be an integer", "True"]),
+    ("socket = 5\n", ["socket must be a string", "5"]),
+    ('exit-when-idle = "yes"\n', ["exit-when-idle must be true or false"]),
+    ("max-regions = 0\n", ["max-regions must be at least 1"]),
+    ("max-resident = 1000\n", ["max-resident must be a multiple of 4096", "1000"]),
+    ('log-level = "loud"\n', ["log-level must be one of DEBUG, INFO, WARNING, ERROR", "'loud'"]),
+    ("max-regions = \n", ["not valid TOML"]),
+])
+def test_a_value_of_the_wrong_type_or_range_is_refused_naming_its_key(tmp_path, text, words):
+    path = write_config(tmp_path / "pager.toml", text)
+    result = run_cli("serve", "--config", path, "--socket", str(tmp_path / "never.sock"))
+    assert_usage_error(result, path, *words)
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_config_file_is_refused(tmp_path):
+    missing = str(tmp_path / "missing.toml")
+    assert_usage_error(run_cli("serve", "--config", missing, "--socket", str(tmp_path / "never.sock")),
+                       missing, "No such file")
+
+
+@pytest.mark.timeout(60)
+def test_serve_without_a_socket_anywhere_is_a_usage_error(tmp_path):
+    path = write_config(tmp_path / "pager.toml", "max-regions = 4\n")
+    assert_usage_error(run_cli("serve", "--config", path), "no socket", "--socket", "config file")
+
+
+def test_the_default_file_is_read_by_a_daemon_only(tmp_path, monkeypatch):
+    default = tmp_path / "uffd-pager.toml"
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(default))
+    assert config.config_path(None, embedded=False) is None  # absent: no file
+    default.write_text("max-regions = 4\n")
+    assert config.config_path(None, embedded=False) == str(default)
+    assert config.config_path(None, embedded=True) is None, "the library's private pager read the daemon's file"
+    assert config.config_path("/x.toml", embedded=True) == "/x.toml"
+
+
+@pytest.mark.timeout(60)
+def test_version_prints_the_installed_version():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"uffd-pager {version('uffd_pager')}\n"
+    assert version("uffd_pager")[0].isdigit()

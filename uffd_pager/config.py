@@ -1,0 +1,107 @@
+"""The daemon's configuration file: TOML, one key per `uffd-pager serve`
+option, spelled as the option without its dashes in front
+(``max-regions = 64`` for ``--max-regions 64``).
+
+The file is read strictly: an unknown key (a typo would otherwise silently
+leave a limit at its default), a value of the wrong type and one out of
+its option's range are refused, naming the file and the key.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from uffd_pager.uffd import PAGE_SIZE
+
+DEFAULT_PATH = "/etc/uffd-pager.toml"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be read, or holds a key or value `serve` refuses."""
+
+
+def _positive(value: int) -> str | None:
+    """Why `value` is not a whole number above 0, or None."""
+    return None if value >= 1 else "must be at least 1"
+
+
+def _page_multiple(value: int) -> str | None:
+    """Why `value` is not a byte count of whole pages (0 included), or None."""
+    return None if value >= 0 and value % PAGE_SIZE == 0 else f"must be a multiple of {PAGE_SIZE} (0: none)"
+
+
+def _path(value: str) -> str | None:
+    return None if value and "\0" not in value else "must be a non-empty path"
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of the file: the serve option `--NAME`, its TOML type, its rule."""
+    name: str
+    kind: type
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def dest(self) -> str:
+        """The option's attribute in the parsed command line."""
+        return self.name.replace("-", "_")
+
+
+KEYS = {key.name: key for key in (
+    Key("socket", str, _path),
+    Key("state-dir", str, _path),
+    Key("exit-when-idle", bool),
+    Key("max-regions", int, _positive),
+    Key("max-mapped", int, _positive),
+    Key("max-resident", int, _page_multiple),
+    Key("log-level", str, _log_level),
+)}
+
+_TOML_TYPES = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def config_path(given: str | None, *, embedded: bool) -> str | None:
+    """The file to read: the one given, else DEFAULT_PATH if it exists. An
+    embedded pager (the library's private one) reads no file it was not
+    given: a machine's daemon settings are not the application's."""
+    if given is not None:
+        return given
+    if embedded or not os.path.exists(DEFAULT_PATH):
+        return None
+    return DEFAULT_PATH
+
+
+def load(path: str) -> dict[str, Any]:
+    """The file's settings by option attribute (``max_regions``), checked;
+    ConfigError names the file and the key of anything refused."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    values = {}
+    for name, value in table.items():
+        key = KEYS.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the keys are {', '.join(KEYS)}"
+            raise ConfigError(f"config file {path}: unknown key {name!r}{hint}")
+        # bool is an int to Python, never to TOML: `max-regions = true` is refused
+        if type(value) is not key.kind:
+            raise ConfigError(f"config file {path}: {name} must be {_TOML_TYPES[key.kind]}, not {value!r}")
+        complaint = key.check(value) if key.check else None
+        if complaint:
+            raise ConfigError(f"config file {path}: {name} {complaint}, not {value!r}")
+        values[key.dest] = value.upper() if name == "log-level" else value
+    return values
