@@ -51,6 +51,16 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) ->
     assert not result.stdout, "it started working before refusing"
 
 
+def map_and_check(pager: Any, store: Path, size: int) -> Any:
+    """pager.map() of the first `size` bytes of the file `store`, read back
+    whole and compared byte for byte: the region, still open."""
+    region = pager.map(f"file://{store}", size)
+    with open(store, "rb") as f:
+        expected = f.read(size)
+    assert bytes(region.view()) == expected + bytes(size - len(expected)), "the region differs from its file"
+    return region
+
+
 def describe_returncode(code: int | None) -> str:
     """A Popen return code in words: "still running", "killed by SIGBUS", "exit 1"."""
     if code is None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from support import assert_usage_error, run_cli
+from support import assert_usage_error, map_and_check, run_cli
 from uffd_pager import PAGE_SIZE, config
 from uffd_pager.__main__ import build_parser
 from uffd_pager.errors import LimitExceeded
 
-PAGES = 16
+SIZE = 16 * PAGE_SIZE
 
 
 def write_config(path: Path, text: str) -> str:
@@ -21,36 +21,29 @@ def write_config(path: Path, text: str) -> str:
     return str(path)
 
 
-def map_and_read(pager, store: Path):
-    """A region over the first PAGES pages of `store`, read back byte-exact."""
-    region = pager.map(f"file://{store}", PAGES * PAGE_SIZE)
-    assert bytes(region.view()) == store.read_bytes()[:PAGES * PAGE_SIZE]
-    return region
-
-
 @pytest.mark.timeout(60)
 def test_config_file_sets_the_socket_and_the_limits(start_daemon, socket_dir, tmp_path, random_file):
-    store = random_file(PAGES * PAGE_SIZE)
+    store = random_file(SIZE)
     path = write_config(tmp_path / "pager.toml", f'socket = "{socket_dir / "from-config.sock"}"\n'
                                                  'max-regions = 1\n')
     daemon = start_daemon("from-config.sock", options=["--config", path])
     with daemon.connect() as pager:
-        with map_and_read(pager, store):
+        with map_and_check(pager, store, SIZE):
             with pytest.raises(LimitExceeded) as refused:
-                pager.map(f"file://{store}", PAGES * PAGE_SIZE)
+                pager.map(f"file://{store}", SIZE)
             assert refused.value.errno == errno.EDQUOT and "--max-regions" in str(refused.value)
-        with map_and_read(pager, store):  # the first one's place is free again
+        with map_and_check(pager, store, SIZE):  # the first one's place is free again
             pass
 
 
 @pytest.mark.timeout(60)
 def test_command_line_overrides_the_config_file(start_daemon, socket_dir, tmp_path, random_file):
-    store = random_file(PAGES * PAGE_SIZE)
+    store = random_file(SIZE)
     path = write_config(tmp_path / "pager.toml", f'socket = "{socket_dir / "not-this.sock"}"\nmax-regions = 1\n')
     daemon = start_daemon("this.sock", options=["--config", path, "--socket", str(socket_dir / "this.sock"),
                                                 "--max-regions", "2"])
     assert not (socket_dir / "not-this.sock").exists()
-    with daemon.connect() as pager, map_and_read(pager, store), map_and_read(pager, store):
+    with daemon.connect() as pager, map_and_check(pager, store, SIZE), map_and_check(pager, store, SIZE):
         assert pager.status()["regions"] == 2
 
 

@@ -12,10 +12,13 @@ import socket
 import stat
 import sys
 from importlib.metadata import version
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
+
+if TYPE_CHECKING:
+    from uffd_pager.sd_daemon import Notifier
 
 
 def _listen(path: str) -> socket.socket:
@@ -41,7 +44,7 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-async def _serve(listener: socket.socket, args: argparse.Namespace) -> None:
+async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: Notifier | None) -> None:
     from uffd_pager.service import PagerService
     from uffd_pager.tenants import TenantLimits
 
@@ -50,8 +53,17 @@ async def _serve(listener: socket.socket, args: argparse.Namespace) -> None:
                            state_dir=args.state_dir, max_resident=args.max_resident)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop)
-    await service.serve()
+        loop.add_signal_handler(sig, _stop, service, notifier)
+    if notifier is None:
+        await service.serve()
+    else:
+        await notifier.supervise(service.serve())
+
+
+def _stop(service: Any, notifier: Notifier | None) -> None:
+    if notifier is not None:
+        notifier.notify("STOPPING=1")
+    service.stop()
 
 
 def _page_multiple(text: str) -> int:
@@ -64,20 +76,32 @@ def _page_multiple(text: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    if args.listen_fd is None and not args.socket:
-        print("uffd-pager serve: error: no socket to listen on: give --socket PATH or socket = PATH in the "
-              "config file", file=sys.stderr)
-        return 2
-    if args.listen_fd is not None:
+    from uffd_pager import sd_daemon
+
+    # The library's private pager (--listen-fd) is not the daemon of a unit:
+    # systemd's variables in its environment are its application's.
+    embedded = args.listen_fd is not None
+    activated = None if embedded else sd_daemon.activated_listener()
+    if embedded:
         listener = socket.socket(fileno=args.listen_fd)
-    else:
+    elif activated is not None:
+        listener = activated  # systemd's socket unit owns its path
+        logging.getLogger("uffd_pager").info("listening on the socket passed by systemd")
+    elif args.socket:
         listener = _listen(args.socket)
         logging.getLogger("uffd_pager").info("listening on %s", args.socket)
+    else:
+        print("uffd-pager serve: error: no socket to listen on: give --socket PATH, socket = PATH in the "
+              "config file, or start it through a systemd socket unit", file=sys.stderr)
+        return 2
+    notifier = None if embedded else sd_daemon.Notifier()
     try:
-        uvloop.run(_serve(listener, args))
+        uvloop.run(_serve(listener, args, notifier))
     finally:
         listener.close()
-        if args.socket and args.listen_fd is None:
+        if notifier is not None:
+            notifier.close()
+        if args.socket and not embedded and activated is None:
             try:
                 os.unlink(args.socket)
             except FileNotFoundError:
