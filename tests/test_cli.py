@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -50,6 +51,47 @@ def test_build_deps_installs_nothing_that_is_present(tmp_path: Path, system_path
         result = subprocess.run([str(BUILD_DEPS)], env={"PATH": path}, capture_output=True, text=True, timeout=30)
         assert (result.returncode, result.stderr) == (0, ""), f"run {run}: {result.stderr}"
     assert not (tmp_path / "apt-get.log").exists()
+
+
+def _python_as_debian_ships_it(directory: Path) -> None:
+    """A python3 command in `directory` as a fresh Debian has it: this
+    interpreter over its standard library without ensurepip (Debian moves it
+    to python3-venv) and without the headers (python3-dev)."""
+    home = directory / "python-home"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (home / "lib" / version).mkdir(parents=True)
+    (home / "include" / version).mkdir(parents=True)
+    stdlib = Path(sysconfig.get_path("stdlib"))
+    for entry in stdlib.iterdir():
+        if entry.name != "ensurepip":
+            (home / "lib" / version / entry.name).symlink_to(entry)
+    interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    _fake_command(directory, "python3", f'PYTHONHOME="{home}" exec "{interpreter}" "$@"')
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("python, wanted", [
+    ("debian", "python3-venv python3-dev"),
+    ("absent", "python3 python3-venv python3-dev"),
+])
+def test_build_deps_installs_what_python_lacks_to_build(tmp_path: Path, python: str, wanted: str) -> None:
+    ldconfig = shutil.which("ldconfig", path=f"{os.environ['PATH']}:/usr/sbin:/sbin") or "ldconfig"
+    if "libcrypto.so.3 " not in subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout:
+        pytest.skip("this machine lacks libcrypto.so.3: the script rightly wants libssl3 too")
+    # root, gcc present, an apt-get that logs; on PATH nothing else but bash (and python3 if not absent)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "bash").symlink_to(shutil.which("bash"))
+    _fake_command(fake, "gcc", "exit 0")
+    _fake_command(fake, "id", 'if [ "$1" = -u ]; then echo 0; else exit 1; fi')
+    _fake_command(fake, "apt-get", f'echo "$*" >> "{tmp_path}/apt-get.log"')
+    if python == "debian":
+        _python_as_debian_ships_it(fake)
+        assert subprocess.run([fake / "python3", "-c", "import json"], timeout=30).returncode == 0
+    result = subprocess.run([str(BUILD_DEPS)], env={"PATH": str(fake)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "apt-get.log").read_text().splitlines() == [
+        "update -qq", f"install -y -qq --no-upgrade {wanted}"]
 
 
 # --- bench: refusing bad arguments before any work ---------------------------------------------
