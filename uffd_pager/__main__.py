@@ -14,11 +14,12 @@ import sys
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS
+from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
 
 if TYPE_CHECKING:
     from uffd_pager.sd_daemon import Notifier
+    from uffd_pager.service import PagerService
 
 
 def _listen(path: str) -> socket.socket:
@@ -60,7 +61,7 @@ async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: No
         await notifier.supervise(service.serve())
 
 
-def _stop(service: Any, notifier: Notifier | None) -> None:
+def _stop(service: PagerService, notifier: Notifier | None) -> None:
     if notifier is not None:
         notifier.notify("STOPPING=1")
     service.stop()
@@ -250,16 +251,13 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
 
 def _with_config(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
     """serve's command line parsed again over its config file's settings."""
-    from uffd_pager import config
-
-    path = config.config_path(args.config, embedded=args.listen_fd is not None)
+    path = config_path(args.config, embedded=args.listen_fd is not None)
     if path is None:
         return args
-    parser = build_parser()
     try:
-        settings = config.load(path)
-    except config.ConfigError as exc:
-        parser.error(str(exc))
+        settings = load_config(path)
+    except ConfigError as exc:
+        build_parser().error(str(exc))
     if args.listen_fd is not None:
         settings.pop("socket", None)  # the inherited listener is the socket
     return build_parser(settings).parse_args(argv)
