@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
@@ -190,6 +190,13 @@ def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
                         help="how much the pager logs: DEBUG, INFO, WARNING (default) or ERROR")
 
 
+def _version() -> str:
+    try:
+        return version("uffd_pager")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, never installed: every command still runs
+        return "(not installed: no version)"
+
+
 def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command line; `config`: serve's settings from its config file,
     the defaults of the options it names (the command line wins)."""
@@ -197,7 +204,7 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog="uffd-pager",
         description="A user-space pager: file-backed, fork-safe memory regions served by userfaultfd.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('uffd_pager')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_log_level(parser, config.pop("log_level", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
