@@ -107,6 +107,24 @@ def test_socket_activated_daemon_serves_and_reports_ready_and_stopping(start_dae
     assert path.exists(), "the daemon removed the socket unit's path"
 
 
+@pytest.mark.timeout(90)
+def test_systemds_own_socket_activate_starts_a_daemon_that_serves(start_daemon, socket_dir, notify, random_file):
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    store = random_file(SIZE)
+    path = socket_dir / "activated.sock"
+    # It listens, waits for a first connection (start_daemon's probe), then execs the daemon with
+    # LISTEN_FDS/LISTEN_PID set and, of the environment, only what -E names.
+    wrapper = [tool, "--seqpacket", "--listen", str(path), "-E", "NOTIFY_SOCKET", "-E", "UFFD_PAGER_STATE_DIR"]
+    daemon = start_daemon("activated.sock", wrapper=wrapper, options=[])
+    assert notify.wait_for("READY=1") == daemon.process.pid
+    with daemon.connect() as pager, map_and_check(pager, store, SIZE):
+        pass
+    daemon.stop()
+    assert notify.wait_for("STOPPING=1") == daemon.process.pid
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("watchdog_pid, pings", [(None, True), ("1", False)], ids=["ours", "another-pid"])
 def test_watchdog_keep_alives_at_half_the_interval(start_daemon, notify, monkeypatch, watchdog_pid, pings):
