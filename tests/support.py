@@ -34,6 +34,22 @@ def accepts(path: Path) -> bool:
     return True
 
 
+def run_cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`uffd-pager ARGS...` as a user runs it (stdout and stderr captured, no stdin)."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "uffd_pager", *args], stderr=subprocess.PIPE, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, **kwargs)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """The command refused its arguments (argparse's exit status 2, naming `words`) before doing anything."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert not result.stdout, "it started working before refusing"
+
+
 def describe_returncode(code: int | None) -> str:
     """A Popen return code in words: "still running", "killed by SIGBUS", "exit 1"."""
     if code is None:

@@ -41,7 +41,7 @@ class Progress:
     def _say(self, line: str) -> None:
         if self._tty:
             # One screen line: \r cannot go back over a line the terminal wrapped.
-            width = os.get_terminal_size(self._stream.fileno()).columns - 1
+            width = (os.get_terminal_size(self._stream.fileno()).columns or 80) - 1  # 0: a size never set
             self._stream.write(f"\r\x1b[K{line[:width]}")  # \x1b[K: erase what a longer line left
         else:
             self._stream.write(f"{line}\n")
