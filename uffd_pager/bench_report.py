@@ -10,6 +10,7 @@ for a report (the ``report`` extra)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -21,6 +22,19 @@ REPORT = "README.md"
 MARKER = "<!-- written by uffd-pager bench --report: a new report replaces it -->"
 THROUGHPUT_PLOT = "throughput.png"
 DPI = 80  # small PNGs: they are committed in benchmarks/
+PNG_COLORS = 64  # a palette of 64 colors keeps a plot's lines and text, at a third of the bytes
+
+
+def _save(fig: object, path: str) -> None:
+    import matplotlib.pyplot as plt
+    from PIL import Image  # matplotlib's own dependency: it writes PNGs through Pillow
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=PNG_COLORS).save(path, optimize=True)
 
 
 def save_json(results: Results, path: str) -> None:
@@ -105,8 +119,7 @@ def _plot_cdf(row: Row, floors: list[Row], path: str) -> None:
     ax.set_title(f"{row.name}: p50 {format_ratio(row.ratio)} its floor", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_throughput(rows: list[Row], by_name: dict[str, Row], path: str) -> None:
@@ -136,8 +149,7 @@ def _plot_throughput(rows: list[Row], by_name: dict[str, Row], path: str) -> Non
     ax.set_xlabel("MB/s" + (" (log scale)" if ax.get_xscale() == "log" else "") + "; grey: a floor")
     ax.grid(True, axis="x", which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(results: Results, directory: str) -> str:
