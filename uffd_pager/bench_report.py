@@ -104,13 +104,9 @@ def _plot_cdf(row: Row, floors: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=DPI)
-    for curve, style in zip([row, *floors], ("-", "--", ":", "-.")):
-        label = f"{curve.name} (p50 {curve.p50_us:.2f} us)"
-        if curve.cdf_us:
-            levels = [i / (len(curve.cdf_us) - 1) for i in range(len(curve.cdf_us))]
-            ax.step(curve.cdf_us, levels, style, where="post", label=label)
-        else:  # a floor summed from others' figures (bench --store) has no distribution of its own
-            ax.axvline(curve.p50_us, linestyle=style, color="grey", label=f"{label}, p50 only")
+    for curve, style in zip([c for c in (row, *floors) if c.cdf_us], ("-", "--", ":", "-.")):
+        levels = [i / (len(curve.cdf_us) - 1) for i in range(len(curve.cdf_us))]
+        ax.step(curve.cdf_us, levels, style, where="post", label=f"{curve.name} (p50 {curve.p50_us:.2f} us)")
     ax.set_xscale("log")
     ax.set_xlabel("latency (us, log scale)")
     ax.set_ylabel("fraction at most")
