@@ -87,9 +87,13 @@ def test_bench_rejects_bad_page_counts(pages: str) -> None:
     (["--report", "{tmp}/r", "--from", "{json}", "--pages", "64", "--store", "redis"], "--pages, --store"),
     (["--report", "{tmp}/r", "--from", "{tmp}/missing.json"], "cannot read"),
     (["--report", "{tmp}/r", "--from", "{tmp}/not-bench.json"], "not a file that uffd-pager bench --json wrote"),
+    (["--report", "{tmp}/r", "--from", "{tmp}/bad-figure.json"], "not a file that uffd-pager bench --json wrote"),
 ])
 def test_bench_from_refuses_what_it_cannot_use(tmp_path: Path, args: list[str], complaint: str) -> None:
     (tmp_path / "not-bench.json").write_text('{"rows": "no"}')
+    (tmp_path / "bad-figure.json").write_text(json.dumps({"kernel": "6.18", "pages": 1, "rounds": 1, "rows": [
+        {"name": "a", "floor": "a", "p50_us": "fast", "p99_us": 1, "mean_us": 1, "per_s": 1, "unit": "faults/s",
+         "samples": 1}]}))
     result = run_cli("bench", *(a.format(tmp=tmp_path, json=tmp_path / "not-bench.json") for a in args))
     assert_usage_error(result, "--from", complaint)
     assert not (tmp_path / "r").exists()
@@ -153,7 +157,10 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
 def test_bench_json_keeps_each_latency_rows_distribution(small_run: Run) -> None:
-    saved = json.loads(small_run.json.read_text())
+    def not_json(constant: str) -> None:
+        pytest.fail(f"{constant} is not JSON: strict readers refuse the file")
+
+    saved = json.loads(small_run.json.read_text(), parse_constant=not_json)
     assert saved["pages"] == 64 and saved["rounds"] == 3 and saved["notes"]
     rows = {row["name"]: row for row in saved["rows"]}
     assert set(rows) >= {case.name for case in bench.CASES + bench.SEQUENTIAL_CASES + bench.FORK_CASES}
@@ -225,6 +232,8 @@ def test_bench_report_from_json_saved_before_quantiles_has_the_table_and_bars(sm
     old = {"kernel": saved["kernel"], "pages": saved["pages"], "rounds": saved["rounds"],
            "rows": [{k: v for k, v in row.items() if k != "cdf_us"} for row in saved["rows"]]}
     (tmp_path / "old.json").write_text(json.dumps(old, indent=2))
+    # into the directory of a report with CDFs: they go with the report they belonged to
+    shutil.copytree(small_run.report, tmp_path / "report")
     result = run_cli("bench", "--report", str(tmp_path / "report"), "--from", str(tmp_path / "old.json"))
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "report" / REPORT).read_text()

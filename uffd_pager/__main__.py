@@ -121,6 +121,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from uffd_pager import bench_report
 
+    if args.report is not None:
+        try:
+            bench_report.require_matplotlib()  # now, not after minutes of benchmarking
+        except ModuleNotFoundError as exc:
+            args.usage_error(str(exc))
     if args.saved is not None:
         if args.report is None:
             args.usage_error("--from FILE makes a report of a saved run: it needs --report DIR")
@@ -133,11 +138,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             args.usage_error(f"--from: {exc}")
     else:
-        if args.report is not None:
-            try:
-                bench_report.require_matplotlib()  # now, not after minutes of benchmarking
-            except ModuleNotFoundError as exc:
-                args.usage_error(str(exc))
         if args.store != "file":
             from uffd_pager.bench_remote import run_remote_bench
             results = run_remote_bench(args.store, quick=args.quick, pages=args.pages, directory=args.dir)

@@ -9,14 +9,19 @@ its Agg backend, so no display is needed; it is imported only here, and only
 for a report (the ``report`` extra)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
 import re
+from typing import TYPE_CHECKING, Any
 
 from uffd_pager.bench import Results, Row, format_ratio, format_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT = "README.md"
 MARKER = "<!-- written by uffd-pager bench --report: a new report replaces it -->"
@@ -25,21 +30,27 @@ DPI = 80  # small PNGs: they are committed in benchmarks/
 PNG_COLORS = 64  # a palette of 64 colors keeps a plot's lines and text, at a third of the bytes
 
 
-def _save(fig: object, path: str) -> None:
+def _save(fig: Figure, path: str) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image  # matplotlib's own dependency: it writes PNGs through Pillow
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
     buffer.seek(0)
     with Image.open(buffer) as image:
         image.convert("RGB").quantize(colors=PNG_COLORS).save(path, optimize=True)
 
 
+def _strict(value: Any) -> Any:
+    # NaN (a ratio to a floor of 0) is not JSON: strict readers (jq) refuse it, so it is saved as null
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def save_json(results: Results, path: str) -> None:
     """Every row (a latency row with its quantiles, one compact line each) and the notes."""
-    rows = [json.dumps(dataclasses.asdict(row)) for row in results.rows]
+    rows = [json.dumps({k: _strict(v) for k, v in dataclasses.asdict(row).items()}, allow_nan=False)
+            for row in results.rows]
     head = json.dumps({"title": results.title, "kernel": results.kernel, "pages": results.pages,
                        "rounds": results.rounds, "notes": results.notes}, indent=2)[:-2]
     with open(path, "w") as f:
@@ -53,8 +64,10 @@ def load_json(path: str) -> Results:
         with open(path) as f:
             saved = json.load(f)
         known = {f.name for f in dataclasses.fields(Row)}
-        rows = [Row(**{k: v for k, v in row.items() if k in known}) for row in saved["rows"]]
+        rows = [Row(**{k: math.nan if v is None else v for k, v in row.items() if k in known})
+                for row in saved["rows"]]
         pages, rounds, kernel = int(saved["pages"]), int(saved["rounds"]), str(saved["kernel"])
+        format_table(rows)  # a row missing a field or with a figure that is not a number fails here, not in a plot
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -148,12 +161,22 @@ def _plot_throughput(rows: list[Row], by_name: dict[str, Row], path: str) -> Non
     _save(fig, path)
 
 
+def _links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^]]*\]\(([^)/]+\.png)\)", markdown)
+
+
 def write_report(results: Results, directory: str) -> str:
-    """DIR/README.md and its PNGs; returns the Markdown file's path."""
+    """DIR/README.md and its PNGs (replacing an earlier report's); returns the Markdown file's path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, whatever $MPLBACKEND or $DISPLAY say
     os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, REPORT)
+    if os.path.exists(path):  # an earlier report (check_report_directory): its plots go with it
+        with open(path) as f:
+            for name in _links(f.read()):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
     by_name = {row.name: row for row in results.rows}
     lines = [MARKER, f"# {results.title}", "", "Every figure beside its floor from the same run: the machine's speed drifts "
              "from hour to hour, so compare only figures of one run.", "", "```",
@@ -177,7 +200,6 @@ def write_report(results: Results, directory: str) -> str:
         _plot_throughput(throughput, by_name, os.path.join(directory, THROUGHPUT_PLOT))
         lines += ["## Throughput", "", "The median round of each throughput row, beside its floor.", "",
                   f"![throughput]({THROUGHPUT_PLOT})", ""]
-    path = os.path.join(directory, REPORT)
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
