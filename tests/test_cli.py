@@ -1,10 +1,9 @@
 """The command line as a user runs it: `uffd-pager ...` in a subprocess, and
-native/build-deps.sh, which ./run.sh and ./test.sh run first."""
+native/build-deps.sh, which ./run.sh and ./test.sh run first. `uffd-pager bench`
+has its own: test_bench_cli.py."""
 from __future__ import annotations
 
-import math
 import os
-import re
 import shutil
 import signal
 import stat
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from support import assert_usage_error, run_cli
-from uffd_pager import bench
 from uffd_pager.__main__ import build_parser
 
 BUILD_DEPS = Path(__file__).resolve().parents[1] / "native" / "build-deps.sh"
@@ -92,85 +90,6 @@ def test_build_deps_installs_what_python_lacks_to_build(tmp_path: Path, python: 
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "apt-get.log").read_text().splitlines() == [
         "update -qq", f"install -y -qq --no-upgrade {wanted}"]
-
-
-# --- bench: refusing bad arguments before any work ---------------------------------------------
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("option, value, complaint", [
-    ("--json", "{tmp}/missing/out.json", "does not exist"),
-    ("--json", "{tmp}", "is a directory"),
-    ("--dir", "{tmp}/missing", "does not exist"),
-])
-def test_bench_refuses_an_unusable_output_path_before_running(tmp_path: Path, option: str, value: str,
-                                                               complaint: str) -> None:
-    result = run_cli("bench", "--quick", "--pages", "64", option, value.format(tmp=tmp_path))
-    assert_usage_error(result, option, complaint)
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("pages", ["-4", "0", "many"])
-def test_bench_rejects_page_counts_below_one(pages: str) -> None:
-    assert_usage_error(run_cli("bench", "--quick", "--pages", pages), "--pages", repr(pages))
-
-
-# --- bench: the printed figures ------------------------------------------------------------------
-
-
-def _row(name: str, floor: str, p50_us: float, *, unit: str = "faults/s", ratio: float = 1.0) -> bench.Row:
-    return bench.Row(name=name, floor=floor, p50_us=p50_us, p99_us=p50_us * 3, mean_us=p50_us * 1.5,
-                     per_s=1e6 / p50_us, unit=unit, samples=100, ratio=ratio)
-
-
-def _cell_spans(line: str) -> list[tuple[int, int]]:
-    # cells are two or more spaces apart; a row name has single spaces only
-    return [match.span() for match in re.finditer(r"\S+(?: \S+)*", line)]
-
-
-def test_table_columns_align_for_every_row() -> None:
-    rows = [
-        _row("read: a floor", "read: a floor", 51.18),
-        _row("read: kernel file mmap, a name longer than any before it", "read: a floor", 0.04, ratio=0.0008),
-        _row("write-back: ours", "read: a floor", 9.72, unit="MB/s", ratio=2.4),
-        _row("fork: with region", "read: a floor", 10137.7, unit="forks/s", ratio=math.nan),
-    ]
-    header, *lines = bench.format_table(rows)
-    assert len({len(line) for line in [header, *lines]}) == 1, "rows of different widths"
-    titles = _cell_spans(header)  # row, p50, p99, mean, rate, vs floor: the unit column has no title
-    for line in lines:
-        cells = _cell_spans(line)
-        assert len(cells) == 7, line
-        assert cells[0][0] == 0
-        for cell, title in zip(cells[1:5], titles[1:5]):
-            assert cell[1] == title[1], f"a number out of its column: {line!r}"
-        assert cells[5][0] == _cell_spans(lines[0])[5][0], f"a unit out of its column: {line!r}"
-        assert cells[6][1] == len(line)
-    assert "(floor)" in lines[0] and "<0.01x" in lines[1] and "2.40x" in lines[2] and "n/a" in lines[3]
-
-
-@pytest.mark.parametrize("value, text", [(1.5, "1.50x"), (0.01, "0.01x"), (0.0008, "<0.01x"), (0.0, "<0.01x"),
-                                         (math.nan, "n/a")])
-def test_ratio_prints_sanely(value: float, text: str) -> None:
-    assert bench.format_ratio(value) == text
-
-
-def test_ratio_without_a_floor_figure_is_not_a_number() -> None:
-    assert math.isnan(bench.ratio(3.0, 0.0)) and bench.ratio(3.0, 2.0) == 1.5
-
-
-@pytest.mark.parametrize("us, text", [(2.41, "+2.41 us"), (-1.06, "-1.06 us"), (0.0, "+0.00 us")])
-def test_signed_difference_prints_one_sign(us: float, text: str) -> None:
-    assert bench.format_difference(us) == text
-
-
-def test_summary_of_an_encrypted_read_faster_than_plain_says_minus() -> None:
-    p50 = {bench.OURS: 12.0, "read: uffd_pager encrypted": 10.94}
-    rows = {case.name: _row(case.name, case.floor, p50.get(case.name, 5.0), unit=case.unit)
-            for case in bench.CASES + bench.FORK_CASES}
-    text = "\n".join(bench.format_summary(rows))
-    assert "encrypted read fault: p50 -1.06 us over unencrypted" in text
-    assert "+-" not in text
 
 
 # --- keygen ---------------------------------------------------------------------------------------

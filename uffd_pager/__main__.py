@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -149,12 +150,36 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.store != "file":
-        from uffd_pager.bench_remote import run_remote_bench
-        return run_remote_bench(args.store, quick=args.quick, pages=args.pages, directory=args.dir)
-    from uffd_pager.bench import run_bench
+    from uffd_pager import bench_report
 
-    return run_bench(quick=args.quick, pages=args.pages, directory=args.dir, json_path=args.json)
+    if args.report is not None:
+        try:
+            bench_report.require_matplotlib()  # now, not after minutes of benchmarking
+        except ModuleNotFoundError as exc:
+            args.usage_error(str(exc))
+    if args.saved is not None:
+        if args.report is None:
+            args.usage_error("--from FILE makes a report of a saved run: it needs --report DIR")
+        given = [flag for flag, value in (("--quick", args.quick), ("--pages", args.pages), ("--dir", args.dir),
+                                          ("--json", args.json), ("--store", args.store != "file")) if value]
+        if given:
+            args.usage_error(f"--from runs nothing: {', '.join(given)} would not be used")
+        try:
+            results = bench_report.load_json(args.saved)
+        except ValueError as exc:
+            args.usage_error(f"--from: {exc}")
+    else:
+        if args.store != "file":
+            from uffd_pager.bench_remote import run_remote_bench
+            results = run_remote_bench(args.store, quick=args.quick, pages=args.pages, directory=args.dir)
+        else:
+            from uffd_pager.bench import run_bench
+            results = run_bench(quick=args.quick, pages=args.pages, directory=args.dir)
+        if args.json:
+            bench_report.save_json(results, args.json)
+    if args.report is not None:
+        print(f"uffd-pager bench: report in {bench_report.write_report(results, args.report)}", file=sys.stderr)
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -167,21 +192,54 @@ def _positive_int(text: str) -> int:
     return value
 
 
+BENCH_MAX_PAGES = 1 << 20  # 4 GiB a row: beyond it a run takes hours and its four copies fill the disk
+
+
+def _bench_pages(text: str) -> int:
+    value = _positive_int(text)
+    if value > BENCH_MAX_PAGES:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {BENCH_MAX_PAGES} pages (4 GiB)")
+    return value
+
+
+# The paths a benchmark writes are checked by trying, before the run (it
+# takes minutes, then would fail to save): os.access() says yes to root even
+# where the file system refuses (sysfs, a read-only mount).
+
+
 def _writable_directory(path: str) -> str:
     if not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"directory {path!r} does not exist")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"directory {path!r} is not writable")
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"directory {path!r} is not writable: {exc.strerror}") from None
     return path
 
 
 def _output_file(path: str) -> str:
-    # Checked before the run: the benchmark takes minutes, then would fail to save.
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path!r} is a directory, not a file")
     _writable_directory(os.path.dirname(path) or ".")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{path!r} is not writable")
+    existed = os.path.exists(path)
+    try:
+        # O_NONBLOCK: a FIFO without a reader fails at once instead of blocking; no O_TRUNC: a refused run keeps it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644))
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path!r} is not writable: {exc.strerror}") from None
+    if not existed:
+        os.unlink(path)
+    return path
+
+
+def _report_directory(path: str) -> str:
+    from uffd_pager.bench_report import check_report_directory
+
+    try:
+        check_report_directory(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    _writable_directory(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     return path
 
 
@@ -232,7 +290,7 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-regions", type=_positive_int, default=DEFAULT_MAX_REGIONS, metavar="N",
                        help=f"regions one client uid may hold at once (default {DEFAULT_MAX_REGIONS})")
     serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",
-                       help=f"bytes one client uid may have mapped at once (default 2^50)")
+                       help="bytes one client uid may have mapped at once (default 2^50)")
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
@@ -243,10 +301,16 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     bench.add_argument("--store", choices=("file", "redis", "redis+unix"), default="file",
                        help="file (default): the full table over a file store; redis, redis+unix: remote faults "
                             "and write-back over a private redis-server beside a plain GET / pipelined SET")
-    bench.add_argument("--pages", type=_positive_int, metavar="N", help="faults per row (default 16384, quick 4096)")
+    bench.add_argument("--pages", type=_bench_pages, metavar="N",
+                       help=f"faults per row, 1 to {BENCH_MAX_PAGES} (default 16384, quick 4096)")
     bench.add_argument("--dir", type=_writable_directory,
                        help="where to put the benchmark file (default: a new temp dir)")
     bench.add_argument("--json", type=_output_file, metavar="FILE", help="also write the figures as JSON to FILE")
+    bench.add_argument("--report", type=_report_directory, metavar="DIR",
+                       help="also write DIR/README.md with plots of the figures beside their floors (needs matplotlib)")
+    bench.add_argument("--from", dest="saved", metavar="FILE",
+                       help="with --report: make the report from a saved --json FILE instead of running")
+    bench.set_defaults(usage_error=bench.error)
 
     keygen = command("keygen", "write a new 256-bit key (mode 0600) for map(key_file=...)", cmd_keygen)
     keygen.add_argument("--out", help="create this file (it must not exist) instead of writing to stdout")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -31,13 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from uffd_pager.catalog import forget_store
 from uffd_pager.client import Pager
 from uffd_pager.crypto import Key
 from uffd_pager.layout import READ_AHEAD_MAX
+from uffd_pager.bench_progress import Progress
 from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Uffd, buffer_address
 
@@ -45,6 +45,7 @@ READ_FLOOR = "read: C reference, other process"
 OURS = "read: uffd_pager"
 OURS_NO_READ_AHEAD = "read: uffd_pager, read-ahead off"
 SEQUENTIAL_BYTES = 512 << 20  # 128 MiB with --quick
+CDF_POINTS = 257  # quantiles kept of a latency row: 0, 1/256, ..., 1 (min and max included)
 
 
 @dataclass
@@ -58,6 +59,30 @@ class Row:
     unit: str
     samples: int
     ratio: float = 0.0
+    # A latency row's distribution for the report's CDF plots: cdf_us[i] is
+    # the latency at quantile i / (len - 1), so a saved run plots without
+    # keeping every sample. Empty for throughput rows (one sample a round).
+    cdf_us: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    """A run: what the table shows, what --json saves and --report plots."""
+
+    title: str  # the line above the table
+    rows: list[Row]
+    notes: list[str]  # the lines below it: the ratios the README quotes
+    kernel: str
+    pages: int
+    rounds: int
+
+
+def quantiles_us(ordered_ns: list[int], points: int = CDF_POINTS) -> list[float]:
+    """`points` quantiles (in us, 3 decimals: ns) of sorted samples in ns, evenly spaced from min to max."""
+    last = len(ordered_ns) - 1
+    if last < 0:
+        return []
+    return [round(ordered_ns[round(i * last / (points - 1))] / 1000, 3) for i in range(points)]
 
 
 @dataclass
@@ -336,7 +361,7 @@ def kernel_scan_ns(path: str) -> int:
         memory.close()
 
 
-def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[int]]:
+def sequential_samples(pager: Pager, path: str, rounds: int, progress: Progress) -> dict[str, list[int]]:
     """A file region read in order, a byte a page (ns per page, one sample a
     round): the kernel's mmap of the file (with its own read-ahead and
     fault-around), the clustered C reference (another process; the same
@@ -349,10 +374,13 @@ def sequential_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[i
     with open(path, "rb") as f:
         while f.read(8 << 20):  # into the page cache
             pass
-    for _ in range(rounds):
+    for round_ in range(1, rounds + 1):
+        progress.step(f"round {round_}/{rounds}: {SEQ_KERNEL}")
         samples[SEQ_KERNEL] += _per_page(kernel_scan_ns(path), pages)
+        progress.step(f"round {round_}/{rounds}: {SEQ_FLOOR}")
         samples[SEQ_FLOOR] += _clustered_reference(path, size, offsets)
         for name, read_ahead in ((SEQ_OURS, "adaptive"), (SEQ_OFF, "off")):
+            progress.step(f"round {round_}/{rounds}: {name}")
             with pager.map(f"file://{path}", size, read_ahead=read_ahead, writeback_interval=0) as region:
                 samples[name] += _elapsed_per_page(lambda: _touch(region.address, offsets), pages)
     return samples
@@ -381,6 +409,11 @@ OOC_OURS = "out-of-core: uffd_pager, max_resident 1/4"
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
 
 
+def has_memory_cgroup() -> bool:
+    """Whether the kernel's out-of-core row can run: a memory cgroup (v1) to cap it."""
+    return os.path.exists(os.path.join(CGROUP_ROOT, "memory.limit_in_bytes"))
+
+
 def _drop_cache(path: str) -> None:
     """The file out of the page cache: both sides of the out-of-core rows
     read it from the disk, the kernel's under its cgroup's cap."""
@@ -392,7 +425,7 @@ def _drop_cache(path: str) -> None:
         os.close(fd)
 
 
-def out_of_core_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[int]]:
+def out_of_core_samples(pager: Pager, path: str, rounds: int, progress: Progress) -> dict[str, list[int]]:
     """A sequential scan of a file region 4x larger than a memory cap (ns
     per page, one sample a round): the kernel's mmap of the file in a child
     process in a memory cgroup (v1) capped at a quarter of it, and
@@ -403,20 +436,22 @@ def out_of_core_samples(pager: Pager, path: str, rounds: int) -> dict[str, list[
     samples: dict[str, list[int]] = {OOC_KERNEL: [], OOC_OURS: []}
     offsets = array.array("Q", range(0, size, PAGE_SIZE))
     group = None
-    if os.path.exists(os.path.join(CGROUP_ROOT, "memory.limit_in_bytes")):
+    if has_memory_cgroup():
         group = os.path.join(CGROUP_ROOT, f"uffd-pager-bench-{os.getpid()}")
         os.makedirs(group, exist_ok=True)
         with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
             f.write(str(size // 4))
     try:
-        for _ in range(rounds):
+        for round_ in range(1, rounds + 1):
             if group is not None:
+                progress.step(f"round {round_}/{rounds}: {OOC_KERNEL}")
                 _drop_cache(path)
                 procs = os.path.join(group, "cgroup.procs")
                 result = subprocess.run(
                     [sys.executable, "-m", "uffd_pager.bench_scan", path], capture_output=True, text=True,
                     timeout=600, preexec_fn=lambda: _join(procs), check=True)
                 samples[OOC_KERNEL] += _per_page(int(result.stdout.split()[0]), pages)
+            progress.step(f"round {round_}/{rounds}: {OOC_OURS}")
             _drop_cache(path)
             with pager.map(f"file://{path}", size, dirty_tracking="sync", max_resident=size // 4,
                            writeback_interval=0) as region:
@@ -541,6 +576,7 @@ def summarize(case: Case, latencies_ns: list[int]) -> Row:
         per_s=rate,
         unit=case.unit,
         samples=n,
+        cdf_us=[] if case.unit == "MB/s" else quantiles_us(ordered),
     )
 
 
@@ -610,13 +646,15 @@ def format_summary(by_name: dict[str, Row]) -> list[str]:
     return lines
 
 
-def run_bench(*, quick: bool = False, pages: int | None = None, directory: str | None = None,
-              json_path: str | None = None) -> int:
+def run_bench(*, quick: bool = False, pages: int | None = None, directory: str | None = None) -> Results:
+    """Runs the benchmark (progress on stderr), prints its table and notes on stdout, returns them."""
     if pages is None:
         pages = 4096 if quick else 16384
     rounds = 3 if quick else 5
     size = pages * PAGE_SIZE
     samples: dict[str, list[int]] = {case.name: [] for case in CASES}
+    progress = Progress("uffd-pager bench", rounds * (len(CASES) + 2) + 1 + rounds * len(SEQUENTIAL_CASES)
+                        + rounds * (2 if has_memory_cgroup() else 1))
     with tempfile.TemporaryDirectory(dir=directory, prefix="uffd-pager-bench-") as tmp:
         pristine = os.path.join(tmp, "pristine.bin")
         with open(pristine, "wb") as f:
@@ -627,25 +665,30 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
         paired: dict[str, list[float]] = {"encrypted / unencrypted": [], "read-ahead adaptive / off": []}
         state = os.path.join(tmp, "state")  # the encrypted rows' anchors, gone with the run
         with Pager(state_dir=state) as pager:
-            for _ in range(rounds):
+            for round_ in range(1, rounds + 1):
                 rng.shuffle(order)
                 offsets = array.array("Q", (p * PAGE_SIZE for p in order))
                 for case in CASES:
+                    progress.step(f"round {round_}/{rounds}: {case.name}")
                     # Each row starts from the same bytes, hot in the page cache.
                     # (An encrypted row's store is forgotten: the next row starts it anew.)
                     path = os.path.join(tmp, "data.bin")
                     forget_store(path, state)
                     shutil.copyfile(pristine, path)
                     samples[case.name].extend(case.run(Workload(path, size, offsets, pager, key)))
+                progress.step(f"round {round_}/{rounds}: read faults encrypted / unencrypted, taking turns")
                 paired["encrypted / unencrypted"] += paired_encrypted_ratios(pager, tmp, state, pristine, key, offsets)
+                progress.step(f"round {round_}/{rounds}: read faults read-ahead adaptive / off, taking turns")
                 paired["read-ahead adaptive / off"] += paired_read_ahead_ratios(pager, pristine, offsets)
+            progress.step("fork() with and without a 1 GiB region, and a child's faults")
             samples.update(fork_samples(pager, tmp, forks=20 if quick else 60, faults=1000 if quick else 4000))
             sequential = os.path.join(tmp, "sequential.bin")
             with open(sequential, "wb") as f:
                 for _ in range(SEQUENTIAL_BYTES // (4 if quick else 1) // (8 << 20)):
                     f.write(os.urandom(8 << 20))
-            samples.update(sequential_samples(pager, sequential, rounds))
-            samples.update(out_of_core_samples(pager, sequential, rounds))
+            samples.update(sequential_samples(pager, sequential, rounds, progress))
+            samples.update(out_of_core_samples(pager, sequential, rounds, progress))
+    progress.finish()
     out_of_core = OUT_OF_CORE_CASES if samples[OOC_KERNEL] else [Case(OOC_OURS, OOC_OURS, lambda w: [], unit="MB/s")]
     rows = [summarize(case, samples[case.name]) for case in CASES + SEQUENTIAL_CASES + out_of_core + FORK_CASES]
     by_name = {row.name: row for row in rows}
@@ -653,24 +696,27 @@ def run_bench(*, quick: bool = False, pages: int | None = None, directory: str |
         # Latency: lower is better, ratio = ours / floor. Throughput rows keep
         # the same sense (time per page), so 1.0x or less is at least as fast.
         row.ratio = ratio(row.p50_us, by_name[row.floor].p50_us)
-    print(f"uffd-pager bench: {pages} random 4 KiB pages x {rounds} rounds, "
-          f"Linux {platform.release()}, {os.cpu_count()} cpus")
-    print("\n".join(format_table(rows)))
-    print()
-    print("\n".join(format_summary(by_name)))
-    print(format_sequential(by_name))
+    notes = format_summary(by_name) + [format_sequential(by_name)]
     if OOC_KERNEL in by_name:
         ours, kernel = by_name[OOC_OURS], by_name[OOC_KERNEL]
-        print(f"out-of-core scan (a region 4x its cap, from the disk): uffd_pager {ours.per_s:.0f} MB/s vs the kernel's "
-              f"mmap in a memory cgroup of the same cap {kernel.per_s:.0f} MB/s = "
-              f"{format_ratio(ratio(ours.per_s, kernel.per_s))} its throughput")
+        notes.append(f"out-of-core scan (a region 4x its cap, from the disk): uffd_pager {ours.per_s:.0f} MB/s vs the "
+                     f"kernel's mmap in a memory cgroup of the same cap {kernel.per_s:.0f} MB/s = "
+                     f"{format_ratio(ratio(ours.per_s, kernel.per_s))} its throughput")
     for what, ratios in paired.items():
         ratios.sort()
-        print(f"random read faults {what}, taking turns {min(PAIR_SLICE, pages)} faults at a time "
-              f"({len(ratios)} pairs): p50 ratio median {format_ratio(statistics.median(ratios))}, "
-              f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"kernel": platform.release(), "pages": pages, "rounds": rounds,
-                       "rows": [asdict(row) for row in rows]}, f, indent=2)
-    return 0
+        notes.append(f"random read faults {what}, taking turns {min(PAIR_SLICE, pages)} faults at a time "
+                     f"({len(ratios)} pairs): p50 ratio median {format_ratio(statistics.median(ratios))}, "
+                     f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
+    results = Results(title=f"uffd-pager bench: {pages} random 4 KiB pages x {rounds} rounds, "
+                            f"Linux {platform.release()}, {os.cpu_count()} cpus",
+                      rows=rows, notes=notes, kernel=platform.release(), pages=pages, rounds=rounds)
+    print_results(results)
+    return results
+
+
+def print_results(results: Results) -> None:
+    """The table and its notes on stdout, as scripts read them."""
+    print(results.title)
+    print("\n".join(format_table(results.rows)))
+    print()
+    print("\n".join(results.notes))

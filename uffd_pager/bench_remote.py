@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import platform
 import random
 import shutil
 import socket
@@ -29,7 +30,9 @@ import tempfile
 import time
 from typing import Iterator
 
-from uffd_pager.bench import Case, Row, Workload, _c_reference, _touch, format_ratio, format_table, summarize
+from uffd_pager.bench import (Case, Results, Row, Workload, _c_reference, _touch, format_ratio, print_results,
+                               summarize)
+from uffd_pager.bench_progress import Progress
 from uffd_pager.client import Pager
 from uffd_pager.crypto import Key
 from uffd_pager.native import lib
@@ -144,8 +147,12 @@ def _asyncio(coro: object) -> list[int]:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
+REMOTE_STEPS = 5  # per round: flush, SET loop, random faults beside the floors, sequential, out of core
+
+
 def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = None,
-                     directory: str | None = None) -> int:
+                     directory: str | None = None) -> Results:
+    """Runs the benchmark (progress on stderr), prints its table and notes on stdout, returns them."""
     pages = pages or (2048 if quick else 8192)
     rounds = 3 if quick else 5
     size = pages * PAGE_SIZE
@@ -153,6 +160,7 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
     names = {k: v.format(store=store) for k, v in (("ours", OURS), ("seq", SEQUENTIAL), ("flush", FLUSH),
                                                     ("ooc", OUT_OF_CORE))}
     samples: dict[str, list[int]] = {n: [] for n in (C_FLOOR, GET_FLOOR, WIRE_FLOOR, SET_FLOOR, *names.values())}
+    progress = Progress(f"uffd-pager bench --store {store}", rounds * REMOTE_STEPS)
     with tempfile.TemporaryDirectory(dir=directory, prefix="uffd-pager-bench-") as tmp, \
             redis_server(tmp, unix) as (prefix, kwargs), Pager(state_dir=os.path.join(tmp, "state")) as pager:
         data_path = os.path.join(tmp, "data.bin")
@@ -163,15 +171,19 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
         slices: list[tuple[float, float]] = []  # per slice: ours / (uffd + GET), ours / (uffd + bare GET)
         order = list(range(pages))
         for round_ in range(rounds):
+            step = f"round {round_ + 1}/{rounds}: "
             rng.shuffle(order)
             offsets = array.array("Q", (p * PAGE_SIZE for p in order))
             url = f"{prefix}bench{round_}"
+            progress.step(step + names["flush"])
             with pager.map(url, size, writeback_interval=0) as region:
                 _touch(region.address, offsets, write=True)  # every page written: none is a hole
                 start = time.perf_counter_ns()
                 region.flush()
                 samples[names["flush"]].append((time.perf_counter_ns() - start) // pages)
+            progress.step(step + SET_FLOOR)
             samples[SET_FLOOR] += _asyncio(_set_loop(kwargs, pages))
+            progress.step(step + f"{names['ours']}, taking turns with the floors")
             with pager.map(url, size, writeback_interval=0) as region:
                 # Floors and faults take turns, a slice at a time: this
                 # machine's wake-up latency swings several-fold within
@@ -194,15 +206,18 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
             with pager.map(seq_url, seq_pages * PAGE_SIZE, writeback_interval=0) as region:
                 _touch(region.address, sequential, write=True)
                 region.flush()
+            progress.step(step + names["seq"])
             with pager.map(seq_url, seq_pages * PAGE_SIZE, writeback_interval=0) as region:
                 start = time.perf_counter_ns()
                 _touch(region.address, sequential)
                 samples[names["seq"]].append((time.perf_counter_ns() - start) // seq_pages)
+            progress.step(step + names["ooc"])
             with pager.map(seq_url, seq_pages * PAGE_SIZE, dirty_tracking="sync", writeback_interval=0,
                            max_resident=seq_pages * PAGE_SIZE // 4) as region:
                 start = time.perf_counter_ns()
                 _touch(region.address, sequential)
                 samples[names["ooc"]].append((time.perf_counter_ns() - start) // seq_pages)
+    progress.finish()
     cases = [Case(C_FLOOR, C_FLOOR, lambda w: []), Case(GET_FLOOR, GET_FLOOR, lambda w: []),
              Case(WIRE_FLOOR, WIRE_FLOOR, lambda w: []), Case(names["ours"], SUM_FLOOR, lambda w: []),
              Case(names["seq"], names["seq"], lambda w: [], unit="MB/s"),
@@ -213,34 +228,36 @@ def run_remote_bench(store: str, *, quick: bool = False, pages: int | None = Non
     by_name = {row.name: row for row in rows}
     for at, (name, get) in enumerate(((SUM_FLOOR, by_name[GET_FLOOR]), (WIRE_SUM_FLOOR, by_name[WIRE_FLOOR]))):
         uffd = by_name[C_FLOOR]
+        # Summed quantile by quantile, as its p50 and p99 are: the report plots it as a CDF like any floor.
         floor = Row(name, name, uffd.p50_us + get.p50_us, uffd.p99_us + get.p99_us, uffd.mean_us + get.mean_us,
-                    0.0, "", 0)
+                    0.0, "", 0, cdf_us=[round(a + b, 3) for a, b in zip(uffd.cdf_us, get.cdf_us)])
         floor.per_s = 1e6 / floor.mean_us if floor.mean_us else 0.0
         floor.unit = "faults/s"
         rows.insert(3 + at, floor)
         by_name[name] = floor
     for row in rows:
         row.ratio = by_name[row.floor].p50_us and row.p50_us / by_name[row.floor].p50_us
-    print(f"uffd-pager bench --store {store}: {pages} random 4 KiB pages x {rounds} rounds, "
-          f"sequential {seq_pages * PAGE_SIZE >> 20} MiB")
-    print("\n".join(format_table(rows)))
-    print()
     flush, set_loop = by_name[names["flush"]], by_name[SET_FLOOR]
     ours = by_name[names["ours"]]
-    print(f"{names['ours']} / ({C_FLOOR[7:]} + GET): p50 {format_ratio(ours.ratio)}")
-    print(f"{names['ours']} / ({C_FLOOR[7:]} + bare GET): p50 "
-          f"{format_ratio(ours.p50_us / by_name[WIRE_SUM_FLOOR].p50_us)}")
+    notes = [f"{names['ours']} / ({C_FLOOR[7:]} + GET): p50 {format_ratio(ours.ratio)}",
+             f"{names['ours']} / ({C_FLOOR[7:]} + bare GET): p50 "
+             f"{format_ratio(ours.p50_us / by_name[WIRE_SUM_FLOOR].p50_us)}"]
     for i, floor_name in enumerate(("GET", "bare GET")):
         ratios = sorted(pair[i] for pair in slices)
-        print(f"  the same, slice by slice ({len(ratios)} slices of {min(SLICE, pages)} faults, each beside the floors measured "
-              f"just before it), vs uffd + {floor_name}: median {format_ratio(statistics.median(ratios))}, "
-              f"min {format_ratio(ratios[0])}, max {format_ratio(ratios[-1])}")
-    print(f"write-back: {flush.per_s:.0f} MB/s vs pipelined SET {set_loop.per_s:.0f} MB/s = "
-          f"{format_ratio(flush.per_s / set_loop.per_s if set_loop.per_s else float('nan'))} its throughput")
-    print(f"sequential read: {by_name[names['seq']].per_s:.0f} MB/s (adaptive read-ahead: windows of up to 256 pages, "
-          "each one pipelined batch)")
+        notes.append(f"  the same, slice by slice ({len(ratios)} slices of {min(SLICE, pages)} faults, each beside the "
+                     f"floors measured just before it), vs uffd + {floor_name}: median "
+                     f"{format_ratio(statistics.median(ratios))}, min {format_ratio(ratios[0])}, "
+                     f"max {format_ratio(ratios[-1])}")
+    notes.append(f"write-back: {flush.per_s:.0f} MB/s vs pipelined SET {set_loop.per_s:.0f} MB/s = "
+                 f"{format_ratio(flush.per_s / set_loop.per_s if set_loop.per_s else float('nan'))} its throughput")
+    notes.append(f"sequential read: {by_name[names['seq']].per_s:.0f} MB/s (adaptive read-ahead: windows of up to "
+                 "256 pages, each one pipelined batch)")
     ooc = by_name[names["ooc"]]
-    print(f"out-of-core: a sequential scan under max_resident of a quarter of it: {ooc.per_s:.0f} MB/s = "
-          f"{format_ratio(ooc.per_s / by_name[names['seq']].per_s if by_name[names['seq']].per_s else float('nan'))} "
-          "the uncapped scan")
-    return 0
+    notes.append(f"out-of-core: a sequential scan under max_resident of a quarter of it: {ooc.per_s:.0f} MB/s = "
+                 f"{format_ratio(ooc.per_s / by_name[names['seq']].per_s if by_name[names['seq']].per_s else float('nan'))} "
+                 "the uncapped scan")
+    results = Results(title=f"uffd-pager bench --store {store}: {pages} random 4 KiB pages x {rounds} rounds, "
+                            f"sequential {seq_pages * PAGE_SIZE >> 20} MiB",
+                      rows=rows, notes=notes, kernel=platform.release(), pages=pages, rounds=rounds)
+    print_results(results)
+    return results
