@@ -155,7 +155,7 @@ def test_a_write_racing_its_own_pages_eviction_is_never_lost(pager, sparse_file,
 def test_max_resident_is_refused_clearly_where_it_cannot_be_kept(pager, random_file):
     path = random_file(PAGE * 64)
     with pytest.raises(ValueError, match='dirty_tracking="sync"'):
-        pager.map(url(path), 64 * PAGE, max_resident=CAP)  # "async": a write could not be held
+        pager.map(url(path), 64 * PAGE, dirty_tracking="async", max_resident=CAP)  # a write could not be held
     for bad in (1000, PAGE, -CAP, CAP + 1, 1.5 * CAP, True, "8M"):
         with pytest.raises(ValueError, match="max_resident must be"):
             pager.map(url(path), 64 * PAGE, dirty_tracking="sync", max_resident=bad)
@@ -233,7 +233,7 @@ def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
     size = 4 * N * PAGE // 8
     with uffd_pager.Pager(max_resident=CAP) as pager:
         regions = [pager.map(url(p), size, dirty_tracking="sync", writeback_interval=0) for p in paths]
-        unpaged = pager.map(url(paths[0]), 256 * PAGE, writeback_interval=0)  # "async": never dropped
+        unpaged = pager.map(url(paths[0]), 256 * PAGE, dirty_tracking="async", writeback_interval=0)  # never dropped
         bytes(unpaged.view())
         peak = 0
         pages = size // PAGE
@@ -257,6 +257,26 @@ def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
         for region in regions + [unpaged]:
             region.close()
         assert pager.status()["internal_errors"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_capped_region_and_the_regions_of_a_capped_pager_track_writes_sync_by_default(pager, random_file):
+    """Page-out keeps a write racing a drop only under "sync" tracking: a
+    region with a cap, and every region of a pager with one, gets it unless
+    the caller chose otherwise; the cap holds and no byte is lost."""
+    path = random_file(N * PAGE)
+    data = path.read_bytes()
+    with pager.map(url(path), N * PAGE, max_resident=CAP, writeback_interval=0) as region:
+        assert region.stats()["tracking"] == "sync"
+        _touch(region.address, array.array("Q", range(0, N * PAGE, PAGE)))
+        assert bytes(region.view()) == data
+        stats = region.stats()
+        assert stats["evictions"] > 0 and stats["resident_peak"] * PAGE <= CAP + WINDOW, stats
+    with pager.map(url(path), 64 * PAGE) as region:
+        assert region.stats()["tracking"] == "async"  # no cap anywhere: the cheaper tracking
+    with uffd_pager.Pager(max_resident=CAP) as capped:
+        with capped.map(url(path), 64 * PAGE) as region:
+            assert region.stats()["tracking"] == "sync"
 
 
 @pytest.mark.timeout(60)

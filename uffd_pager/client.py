@@ -286,11 +286,14 @@ class Pager:
         sequential and close on random access), "off", or a fixed window in
         bytes filled after every missing fault. `max_resident`: a cap in
         bytes on the region's resident pages, kept by dropping clean pages
-        (needs dirty_tracking="sync"; see the README's "Page-out")."""
+        (with "sync" tracking, the default for a capped region, or for every
+        region of a pager with a cap; see the README's "Page-out")."""
         check_geometry(size, offset)
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
                 raise TypeError(f"{name} must be a URL string, not {type(url).__name__}")
+        if dirty_tracking is None and (max_resident or self._conn.pager_cap):
+            dirty_tracking = "sync"  # the tracking page-out can keep a racing write with (paging.py)
         dirty_tracking = _tracking_for(dirty_tracking)
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
