@@ -6,6 +6,7 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from uffd_pager.layout import Portion, PortionAllocator, ReadAhead, Span, clip_spans, tracking_name
 from uffd_pager.stores.base import Store
@@ -118,6 +119,37 @@ class ServedRegion:
         return self.portion.store.key_id is not None
 
     @property
+    def store_kind(self) -> str:
+        """Its store's URL scheme: file, redis, redis+unix, redis+cluster."""
+        return urlsplit(self.portion.store.url).scheme
+
+    @property
+    def error_count(self) -> int:
+        """Pages that could not be filled (poisoned) and failed write-backs."""
+        return self.errors + self.writeback["writeback_errors"]
+
+    def summary(self) -> dict[str, Any]:
+        """One line of `status`: what a person looks at first."""
+        counters = self.fill.counters()
+        return {
+            "id": self.id,
+            "pid": self.owner_pid,
+            "uid": self.uid if self.parent is None else _root(self).uid,
+            "parent": self.parent.id if self.parent is not None else None,
+            "store": self.portion.store.url,
+            "kind": self.store_kind,
+            "encrypted": self.encrypted,
+            "size": self.fill.length,
+            "tracking": tracking_name(self.fill.tracking),
+            "resident_pages": counters["resident_pages"],
+            "dirty_pages": self.dirty_pages(),
+            "faults": counters["faults"],
+            "evictions": counters["evictions"],
+            "bytes_written": self.writeback["bytes_written"],
+            "errors": self.error_count,
+        }
+
+    @property
     def paged_spans(self) -> list[Span]:
         """The parts of the region proper that are still mapped in place."""
         return clip_spans(self.spans, self.fill.base, self.fill.base + self.fill.length)
@@ -168,3 +200,9 @@ class ServedRegion:
                 "live_children": len(self.portion.children),
             },
         }
+
+
+def _root(region: ServedRegion) -> ServedRegion:
+    while region.parent is not None:
+        region = region.parent
+    return region
