@@ -192,17 +192,21 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """start_daemon(name="pager.sock", wrapper=()) -> a running Daemon, its
-    command run through `wrapper` (e.g. setpriv) if given; waited for until its
-    socket accepts, stopped with SIGTERM at teardown, when it must exit cleanly."""
+    """start_daemon(name="pager.sock", wrapper=(), args=(), stderr=None) -> a
+    running Daemon, its command run through `wrapper` (e.g. setpriv) if given,
+    with more `serve` options `args`, its stderr appended to the file `stderr`
+    if given; waited for until its socket accepts, stopped with SIGTERM at
+    teardown, when it must exit cleanly."""
     daemons: list[Daemon] = []
 
-    def start(name: str = "pager.sock", *, wrapper: Sequence[str] = ()) -> Daemon:
+    def start(name: str = "pager.sock", *, wrapper: Sequence[str] = (), args: Sequence[str] = (),
+              stderr: Path | None = None) -> Daemon:
         path = socket_dir / name
-        process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
-            stdin=subprocess.DEVNULL, cwd="/",
-        )
+        with open(stderr, "ab") if stderr is not None else contextlib.nullcontext() as log:
+            process = subprocess.Popen(
+                [*wrapper, sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path), *args],
+                stdin=subprocess.DEVNULL, cwd="/", stderr=log,
+            )
         daemon = Daemon(path, process)
         daemons.append(daemon)
         deadline = time.monotonic() + 20
