@@ -183,6 +183,26 @@ def test_metrics_count_faults_as_they_come(start_daemon, random_file, tenants, t
     assert wrong_path.value.code == 404
 
 
+@pytest.mark.timeout(90)
+def test_metrics_time_remote_faults_under_their_store_kind(start_daemon, random_file, tenants, tmp_path: Path,
+                                                           redis_server, redis_name: str) -> None:
+    """A Redis store's faults go through the fetch path, not C's: timed all the same, apart from files'."""
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(args=["--metrics", "127.0.0.1:0", "--log-level", "INFO"], stderr=log)
+    url = "http://" + logged(log, r"metrics on http://(\S+)/metrics").group(1) + "/metrics"
+    remote = tenants("tenant", daemon.path, redis_server.url_for(redis_name), SIZE)
+    local = tenants("tenant", daemon.path, f"file://{random_file(SIZE)}", SIZE)
+    remote.do("read 0 6", "read")
+    local.do("read 0 2", "read")
+    samples = scrape(url)
+    redis = '{encrypted="false",store="redis"}'
+    assert samples[f"uffd_pager_faults_total{redis}"] == 6 and samples[f"uffd_pager_faults_total{FILE}"] == 2
+    assert samples[f"uffd_pager_fault_latency_seconds_count{redis}"] == 6
+    assert samples[f"uffd_pager_fault_latency_seconds_count{FILE}"] == 2
+    assert samples[f"uffd_pager_fault_latency_seconds_sum{redis}"] > 0
+    assert samples[f"uffd_pager_regions{redis}"] == 1
+
+
 @pytest.mark.parametrize("address", ["9100", "localhost", "host:port", "127.0.0.1:70000", ":9100"])
 def test_metrics_address_is_checked(address: str, socket_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(socket_dir / "s"),
