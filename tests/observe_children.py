@@ -65,5 +65,19 @@ def embedded(level: str, url: str, size: str) -> None:
     _serve_orders(pager, region)
 
 
+@child("many")
+def many(socket_path: str, url: str, count: str) -> None:
+    """A client of the daemon holding `count` one-page regions of url,
+    until ordered to "close" them."""
+    pager = uffd_pager.connect(socket_path)
+    regions = [pager.map(url, PAGE, writeback_interval=0) for _ in range(int(count))]
+    report("mapped", count=len(regions))
+    if order() == "close":
+        for region in regions:
+            region.close()
+        pager.close()
+        report("closed")
+
+
 if __name__ == "__main__":
     CHILDREN.main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def test_status_table_shows_tenants_and_regions(daemon: Daemon, random_file, ten
     # The columns line up: each region cell ends where its header's does (right-aligned numbers).
     assert header.index("faults") + len("faults") == region_line.index(f" {PAGES} ") + len(f" {PAGES}")
     tenant_line = next(line for line in text.splitlines() if line.split()[:1] == ["0"] and str(pid) in line)
-    assert tenant_line.split()[:4] == ["0", "1", "64", "KiB"], text
+    assert tenant_line.split()[:5] == ["0", "1", "64", "KiB", "2"], text
 
 
 @pytest.mark.timeout(60)
@@ -105,7 +106,7 @@ def test_status_json_has_the_right_numbers(daemon: Daemon, random_file, tenants)
     assert (before["regions"], before["internal_errors"]) == (1, 0)
     [mine] = before["tenants"]
     # Connected: the tenant, and `status` itself as it asks.
-    assert mine | {"pids": []} == {"uid": 0, "regions": 1, "mapped": SIZE, "pids": []}
+    assert mine | {"pids": []} == {"uid": 0, "regions": 1, "mapped": SIZE, "connections": 2, "pids": []}
     assert tenant.process.pid in mine["pids"] and len(mine["pids"]) == 2
     [region] = before["region_list"]
     assert region | {"id": 0} == {
@@ -119,6 +120,23 @@ def test_status_json_has_the_right_numbers(daemon: Daemon, random_file, tenants)
     empty = json.loads(status(daemon, "--json").stdout)
     assert (empty["regions"], empty["tenants"], empty["region_list"]) == (0, [], [])
     assert "no regions" in status(daemon).stdout
+
+
+@pytest.mark.timeout(120)
+def test_status_lists_more_regions_than_one_message_holds(daemon: Daemon, random_file, tenants) -> None:
+    url = f"file://{random_file(PAGE)}"
+    count = 400  # a region's line is some 300 bytes of JSON: more than one 64 KiB reply holds
+    tenant = tenants("many", daemon.path, url, count)
+    with daemon.connect() as pager:
+        first = pager._conn.request("status")  # the raw reply: one message's worth
+        assert first["more_regions"] and 0 < len(first["region_list"]) < count
+        listed = pager.status()
+    assert "more_regions" not in listed
+    assert [line["id"] for line in listed["region_list"]] == sorted({line["id"] for line in listed["region_list"]})
+    assert len(listed["region_list"]) == count and {line["pid"] for line in listed["region_list"]} == {tenant.process.pid}
+    table = status(daemon).stdout
+    assert sum(url in line for line in table.splitlines()) == count
+    tenant.do("close", "closed")
 
 
 # --- /metrics -------------------------------------------------------------------------------------
@@ -208,6 +226,18 @@ def test_metrics_address_is_checked(address: str, socket_dir: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(socket_dir / "s"),
                              "--metrics", address], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_port_in_use_is_a_clear_error(socket_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(socket_dir / "s"),
+                                 "--metrics", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{port}" in result.stderr and "in use" in result.stderr, result.stderr
+    assert not (socket_dir / "s").exists(), "the control socket was left behind"
 
 
 # --- log lines ------------------------------------------------------------------------------------

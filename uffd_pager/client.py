@@ -371,8 +371,15 @@ class Pager:
         return region
 
     def status(self) -> dict[str, Any]:
-        """The pager's own view: connections, regions, open fds, tasks, RSS."""
-        return self._conn.request("status")
+        """The pager's own view: connections, regions, open fds, tasks, RSS,
+        its tenants and a line per region (`region_list`: every region, over
+        as many requests as it takes; the counts are the first reply's)."""
+        status = self._conn.request("status")
+        while status.pop("more_regions", False) and status["region_list"]:
+            more = self._conn.request("status", after=status["region_list"][-1]["id"])
+            status["region_list"] += more["region_list"]
+            status["more_regions"] = more["more_regions"]
+        return status
 
     def close(self) -> None:
         """Closes every region of this process, then the connection; stops a

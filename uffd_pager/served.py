@@ -14,6 +14,9 @@ from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
 from uffd_pager.writeback import pages_of
 
 
+_URL_SHOWN = 1024  # characters of a store URL in a region's summary
+
+
 @dataclass(eq=False)
 class Connection:
     """A client's control connection, identified by its SO_PEERCRED."""
@@ -124,6 +127,14 @@ class ServedRegion:
         return urlsplit(self.portion.store.url).scheme
 
     @property
+    def tenant_uid(self) -> int | None:
+        """The uid of the client whose region this is, or was forked from."""
+        region = self
+        while region.parent is not None:
+            region = region.parent
+        return region.uid
+
+    @property
     def error_count(self) -> int:
         """Pages that could not be filled (poisoned) and failed write-backs."""
         return self.errors + self.writeback["writeback_errors"]
@@ -134,9 +145,10 @@ class ServedRegion:
         return {
             "id": self.id,
             "pid": self.owner_pid,
-            "uid": self.uid if self.parent is None else _root(self).uid,
+            "uid": self.tenant_uid,
             "parent": self.parent.id if self.parent is not None else None,
-            "store": self.portion.store.url,
+            # Cut where a URL is absurdly long: a status reply must hold many lines.
+            "store": url if len(url := self.portion.store.url) <= _URL_SHOWN else url[:_URL_SHOWN - 3] + "...",
             "kind": self.store_kind,
             "encrypted": self.encrypted,
             "size": self.fill.length,
@@ -200,9 +212,3 @@ class ServedRegion:
                 "live_children": len(self.portion.children),
             },
         }
-
-
-def _root(region: ServedRegion) -> ServedRegion:
-    while region.parent is not None:
-        region = region.parent
-    return region

@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import resource
 import secrets
 import socket
 import struct
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
@@ -509,15 +510,25 @@ class PagerService:
         raise KeyError(f"pid {conn.pid} holds no forked copy of region {ancestor_id}")
 
     async def _op_status(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """The pager's counts, its tenants and a line per region. Root and
-        the pager's own uid see every tenant's; another uid its own only."""
+        """The pager's counts, its tenants and a line per region, as many as
+        fit one message: regions with ids above `after`, and `more_regions`
+        if some were left for the next request (Pager.status() asks for
+        them all). Root and the pager's own uid see every tenant's; another
+        uid its own only."""
+        after = request.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError(f"status: after must be a region id (0 or more), not {after!r}")
         sees_all = conn.uid in (0, os.getuid())
         pids: dict[int, set[int]] = {}
         for each in self._connections:
             pids.setdefault(each.uid, set()).add(each.pid)
-        tenants = [{"uid": uid, "regions": count, "mapped": mapped, "pids": sorted(pids.get(uid, ()))}
-                   for uid, (count, mapped) in sorted(self._tenants.usage().items()) if sees_all or uid == conn.uid]
-        lines = [region.summary() for region in self._table.regions.values()]
+        tenants, used, _ = _fit(({"uid": uid, "regions": count, "mapped": mapped, "connections": len(pids.get(uid, ())),
+                                  "pids": sorted(pids.get(uid, ()))[:_STATUS_PIDS]}
+                                 for uid, (count, mapped) in sorted(self._tenants.usage().items())
+                                 if sees_all or uid == conn.uid), _STATUS_BUDGET // 4)
+        lines, _, more = _fit((region.summary() for region in self._table.regions.values()
+                               if region.id > after and (sees_all or region.tenant_uid == conn.uid)),
+                              _STATUS_BUDGET - used)
         return {
             "ok": True,
             "pid": os.getpid(),
@@ -531,7 +542,8 @@ class PagerService:
             "fetches": self._faults.fetcher.counters(),
             "internal_errors": self._internal_errors,
             "tenants": tenants,
-            "region_list": [line for line in lines if sees_all or line["uid"] == conn.uid],
+            "region_list": lines,
+            "more_regions": more,
         }
 
     def _own_region(self, conn: Connection, request: dict[str, Any]) -> ServedRegion:
@@ -539,6 +551,27 @@ class PagerService:
         if region is None:
             raise KeyError(f"no region {request.get('region')} on this connection")
         return region
+
+
+# Bytes of a status reply's tenants and region lines; the rest of a message
+# is room for its counts.
+_STATUS_BUDGET = protocol.MAX_MESSAGE - 4096
+_STATUS_PIDS = 16  # pids listed per tenant (all its connections are counted)
+
+
+def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """As many of lines as fit in budget bytes of JSON: (them, the bytes
+    they take, whether any were left out). Lines past the first that does
+    not fit are not even made (a region's line scans its dirty pages)."""
+    taken: list[dict[str, Any]] = []
+    used = 0
+    for line in lines:
+        cost = len(json.dumps(line, separators=(",", ":"))) + 1
+        if used + cost > budget:
+            return taken, used, True
+        taken.append(line)
+        used += cost
+    return taken, used, False
 
 
 def _hold(region: ServedRegion) -> None:

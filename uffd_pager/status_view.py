@@ -39,10 +39,11 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     tenants = status.get("tenants", [])
     if tenants:
-        rows = [("tenant uid", "regions", "mapped", "connected pids")]
-        rows += [(str(t["uid"]), str(t["regions"]), format_bytes(t["mapped"]),
-                  " ".join(map(str, t["pids"])) or "-") for t in tenants]
-        lines += aligned(rows, right={0, 1, 2})
+        rows = [("tenant uid", "regions", "mapped", "connections", "pids")]
+        rows += [(str(t["uid"]), str(t["regions"]), format_bytes(t["mapped"]), str(t["connections"]),
+                  " ".join(map(str, t["pids"])) + (" ..." if t["connections"] > len(t["pids"]) else "") or "-")
+                 for t in tenants]
+        lines += aligned(rows, right={0, 1, 2, 3})
     else:
         lines.append("no tenants")
     lines.append("")
