@@ -16,7 +16,7 @@ import resource
 import secrets
 import socket
 import struct
-from typing import Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
@@ -46,6 +46,9 @@ from uffd_pager.uffd import (
     Uffd,
     is_userfaultfd,
 )
+
+if TYPE_CHECKING:  # imported when --metrics asks for it: prometheus_client costs start-up time
+    from uffd_pager.metrics import PagerMetrics
 
 log = logging.getLogger("uffd_pager.pager")
 
@@ -98,7 +101,7 @@ class PagerService:
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
         self._metrics_address = metrics
-        self._metrics: Any = None  # metrics.PagerMetrics, imported only when asked for
+        self._metrics: PagerMetrics | None = None
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
