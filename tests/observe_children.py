@@ -47,10 +47,12 @@ def _serve_orders(pager: uffd_pager.Pager, region: uffd_pager.Region) -> None:
 
 
 @child("tenant")
-def tenant(socket_path: str, url: str, size: str) -> None:
-    """A client of the daemon at socket_path mapping url."""
+def tenant(socket_path: str, url: str, size: str, cap: str = "0") -> None:
+    """A client of the daemon at socket_path mapping url; with a cap (bytes),
+    "sync" tracking and max_resident=cap: page-out keeps it."""
     pager = uffd_pager.connect(socket_path)
-    region = pager.map(url, int(size), read_ahead="off", dirty_tracking="async", writeback_interval=0)
+    capped = {"dirty_tracking": "sync", "max_resident": int(cap)} if int(cap) else {"dirty_tracking": "async"}
+    region = pager.map(url, int(size), read_ahead="off", writeback_interval=0, **capped)
     report("mapped", address=region.address)
     _serve_orders(pager, region)
 

@@ -20,6 +20,7 @@ import pytest
 
 import uffd_pager
 from conftest import Daemon
+from uffd_pager.layout import READ_AHEAD_MAX
 from support import ChildScript
 
 CHILDREN_PY = Path(__file__).with_name("observe_children.py")
@@ -199,6 +200,26 @@ def test_metrics_count_faults_as_they_come(start_daemon, random_file, tenants, t
     with pytest.raises(urllib.error.HTTPError) as wrong_path:
         urllib.request.urlopen(url.replace("/metrics", "/nothing"), timeout=10)
     assert wrong_path.value.code == 404
+
+
+@pytest.mark.timeout(90)
+def test_metrics_count_evictions_of_a_capped_region(start_daemon, random_file, tenants, tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(args=["--metrics", "127.0.0.1:0", "--log-level", "INFO"], stderr=log)
+    url = "http://" + logged(log, r"metrics on http://(\S+)/metrics").group(1) + "/metrics"
+    cap, pages = 64, 1024  # the smallest cap (256 KiB) under a region 16 times its size
+    tenant = tenants("tenant", daemon.path, f"file://{random_file(pages * PAGE)}", pages * PAGE, cap * PAGE)
+    tenant.do(f"read 0 {pages}", "read")
+    # Page-out keeps the region near its cap (a read-ahead window over it at most): the rest was dropped.
+    least = pages - cap - READ_AHEAD_MAX // PAGE
+    deadline = time.monotonic() + 20
+    while (samples := scrape(url))[f"uffd_pager_evictions_total{FILE}"] < least:
+        assert time.monotonic() < deadline, f"evictions: {samples[f'uffd_pager_evictions_total{FILE}']}"
+        time.sleep(0.1)
+    [line] = json.loads(status(daemon, "--json").stdout)["region_list"]
+    assert samples[f"uffd_pager_evictions_total{FILE}"] <= line["evictions"]
+    assert line["resident_pages"] + line["evictions"] == pages
+    assert samples[f"uffd_pager_faults_total{FILE}"] == pages
 
 
 @pytest.mark.timeout(90)
