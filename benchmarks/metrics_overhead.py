@@ -42,9 +42,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _daemon(path: str, *options: str) -> Iterator[uffd_pager.Pager]:
+def _daemon(path: str, cpu: int | None, *options: str) -> Iterator[uffd_pager.Pager]:
     process = subprocess.Popen([sys.executable, "-m", "uffd_pager", "serve", "--socket", path, *options],
                                stdin=subprocess.DEVNULL)
+    if cpu is not None:
+        os.sched_setaffinity(process.pid, {cpu})  # before it starts threads: they inherit it
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -89,6 +91,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each over fresh regions (default 5)")
     parser.add_argument("--scrape-interval", type=float, default=1.0, metavar="S",
                         help="seconds between two scrapes of /metrics (default 1)")
+    parser.add_argument("--pager-cpu", type=int, default=max(os.sched_getaffinity(0)), metavar="N",
+                        help="the CPU both daemons run on (default: the last; -1: not pinned). On a loaded "
+                             "machine two unpinned daemons land on a busy and an idle core by chance, and the "
+                             "ratio measures that")
     args = parser.parse_args()
     if args.pages < 1 or args.rounds < 1 or args.scrape_interval <= 0:
         parser.error("--pages and --rounds must be at least 1, --scrape-interval above 0")
@@ -100,8 +106,9 @@ def main() -> int:
         with open(data, "wb") as f:
             f.write(os.urandom(args.pages * PAGE))
         url, size = f"file://{data}", args.pages * PAGE
-        with _daemon(os.path.join(tmp, "on.sock"), "--metrics", f"127.0.0.1:{port}") as on, \
-                _daemon(os.path.join(tmp, "off.sock")) as off:
+        cpu = None if args.pager_cpu < 0 else args.pager_cpu
+        with _daemon(os.path.join(tmp, "on.sock"), cpu, "--metrics", f"127.0.0.1:{port}") as on, \
+                _daemon(os.path.join(tmp, "off.sock"), cpu) as off:
             scraper = _Scraper(f"http://127.0.0.1:{port}/metrics", args.scrape_interval)
             scraper.start()
             order = list(range(args.pages))
@@ -118,7 +125,7 @@ def main() -> int:
     rows = [summarize(Case(ON, OFF, lambda w: []), latencies[0]), summarize(Case(OFF, OFF, lambda w: []), latencies[1])]
     rows[0].ratio = ratio(rows[0].p50_us, rows[1].p50_us)
     print(f"metrics overhead: {args.pages} random 4 KiB read faults x {args.rounds} rounds on each of two daemons, "
-          f"Linux {platform.release()}, {os.cpu_count()} cpus")
+          f"Linux {platform.release()}, {os.cpu_count()} cpus, daemons on cpu {args.pager_cpu}")
     print("\n".join(format_table(rows)))
     ratios.sort()
     print(f"p50 ratio metrics on / off, taking turns {min(PAIR_SLICE, args.pages)} faults at a time "
