@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BATCH 64
@@ -23,6 +24,13 @@
 static inline uint64_t page_index(const struct up_fill *f, uint64_t addr)
 {
     return (addr - f->base) / UP_PAGE_SIZE;
+}
+
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* the vDSO's: tens of ns, no syscall */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static int all_zero(const uint8_t *p, size_t n)
@@ -131,6 +139,8 @@ static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx
     if (n < 0)
         return -errno;
     int rc = place_page(uffd, f, addr, idx, write, page_buf, (size_t)n);
+    if (f->time_faults)
+        f->woken_at = now_ns(); /* the read-ahead below is not this fault's wait */
     /* The faulting thread is awake already. A write with synchronous
      * tracking is not read ahead: its neighbours, filled write-protected,
      * would each cost a WP fault where a missing fault costs the same. */
@@ -352,6 +362,21 @@ void up_fill_release(struct up_fill *f)
     f->resident = f->dirty = f->evicting = f->dropped = NULL;
 }
 
+#define LATENCY_BUCKETS (sizeof(((struct up_fill *)0)->latency_buckets) / sizeof(uint64_t))
+
+void up_fill_time_fault(struct up_fill *f, int64_t ns)
+{
+    if (!f->time_faults)
+        return;
+    if (ns < 0)
+        ns = 0;
+    uint64_t us = (uint64_t)ns / 1000;
+    /* Powers of two: a bucket is one clz away, never a search. */
+    uint64_t k = us ? 64 - (uint64_t)__builtin_clzll(us) : 0;
+    f->latency_buckets[k < LATENCY_BUCKETS ? k : LATENCY_BUCKETS - 1]++;
+    f->latency_ns_sum += (uint64_t)ns;
+}
+
 static void defer(struct up_msg *deferred, int *n, const struct uffd_msg *m, int status)
 {
     up_msg_flatten(m, &deferred[*n]);
@@ -379,6 +404,7 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
             return served ? served : -1;
         if (n == 0)
             return served;
+        int64_t read_at = f->time_faults ? now_ns() : 0;
         int event_seen = 0;
         for (int i = 0; i < n; i++) {
             const struct uffd_msg *m = &msgs[i];
@@ -402,10 +428,13 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
                 defer(deferred, n_deferred, m, 0);
                 continue;
             }
+            f->woken_at = 0;
             int rc = up_fill_fault(uffd, f, m->arg.pagefault.address, flags);
-            if (rc == 0)
+            if (rc == 0) {
                 served++;
-            else if (rc != -ESRCH)
+                if (f->time_faults)
+                    up_fill_time_fault(f, (f->woken_at ? f->woken_at : now_ns()) - read_at);
+            } else if (rc != -ESRCH)
                 defer(deferred, n_deferred, m, rc);
         }
         /* A short read found the queue empty (userfaultfd_read_iter reads on,

@@ -149,6 +149,13 @@ struct up_fill {
     uint64_t evict_hand;        /* where the next search for victims starts: a clock over the range */
     uint64_t resident_limit;    /* 0, or resident pages past which a missing fault waits (-EBUSY) for page-out */
     uint64_t evictions;         /* pages dropped to stay under the region's cap */
+    /* Fault latency (metrics.py), kept only while time_faults is set: from
+     * the pager reading a fault to its page filled. Bucket 0: under 1 us;
+     * bucket k: [2^(k-1), 2^k) us; the last: all slower. */
+    int time_faults;
+    int64_t woken_at;           /* CLOCK_MONOTONIC ns: the faulting thread's page filled, before read-ahead */
+    uint64_t latency_buckets[24];
+    uint64_t latency_ns_sum;
 };
 
 /* The pages read-ahead advises to fill after a missing fault: first,
@@ -219,6 +226,10 @@ int up_fill_end_eviction(struct up_fill *fill, uint64_t address, uint64_t len, i
 /* Whether the page at address is resident (filled and not removed since). */
 int up_fill_is_resident(const struct up_fill *fill, uint64_t address);
 
+/* Counts one fault served in ns nanoseconds in the latency histogram (for
+ * faults served outside up_serve: fetched pages); nothing unless
+ * time_faults is set. */
+void up_fill_time_fault(struct up_fill *fill, int64_t ns);
 /* Marks the pages of [start, end) (addresses) neither resident nor dirty
  * (REMOVE/UNMAP events); costs what was set there, not the range. */
 int up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);

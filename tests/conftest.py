@@ -198,22 +198,24 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """start_daemon(name="pager.sock", wrapper=(), options=(), pass_fds=()) ->
+    """start_daemon(name="pager.sock", wrapper=(), options=None, args=(), pass_fds=(), stderr=None) ->
     a running Daemon, its command run through `wrapper` (e.g. setpriv) if
     given, with `--socket socket_dir/name` unless `options` say where it
-    listens (a --config file; or an inherited socket there); waited for until
-    its socket accepts, stopped with SIGTERM at teardown (unless stopped
-    already), when it must exit cleanly."""
+    listens (a --config file; or an inherited socket there), more `serve`
+    options `args`, its stderr appended to the file `stderr` if given; waited
+    for until its socket accepts, stopped with SIGTERM at teardown (unless
+    stopped already), when it must exit cleanly."""
     daemons: list[Daemon] = []
 
     def start(name: str = "pager.sock", *, wrapper: Sequence[str] = (), options: Sequence[str] | None = None,
-              pass_fds: Sequence[int] = ()) -> Daemon:
+              args: Sequence[str] = (), pass_fds: Sequence[int] = (), stderr: Path | None = None) -> Daemon:
         path = socket_dir / name
-        process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "uffd_pager", "serve",
-             *(["--socket", str(path)] if options is None else options)],
-            stdin=subprocess.DEVNULL, cwd="/", pass_fds=pass_fds,
-        )
+        with open(stderr, "ab") if stderr is not None else contextlib.nullcontext() as log:
+            process = subprocess.Popen(
+                [*wrapper, sys.executable, "-m", "uffd_pager", "serve",
+                 *(["--socket", str(path)] if options is None else options), *args],
+                stdin=subprocess.DEVNULL, cwd="/", pass_fds=pass_fds, stderr=log,
+            )
         daemon = Daemon(path, process)
         daemons.append(daemon)
         deadline = time.monotonic() + 20

@@ -150,10 +150,21 @@ class ChildScript:
                 f"{self.name}: process {message['pid']} failed:\n{message['traceback']}{self.context()}")
         return message
 
+    def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
+        """The next message, which must be a `what` report within `timeout` s."""
+        message = self.next(timeout)
+        assert message is not None, f"{self.name}: no {what!r} within {timeout} s{self.context()}"
+        assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
+        return message
+
     def send(self, line: str) -> None:
         """One line on the child's stdin (an order, for child.order())."""
         self.process.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
         self.process.stdin.flush()  # type: ignore[union-attr]
+
+    def stderr(self) -> str:
+        """What it wrote on stderr so far (all of it once its output ended)."""
+        return b"".join(self._stderr).decode(errors="replace")
 
     def context(self) -> str:
         """Its last messages and the end of its stderr, for a failure message."""

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
+from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: No
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
                            limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
-                           state_dir=args.state_dir, max_resident=args.max_resident)
+                           state_dir=args.state_dir, max_resident=args.max_resident, metrics=args.metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop, service, notifier)
@@ -116,9 +117,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     pager = connect(args.socket)
     try:
-        print(json.dumps(pager.status(), indent=2))
+        status = pager.status()
     finally:
         pager.close()
+    status.pop("ok", None)  # the protocol's envelope, not the pager's state
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        from uffd_pager.status_view import format_status
+        print(format_status(status))
     return 0
 
 
@@ -243,9 +250,20 @@ def _report_directory(path: str) -> str:
     return path
 
 
+def _metrics_address(text: str) -> tuple[str, int]:
+    from uffd_pager.metrics_http import parse_listen_address
+
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default, metavar="LEVEL",
-                        help="how much the pager logs: DEBUG, INFO, WARNING (default) or ERROR")
+                        help=f"how much the pager logs: {', '.join(LOG_LEVELS)} (any case; default "
+                             f"{DEFAULT_LOG_LEVEL}); INFO: a line per connect, map, unmap, close and failed "
+                             "request, DEBUG: and per flush")
 
 
 def _version() -> str:
@@ -263,7 +281,7 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
         prog="uffd-pager",
         description="A user-space pager: file-backed, fork-safe memory regions served by userfaultfd.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _add_log_level(parser, config.pop("log_level", "WARNING"))
+    _add_log_level(parser, config.pop("log_level", DEFAULT_LOG_LEVEL))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -294,6 +312,9 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
+    serve.add_argument("--metrics", type=_metrics_address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9100; "
+                            "port 0: any free one, logged at INFO); default: none")
     serve.set_defaults(**config)
 
     bench = command("bench", "fault-latency benchmark beside the kernel and a C reference", cmd_bench)
@@ -315,8 +336,9 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     keygen = command("keygen", "write a new 256-bit key (mode 0600) for map(key_file=...)", cmd_keygen)
     keygen.add_argument("--out", help="create this file (it must not exist) instead of writing to stdout")
 
-    status = command("status", "print a daemon's connections, regions, fds and memory", cmd_status)
+    status = command("status", "print a daemon's tenants, regions, connections, fds and memory", cmd_status)
     status.add_argument("--socket", required=True, help="the daemon's socket path")
+    status.add_argument("--json", action="store_true", help="print it as JSON, for scripts, instead of tables")
     return parser
 
 
@@ -338,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         args = _with_config(args, argv)
-    logging.basicConfig(level=args.log_level, format="uffd-pager[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     try:
         return args.func(args)
     except OSError as exc:

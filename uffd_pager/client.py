@@ -52,9 +52,10 @@ from uffd_pager.layout import (
 )
 from uffd_pager.region import Region, RegionMapping, fork_lock, start_agent
 from uffd_pager.catalog import open_catalog_file
+from uffd_pager.logs import parse_log_level
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
-from uffd_pager.native import ffi, lib
+from uffd_pager.native import lib
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, available_features, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -216,13 +217,17 @@ class Pager:
     $XDG_STATE_HOME/uffd-pager). `max_resident`: the private pager's cap
     in bytes on all regions with dirty_tracking="sync" together
     (`uffd-pager serve --max-resident`; see the README's "Page-out").
+    `log_level`: how much the private pager logs to this process's stderr
+    (DEBUG, INFO, WARNING, ERROR, any case; `uffd-pager --log-level`);
+    default WARNING.
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None,
-                 max_resident: int | None = None) -> None:
+                 max_resident: int | None = None, log_level: str | None = None) -> None:
         if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)
                                          or max_resident < 0 or max_resident % PAGE_SIZE):
             raise ValueError(f"max_resident must be a number of bytes, a multiple of {PAGE_SIZE}, not {max_resident!r}")
+        level = parse_log_level(log_level) if log_level is not None else None
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -233,7 +238,8 @@ class Pager:
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
                  "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
-                 *(["--max-resident", str(max_resident)] if max_resident else [])],
+                 *(["--max-resident", str(max_resident)] if max_resident else []),
+                 *(["--log-level", level] if level is not None else [])],
                 pass_fds=[listener.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -368,8 +374,15 @@ class Pager:
         return region
 
     def status(self) -> dict[str, Any]:
-        """The pager's own view: connections, regions, open fds, tasks, RSS."""
-        return self._conn.request("status")
+        """The pager's own view: connections, regions, open fds, tasks, RSS,
+        its tenants and a line per region (`region_list`: every region, over
+        as many requests as it takes; the counts are the first reply's)."""
+        status = self._conn.request("status")
+        while status.pop("more_regions", False) and status["region_list"]:
+            more = self._conn.request("status", after=status["region_list"][-1]["id"])
+            status["region_list"] += more["region_list"]
+            status["more_regions"] = more["more_regions"]
+        return status
 
     def close(self) -> None:
         """Closes every region of this process, then the connection; stops a

@@ -14,11 +14,10 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from uffd_pager.logs import LOG_LEVELS
 from uffd_pager.uffd import PAGE_SIZE
 
 DEFAULT_PATH = "/etc/uffd-pager.toml"
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(ValueError):

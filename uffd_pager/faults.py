@@ -44,6 +44,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -248,17 +249,21 @@ class FaultHandler:
             _wake_quietly(region.uffd, fault.page)
         return 0
 
-    def _fetch(self, region: ServedRegion, fault: PageFault, *, read_ahead: bool = False) -> None:
+    def _fetch(self, region: ServedRegion, fault: PageFault, *, read_ahead: bool = False,
+               since: int | None = None) -> None:
         """Fetches a missing page from the store of the portion that holds
         it (see fetch.py); `_fetched` places it. The region is held until
         then, so its store and state outlive the fetch. read_ahead: a fault
         seen for the first time, which feeds the read-ahead detector (as
-        the C path does for its own); the window goes in the same batch."""
+        the C path does for its own); the window goes in the same batch.
+        since: when the fault was first fetched (monotonic ns), for its
+        latency (metrics.py)."""
         index = region.page_index(fault.page)
         source = region.portion.source(index)
         assert source.offset is not None  # the C path found it placed
         region.holds += 1
-        self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source))
+        started = since if since is not None else time.monotonic_ns() if region.fill.timing else 0
+        self.fetcher.want(source.store, source.offset + index * PAGE_SIZE, (region, fault, source, started))
         fill = region.fill
         if read_ahead and fill.read_ahead[0] and not fill.defer_missing \
                 and not (fault.write and fill.tracking == Tracking.SYNC_WP):  # as native/fill.c says why
@@ -316,11 +321,11 @@ class FaultHandler:
             await arrived
         return filled + counts["placed"]
 
-    def _fetched(self, waiter: "tuple[ServedRegion, PageFault, Portion] | _Ahead", result: Result) -> None:
+    def _fetched(self, waiter: "tuple[ServedRegion, PageFault, Portion, int] | _Ahead", result: Result) -> None:
         if isinstance(waiter, _Ahead):
             self._fetched_ahead(waiter, result)
             return
-        region, fault, source = waiter
+        region, fault, source, started = waiter
         try:
             if region.released or isinstance(result, asyncio.CancelledError):
                 return
@@ -336,10 +341,12 @@ class FaultHandler:
                 self._settle(region, fault, self._fail_page(region, fault, -errno.EIO, cause=region.last_error))
                 return
             if region.portion.source(region.page_index(fault.page)) is not source:
-                self._fetch(region, fault)  # copied into a child's own portion meanwhile: read it there
+                self._fetch(region, fault, since=started)  # copied into a child's own portion meanwhile: read it there
                 return
             region.fetched_pages += 1
             rc = region.fill.place(region.uffd, fault, result)
+            if rc == 0 and started:
+                region.fill.time_fault(time.monotonic_ns() - started)
             if rc in _LATER:
                 region.fetched[fault.page] = result
             self._settle(region, fault, rc)

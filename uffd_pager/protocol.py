@@ -74,7 +74,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "backing": frozenset({"region"}),
     "adopt": frozenset({"region", "fds"}),
     "reopen": frozenset({"region", "fds"}),
-    "status": frozenset(),
+    "status": frozenset({"after"}),
 }
 
 # map's descriptors, named in its "fds" field in the order they are attached.

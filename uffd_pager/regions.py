@@ -43,6 +43,7 @@ class RegionTable:
         # (FaultHandler.on_faults), and what follows a release (PagerService).
         self.serve_faults_of: Callable[[ServedRegion], None] = lambda region: None
         self.on_released: Callable[[ServedRegion], None] = lambda region: None
+        self.on_added: Callable[[ServedRegion], None] = lambda region: None  # metrics' timing
 
     def spawn(self, work: Awaitable[None]) -> None:
         task = self._loop.create_task(work)
@@ -90,6 +91,7 @@ class RegionTable:
         self._loop.add_reader(uffd.fd, self.serve_faults_of, region)  # first: if it fails, nothing is left behind
         self._next_region_id += 1
         self.regions[region.id] = region
+        self.on_added(region)
         return region
 
     @contextlib.contextmanager

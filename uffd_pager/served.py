@@ -6,11 +6,15 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from uffd_pager.layout import Portion, PortionAllocator, ReadAhead, Span, clip_spans, tracking_name
 from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
 from uffd_pager.writeback import pages_of
+
+
+_URL_SHOWN = 1024  # characters of a store URL in a region's summary
 
 
 @dataclass(eq=False)
@@ -116,6 +120,46 @@ class ServedRegion:
     @property
     def encrypted(self) -> bool:
         return self.portion.store.key_id is not None
+
+    @property
+    def store_kind(self) -> str:
+        """Its store's URL scheme: file, redis, redis+unix, redis+cluster."""
+        return urlsplit(self.portion.store.url).scheme
+
+    @property
+    def tenant_uid(self) -> int | None:
+        """The uid of the client whose region this is, or was forked from."""
+        region = self
+        while region.parent is not None:
+            region = region.parent
+        return region.uid
+
+    @property
+    def error_count(self) -> int:
+        """Pages that could not be filled (poisoned) and failed write-backs."""
+        return self.errors + self.writeback["writeback_errors"]
+
+    def summary(self) -> dict[str, Any]:
+        """One line of `status`: what a person looks at first."""
+        counters = self.fill.counters()
+        return {
+            "id": self.id,
+            "pid": self.owner_pid,
+            "uid": self.tenant_uid,
+            "parent": self.parent.id if self.parent is not None else None,
+            # Cut where a URL is absurdly long: a status reply must hold many lines.
+            "store": url if len(url := self.portion.store.url) <= _URL_SHOWN else url[:_URL_SHOWN - 3] + "...",
+            "kind": self.store_kind,
+            "encrypted": self.encrypted,
+            "size": self.fill.length,
+            "tracking": tracking_name(self.fill.tracking),
+            "resident_pages": counters["resident_pages"],
+            "dirty_pages": self.dirty_pages(),
+            "faults": counters["faults"],
+            "evictions": counters["evictions"],
+            "bytes_written": self.writeback["bytes_written"],
+            "errors": self.error_count,
+        }
 
     @property
     def paged_spans(self) -> list[Span]:

@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import resource
 import secrets
 import socket
 import struct
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
@@ -23,6 +24,7 @@ from uffd_pager.faults import FaultHandler
 from uffd_pager.flushing import Flusher
 from uffd_pager.layout import (
     Portion,
+    tracking_name,
     check_geometry,
     READ_AHEAD_MAX,
     parse_fork_policy,
@@ -44,6 +46,9 @@ from uffd_pager.uffd import (
     Uffd,
     is_userfaultfd,
 )
+
+if TYPE_CHECKING:  # imported when --metrics asks for it: prometheus_client costs start-up time
+    from uffd_pager.metrics import PagerMetrics
 
 log = logging.getLogger("uffd_pager.pager")
 
@@ -72,9 +77,11 @@ class PagerService:
     """One pager: its listening socket, its clients, and the parts that serve them."""
 
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
-                 limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0) -> None:
+                 limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0,
+                 metrics: tuple[str, int] | None = None) -> None:
         """max_resident: bytes all regions with "sync" tracking may keep
-        resident together (0: no such cap), kept by page-out."""
+        resident together (0: no such cap), kept by page-out. metrics:
+        (host, port) to serve Prometheus metrics on (metrics.py), or None."""
         self._listener = listener
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
@@ -93,6 +100,8 @@ class PagerService:
         self._pageout.regions = lambda: self._table.regions.values()
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
+        self._metrics_address = metrics
+        self._metrics: PagerMetrics | None = None
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
@@ -111,6 +120,7 @@ class PagerService:
     async def serve(self, *, idle_timeout: float = 10.0) -> None:
         """Runs until stopped; an embedded pager also stops once idle."""
         self._loop.set_exception_handler(self._on_internal_error)
+        metrics_server = await self._start_metrics() if self._metrics_address is not None else None
         self._loop.add_reader(self._listener.fileno(), self._accept)
         if self._exit_when_idle:
             # An embedded pager whose parent died before connecting stops too.
@@ -122,12 +132,34 @@ class PagerService:
                 self._loop.remove_reader(self._listener.fileno())
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
+            if metrics_server is not None:
+                metrics_server.close()
             self._faults.fetcher.close()
             self._pageout.close()
             for region in list(self._table.regions.values()):
                 self._table.release_region(region)
             for conn in list(self._connections):
                 self._drop_connection(conn)
+
+    async def _start_metrics(self) -> asyncio.Server:
+        from prometheus_client import ProcessCollector
+        from prometheus_client.registry import CollectorRegistry
+
+        from uffd_pager.metrics import PagerGauges, PagerMetrics
+        from uffd_pager.metrics_http import start_metrics_server
+
+        assert self._metrics_address is not None
+        self._metrics = PagerMetrics(lambda: self._table.regions.values(), lambda: PagerGauges(
+            connections=len(self._connections), tenants=len(self._tenants.usage()), stores=len(self._table.stores),
+            internal_errors=self._internal_errors))
+        self._table.on_added = self._metrics.track
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self._metrics)
+        ProcessCollector(registry=registry)  # the pager's own CPU, memory and descriptors
+        server = await start_metrics_server(registry, *self._metrics_address)
+        host, port = server.sockets[0].getsockname()[:2]
+        log.info("metrics on http://%s/metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return server
 
     def _on_internal_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """An exception no handler caught (a callback's, a task's): a bug of
@@ -142,6 +174,8 @@ class PagerService:
 
     def _on_released(self, region: ServedRegion) -> None:
         self._pageout.released(region)
+        if self._metrics is not None:
+            self._metrics.retire(region)
         if region.parent is None and region.uid is not None:
             self._tenants.remove(region.uid, region.fill.length)
         self._lineage.sync_defer_missing()
@@ -167,6 +201,7 @@ class PagerService:
             sock.close()
             return
         sock.setblocking(False)
+        log.info("connect: pid %d, uid %d", pid, uid)
         conn = Connection(sock=sock, pid=pid, uid=uid)
         self._connections.add(conn)
         self._loop.add_reader(sock.fileno(), self._on_control_readable, conn)
@@ -234,7 +269,9 @@ class PagerService:
                     reply = await self._handlers[op](conn, request, fds)
                 except Exception as exc:  # every failure goes back to the client
                     if not isinstance(exc, (OSError, ValueError, KeyError, protocol.ProtocolError)):
-                        log.exception("request %r failed", request.get("op"))
+                        log.exception("error: pid %d: request %r failed", conn.pid, request.get("op"))
+                    else:  # the client's to handle: it gets the error
+                        log.info("error: pid %d: %s: %s: %s", conn.pid, request.get("op"), type(exc).__name__, exc)
                     reply = protocol.error_reply(exc)
                 finally:
                     for fd in fds:  # what a request carried and its handler did not take
@@ -259,6 +296,7 @@ class PagerService:
         if conn not in self._connections:
             return
         self._connections.discard(conn)
+        log.info("close: pid %d: connection closed, %d regions released", conn.pid, len(conn.regions))
         try:
             self._loop.remove_reader(conn.sock.fileno())
         except (ValueError, OSError):
@@ -354,6 +392,8 @@ class PagerService:
         self._lineage.sync_defer_missing()
         if interval:
             region.timer = self._loop.create_task(self._flusher.flush_periodically(region, interval))
+        log.info("map: pid %d: region %d, %s, %d bytes at offset %d, %s tracking%s", conn.pid, region.id, url, size,
+                 offset, tracking_name(tracking), ", encrypted" if key is not None else "")
         return {"ok": True, "region": region.id}
 
     def _check_uffd_of(self, conn: Connection, fd: int, tag_address: int) -> None:
@@ -390,6 +430,7 @@ class PagerService:
         region = self._own_region(conn, request)
         await self._flusher.flush(region)
         self._table.release_region(region)
+        log.info("unmap: pid %d: region %d", conn.pid, region.id)
         # Where the registration is mapped now, for the client to unmap:
         # the program may have moved or unmapped parts of it itself.
         return {"ok": True, "spans": region.spans}
@@ -413,7 +454,11 @@ class PagerService:
         return {"ok": True}
 
     async def _op_flush(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        return {"ok": True, **(await self._flusher.flush(self._own_region(conn, request)))}
+        region = self._own_region(conn, request)
+        written = await self._flusher.flush(region)
+        log.debug("flush: pid %d: region %d: %d pages, %d bytes written", conn.pid, region.id, written["pages"],
+                  written["bytes"])
+        return {"ok": True, **written}
 
     async def _op_prefetch(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         region = self._own_region(conn, request)
@@ -463,10 +508,30 @@ class PagerService:
                     self._lineage.sync_defer_missing()
                     if region.pending:
                         self._loop.call_soon(self._faults.retry_now, region)
+                log.info("adopt: pid %d: region %d, forked from region %d", conn.pid, region.id, ancestor_id)
                 return {"ok": True, "region": region.id}, [handed_fd]
         raise KeyError(f"pid {conn.pid} holds no forked copy of region {ancestor_id}")
 
     async def _op_status(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The pager's counts, its tenants and a line per region, as many as
+        fit one message: regions with ids above `after`, and `more_regions`
+        if some were left for the next request (Pager.status() asks for
+        them all). Root and the pager's own uid see every tenant's; another
+        uid its own only."""
+        after = request.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError(f"status: after must be a region id (0 or more), not {after!r}")
+        sees_all = conn.uid in (0, os.getuid())
+        pids: dict[int, set[int]] = {}
+        for each in self._connections:
+            pids.setdefault(each.uid, set()).add(each.pid)
+        tenants, used, _ = _fit(({"uid": uid, "regions": count, "mapped": mapped, "connections": len(pids.get(uid, ())),
+                                  "pids": sorted(pids.get(uid, ()))[:_STATUS_PIDS]}
+                                 for uid, (count, mapped) in sorted(self._tenants.usage().items())
+                                 if sees_all or uid == conn.uid), _STATUS_BUDGET // 4)
+        lines, _, more = _fit((region.summary() for region in self._table.regions.values()
+                               if region.id > after and (sees_all or region.tenant_uid == conn.uid)),
+                              _STATUS_BUDGET - used)
         return {
             "ok": True,
             "pid": os.getpid(),
@@ -479,6 +544,9 @@ class PagerService:
             "rss_kib": _rss_kib(),
             "fetches": self._faults.fetcher.counters(),
             "internal_errors": self._internal_errors,
+            "tenants": tenants,
+            "region_list": lines,
+            "more_regions": more,
         }
 
     def _own_region(self, conn: Connection, request: dict[str, Any]) -> ServedRegion:
@@ -486,6 +554,27 @@ class PagerService:
         if region is None:
             raise KeyError(f"no region {request.get('region')} on this connection")
         return region
+
+
+# Bytes of a status reply's tenants and region lines; the rest of a message
+# is room for its counts.
+_STATUS_BUDGET = protocol.MAX_MESSAGE - 4096
+_STATUS_PIDS = 16  # pids listed per tenant (all its connections are counted)
+
+
+def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """As many of lines as fit in budget bytes of JSON: (them, the bytes
+    they take, whether any were left out). Lines past the first that does
+    not fit are not even made (a region's line scans its dirty pages)."""
+    taken: list[dict[str, Any]] = []
+    used = 0
+    for line in lines:
+        cost = len(json.dumps(line, separators=(",", ":"))) + 1
+        if used + cost > budget:
+            return taken, used, True
+        taken.append(line)
+        used += cost
+    return taken, used, False
 
 
 def _hold(region: ServedRegion) -> None:

@@ -41,6 +41,10 @@ class Tenants:
         self._regions[uid] = self._regions.get(uid, 0) + 1
         self._mapped[uid] = self._mapped.get(uid, 0) + size
 
+    def usage(self) -> dict[int, tuple[int, int]]:
+        """uid -> (root regions, bytes mapped), of every uid holding any."""
+        return {uid: (count, self._mapped[uid]) for uid, count in self._regions.items()}
+
     def remove(self, uid: int, size: int) -> None:
         self._regions[uid] -= 1
         self._mapped[uid] -= size

@@ -531,6 +531,25 @@ class FillRange:
     def counters(self) -> dict[str, int]:
         return {name: getattr(self._c, name) for name in self._COUNTERS}
 
+    @property
+    def timing(self) -> bool:
+        """Whether served faults are timed into `latency()` (metrics.py)."""
+        return bool(self._c.time_faults)
+
+    @timing.setter
+    def timing(self, on: bool) -> None:
+        self._c.time_faults = int(on)
+
+    def latency(self) -> tuple[list[int], int]:
+        """(faults per bucket, their total ns) of the faults timed so far:
+        bucket 0 under 1 us, bucket k [2^(k-1), 2^k) us, the last all slower.
+        Readable after close()."""
+        return list(self._c.latency_buckets), self._c.latency_ns_sum
+
+    def time_fault(self, ns: int) -> None:
+        """Counts a fault served outside `serve` (a fetched page) that took ns."""
+        lib.up_fill_time_fault(self._c, ns)
+
     def serve(self, uffd: Uffd) -> tuple[int, list[Deferred]]:
         """Serves every pending fault it can; returns (served, what is left)."""
         served = lib.up_serve(uffd.fd, self._live(), self._deferred, self._DEFERRED, self._n_deferred)
