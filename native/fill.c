@@ -415,7 +415,6 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
             }
             uint64_t flags = m->arg.pagefault.flags;
             f->faults++;
-            f->last_thread_id = m->arg.pagefault.feat.ptid;
             if (flags & UFFD_PAGEFAULT_FLAG_WP)
                 f->wp_faults++;
             else if (flags & UFFD_PAGEFAULT_FLAG_WRITE)

@@ -128,7 +128,6 @@ struct up_fill {
     uint64_t resident_pages;    /* the count of resident */
     uint64_t dirty_pages;       /* the count of dirty */
     uint64_t resident_peak;     /* the most resident_pages has been */
-    uint32_t last_thread_id;    /* of the latest fault read */
     /* Read-ahead (readahead.c). Settings: */
     uint32_t ra_max;            /* pages of the largest window; 0: no read-ahead */
     int ra_fixed;               /* 1: every missing fault reads ra_max pages ahead; 0: adaptive */

@@ -187,7 +187,7 @@ def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[st
                     os.close(fd)
                 # ... and what Region._adopt_in_child sends in a forked child (refused here: no fork).
                 with contextlib.suppress(KeyError):
-                    pager._conn.request_fds("adopt", region=region._id)
+                    pager._conn.request_fds("adopt", region=region._id, token="00" * protocol.CLAIM_TOKEN_SIZE)
             pager.map(files.url(files.encrypted), 2 * PAGE, key=key).close()
             pager.map(files.url(files.plain), 2 * PAGE, children=files.url(files.children)).close()
     finally:

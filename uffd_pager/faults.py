@@ -24,11 +24,15 @@ bring us back: a fault deferred by EAGAIN is therefore retried on a timer
 
 A FORK event carries the child's new uffd, already installed in *our* fd
 table when we read it, but no pid; the forking parent is blocked until we
-read it. Every fault on that uffd comes from the child, so its first fault's
-thread id (UFFD_FEATURE_THREAD_ID) names it; a child's library makes sure
-there is one by reading the region's tag page (the page past the region,
-which the root process never touches) before it first talks to the pager.
-There is no exit event: after a process exits, ioctls on its uffd fail with
+read it. A fault's thread id (UFFD_FEATURE_THREAD_ID) is no use for finding
+the child: the kernel reports it as the faulting task sees it
+(task_pid_vnr), so in a container it is a namespace-local number that names
+another process, or none, here. Every fault on the child's uffd is the
+child's, though: its library reads the region's tag page (the page past the
+region, which the root process never touches), that fault is filled with a
+secret of that uffd's alone, and the child sends it back when it claims its
+copy over its own connection, whose SO_PEERCRED pid the kernel translates
+into our namespace (see PagerService._op_adopt). There is no exit event: after a process exits, ioctls on its uffd fail with
 ESRCH, so owners are watched with a pidfd (readable when the process exits),
 control connections with EOF, and children not yet known by a periodic
 probe of their uffd.
@@ -134,10 +138,6 @@ class FaultHandler:
             self._take(region, item)
             if region.released:
                 return
-        if region.parent is not None and region.pidfd < 0:
-            self._lineage.learn_child_pid(region)
-            if region.released:
-                return
         if region.pending:
             self._retry_pending(region)
         if region.parent is not None and not region.released and not region.portion.placed \
@@ -234,15 +234,20 @@ class FaultHandler:
         reading zeros if this pager died."""
         if self._loop.time() - region.forked_at < _HAND_TIMEOUT:
             return -errno.EAGAIN
-        log.error("region %d: pid %d touched its forked copy without claiming it from the pager for %.0f s "
-                  "(forked without os.fork()?); failing the access", region.id, region.owner_pid, _HAND_TIMEOUT)
+        log.error("region %d: a forked child (thread %d in its own pid namespace) touched its copy without "
+                  "claiming it from the pager for %.0f s (forked without os.fork()?); failing the access",
+                  region.id, fault.thread_id, _HAND_TIMEOUT)
         return -errno.ENOLCK
 
     def _serve_tag_page(self, region: ServedRegion, fault: PageFault) -> int:
-        """The tag page reads as zeros; its fault has served its purpose."""
+        """A forked child's tag page holds its claim token (zeros after it),
+        a root region's zeros."""
         region.tag_faults += 1
         try:
-            region.uffd.zeropage(fault.page, PAGE_SIZE)
+            if region.claim_token:
+                region.uffd.copy(fault.page, region.claim_token.ljust(PAGE_SIZE, b"\0"))
+            else:
+                region.uffd.zeropage(fault.page, PAGE_SIZE)
         except OSError as exc:
             if exc.errno != errno.EEXIST:
                 return -(exc.errno or errno.EIO)

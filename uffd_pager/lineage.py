@@ -7,12 +7,14 @@ import asyncio
 import errno
 import logging
 import os
+import secrets
 import select
 
 from uffd_pager.layout import (
     Portion,
     copy_to_children,
 )
+from uffd_pager.protocol import CLAIM_TOKEN_SIZE
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import ServedRegion
 from uffd_pager.uffd import (
@@ -70,6 +72,7 @@ class Lineage:
                                  child_store=child_store, keep_child_portions=parent.keep_child_portions,
                                  parent=parent)
         child.handed, child.forked_at = False, self._loop.time()
+        child.claim_token = secrets.token_bytes(CLAIM_TOKEN_SIZE)
         child.max_resident = parent.max_resident  # capped once its process hands its agent (adopt)
         # Pages the parent's write-back has taken but not yet stored are clean
         # in the child's page tables too: the child writes them itself.
@@ -142,20 +145,11 @@ class Lineage:
                 and ((region.parent is not None and region.portion.state.missing())
                      or region.portion.inheriting_children()))
 
-    def learn_child_pid(self, region: ServedRegion) -> None:
-        """Learns a forked child's pid from a fault (any fault on a child's
-        uffd is the child's) and watches it for exit."""
-        tid = region.fill.last_thread_id
-        pid = _thread_group(tid) if tid else None
-        if pid is None:
-            return
-        try:
-            region.pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._table.release_region(region)
-            return
-        region.owner_pid = pid
-        self._loop.add_reader(region.pidfd, self._table.release_region, region)
+    def watch_child(self, region: ServedRegion, pid: int, pidfd: int) -> None:
+        """A forked child claimed its copy: it is released when its process
+        exits (the pidfd turns readable)."""
+        region.owner_pid, region.pidfd = pid, pidfd
+        self._loop.add_reader(pidfd, self._table.release_region, region)
 
     def _schedule_child_probe(self) -> None:
         if self._child_probe is None and any(r.parent is not None and r.pidfd < 0 for r in self._table.regions.values()):
@@ -181,14 +175,3 @@ class Lineage:
                     exited = exc.errno == errno.ESRCH
             if exited:
                 self._table.release_region(region)
-
-
-def _thread_group(tid: int) -> int | None:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None

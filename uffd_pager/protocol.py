@@ -72,12 +72,16 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "flush": frozenset({"region"}),
     "stats": frozenset({"region"}),
     "backing": frozenset({"region"}),
-    "adopt": frozenset({"region", "fds"}),
+    "adopt": frozenset({"region", "token", "fds"}),
     "reopen": frozenset({"region", "fds"}),
     "status": frozenset({"after"}),
 }
 
 # map's descriptors, named in its "fds" field in the order they are attached.
+# A forked child's claim of its copy (adopt): the secret its tag page's
+# fault is filled with, sent back as hex.
+CLAIM_TOKEN_SIZE = 16
+
 MAP_DESCRIPTORS = ("uffd", "store", "children", "key", "catalog", "children_catalog", "agent")
 REQUIRED_MAP_DESCRIPTORS = ("uffd",)  # a remote store has no descriptor
 

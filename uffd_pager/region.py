@@ -256,10 +256,11 @@ class Region:
         must not act on the parent's memory from here (nor be unregistered:
         that would act on the parent's range); the child's own uffd was made
         by the kernel in the pager's fd table only, so claim it back, or the
-        child would read zeros if the pager died. The pager learns this
-        process's pid from the fault of a read of the tag page on the
-        child's uffd (it carries our thread id). If the claim fails the
-        region is made inaccessible: an access is a SIGSEGV, never zeros."""
+        child would read zeros if the pager died. The claim proves which of
+        the pager's uffds is ours: the tag page, read through our uffd, holds
+        a token the pager put there for that uffd alone (a thread id would
+        not do: in a pid namespace it is not the pager's). If the claim fails
+        the region is made inaccessible: an access is a SIGSEGV, never zeros."""
         memory = self._memory
         if memory is None:
             return
@@ -273,7 +274,10 @@ class Region:
             memory.orphan()
             return
         try:
-            ctypes.string_at(self.address + self.size, 1)
+            # Missing first: a fork racing map() may have copied in the page
+            # of the pager's check of the parent's uffd.
+            memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
+            token = ctypes.string_at(self.address + self.size, protocol.CLAIM_TOKEN_SIZE).hex()
             # Missing again, so that our own forked children fault on it too.
             memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
             # A capped region stays capped in the child: its agent is made
@@ -281,7 +285,7 @@ class Region:
             agent = start_agent() if self._capped and not self._channel.agent_started else -1
             try:
                 passed = (agent,) if agent >= 0 else ()
-                reply, fds = self._channel.request_fds("adopt", passed, region=self._id,
+                reply, fds = self._channel.request_fds("adopt", passed, region=self._id, token=token,
                                                        fds=["agent"] if agent >= 0 else [])
             finally:
                 if agent >= 0:

@@ -50,7 +50,7 @@ class ServedRegion:
     uffd: Uffd
     fill: FillRange
     portion: Portion
-    owner_pid: int  # 0 until a forked child is known by its first fault
+    owner_pid: int  # 0 until a forked child claims its copy (PagerService._op_adopt)
     fork_policy: str
     child_store: OpenStore  # where children's portions go
     keep_child_portions: bool
@@ -75,6 +75,10 @@ class ServedRegion:
         "flushes": 0, "pages_written": 0, "bytes_written": 0, "writeback_errors": 0})
     copied_to_children: int = 0
     tag_faults: int = 0
+    # A forked child's claim: its tag page's fault is filled with this
+    # secret, which only a process reading its own tag page can send back
+    # (see PagerService._op_adopt). Empty for a root region.
+    claim_token: bytes = b""
     auth_failures: int = 0  # pages that failed authentication (poisoned, never handed out)
     # What of the registration (region and tag page) is still mapped, and
     # where: the program's own munmap/mremap change it (UNMAP/REMAP events).
@@ -114,7 +118,7 @@ class ServedRegion:
     @property
     def tag_address(self) -> int:
         """The page past the region: untouched by the root process, so a
-        forked child's first read of it is a fault that tells its pid."""
+        forked child's read of it is a fault on the child's own uffd."""
         return self.fill.base + self.fill.length
 
     @property

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hmac
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ _F_SEAL_WRITE = getattr(fcntl, "F_SEAL_WRITE", 0x0008)
 # Highest user address plus one (x86-64, 5-level page tables at most).
 _MAX_ADDRESS = 1 << 56
 
+_SO_PEERPIDFD = 77  # <asm-generic/socket.h>, Linux 6.5; not in the socket module of Python 3.11
+
 # How long accept() pauses when the pager is out of descriptors.
 _ACCEPT_PAUSE = 0.5
 
@@ -68,9 +71,32 @@ Reply = dict[str, Any] | tuple[dict[str, Any], list[int]]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected."""
+    """(pid, uid, gid) of the process that connected; the kernel gives the
+    pid as our pid namespace sees it, whatever namespace the peer is in."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected: SO_PEERPIDFD (Linux 6.5+)
+    names that very process, where pidfd_open(pid) could name another that
+    reused its pid after it exited."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+    return os.pidfd_open(pid)
+
+
+def _require_token(request: dict[str, Any]) -> bytes:
+    token = request.get("token")
+    if not isinstance(token, str) or len(token) != 2 * protocol.CLAIM_TOKEN_SIZE:
+        raise ValueError(f"adopt: 'token' must be the {2 * protocol.CLAIM_TOKEN_SIZE} hex digits read from the tag page")
+    try:
+        return bytes.fromhex(token)
+    except ValueError:
+        raise ValueError("adopt: 'token' is not hexadecimal") from None
 
 
 class PagerService:
@@ -485,14 +511,24 @@ class PagerService:
     async def _op_adopt(self, conn: Connection, request: dict[str, Any],
                         fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         """A forked child claims its copy of a region its parent held (by
-        that region's id), and gets a descriptor of its own uffd back: the
-        kernel made that uffd in our fd table only, and a child that does
-        not hold it would read zeros once we are gone. Its tag-page fault
-        has told us its pid already."""
+        that region's id, and the token its tag page's fault was filled
+        with: only the process of that uffd read it), and gets a descriptor
+        of its own uffd back: the kernel made that uffd in our fd table only,
+        and a child that does not hold it would read zeros once we are gone.
+        From then on the child is the process on this connection (its pid as
+        SO_PEERCRED gives it, translated into our pid namespace)."""
         ancestor_id = _require_int(request, "region")
+        token = _require_token(request)
         named = protocol.named_descriptors(request, fds, ("agent",), ()) if "fds" in request else {}
         for region in self._table.regions.values():
-            if region.owner_pid == conn.pid and region.parent is not None and self._lineage.descends(region, ancestor_id):
+            if region.parent is not None and hmac.compare_digest(region.claim_token, token) \
+                    and self._lineage.descends(region, ancestor_id):
+                if conn.uid not in (0, region.tenant_uid):
+                    raise PermissionError(f"region {region.id} is uid {region.tenant_uid}'s, not uid {conn.uid}'s")
+                if region.pidfd < 0:
+                    self._lineage.watch_child(region, conn.pid, peer_pidfd(conn.sock, conn.pid))
+                elif region.owner_pid != conn.pid:
+                    raise PermissionError(f"region {region.id} was claimed by pid {region.owner_pid} already")
                 if region.connection is not None and region.connection is not conn:
                     region.connection.regions.pop(region.id, None)
                 region.connection = conn
@@ -510,7 +546,7 @@ class PagerService:
                         self._loop.call_soon(self._faults.retry_now, region)
                 log.info("adopt: pid %d: region %d, forked from region %d", conn.pid, region.id, ancestor_id)
                 return {"ok": True, "region": region.id}, [handed_fd]
-        raise KeyError(f"pid {conn.pid} holds no forked copy of region {ancestor_id}")
+        raise KeyError(f"no forked copy of region {ancestor_id} has this claim token (pid {conn.pid})")
 
     async def _op_status(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """The pager's counts, its tenants and a line per region, as many as

@@ -520,10 +520,6 @@ class FillRange:
     def tracking(self) -> Tracking:
         return Tracking(self._c.tracking)
 
-    @property
-    def last_thread_id(self) -> int:
-        return self._c.last_thread_id
-
     def move(self, new_base: int) -> None:
         """Follows an mremap of the whole range (REMAP event)."""
         self._live().base = new_base
