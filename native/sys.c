@@ -3,6 +3,7 @@
 #include "uffd_native.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/vfs.h>
 
@@ -32,4 +33,9 @@ int64_t up_fs_type(int fd)
     if (fstatfs(fd, &st) < 0)
         return -1;
     return (int64_t)(uint64_t)st.f_type;
+}
+
+int up_tgkill(int tgid, int tid, int sig)
+{
+    return tgkill(tgid, tid, sig);
 }

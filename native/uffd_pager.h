@@ -356,6 +356,8 @@ int up_start_writeback(int fd, uint64_t offset, uint64_t len);
 int up_punch_hole(int fd, uint64_t offset, uint64_t len);
 /* fstatfs(2): the f_type of the filesystem fd is on (linux/magic.h), or -1. */
 int64_t up_fs_type(int fd);
+/* tgkill(2): sig to thread tid of thread group tgid only (ESRCH if it is not one of its threads). */
+int up_tgkill(int tgid, int tid, int sig);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
 

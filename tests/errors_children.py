@@ -6,14 +6,17 @@ protocol the tests parse: the whole of stdout is one JSON object (without the
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import threading
 
 import uffd_pager
 from child import PlainRegistry
 
 CHILDREN = PlainRegistry()
 child = CHILDREN.register
+PAGE = uffd_pager.PAGE_SIZE
 
 
 @child("without-ptrace")
@@ -66,6 +69,36 @@ def older_kernel(url: str) -> None:
             report["async"] = [type(exc).__name__, str(exc)]
         report["regions"] = pager.status()["regions"]
     print(json.dumps(report), flush=True)
+
+
+@child("no-poison")
+def no_poison(url: str) -> None:
+    """Run with POISON hidden from the pager (as on Linux < 6.6): writes two
+    pages of an encrypted region, flushes, alters a byte of page 1's
+    ciphertext in the file, maps again and reads page 0 (its first byte,
+    as JSON), then touches page 1 from a thread of its own: faulthandler
+    shows which thread the SIGBUS reached (the faulting one is in touch_page)."""
+    key = uffd_pager.Key.generate()
+    with uffd_pager.Pager() as pager:
+        with pager.map(url, 2 * PAGE, key=key, writeback_interval=0) as region:
+            region.view()[:] = b"\x5a" * (2 * PAGE)
+            region.flush()
+        with open(url.removeprefix("file://"), "r+b") as f:
+            f.seek(PAGE + 100)
+            byte = f.read(1)
+            f.seek(PAGE + 100)
+            f.write(bytes([byte[0] ^ 1]))
+        region = pager.map(url, 2 * PAGE, key=key, writeback_interval=0, read_ahead="off")
+        print(json.dumps({"page0": region.view()[0]}), flush=True)
+        faulthandler.enable()
+        toucher = threading.Thread(target=touch_page, args=(region, 1), name="toucher")
+        toucher.start()
+        toucher.join()
+    print(json.dumps({"page1": "handed out"}), flush=True)  # never: those would be unauthenticated bytes
+
+
+def touch_page(region: uffd_pager.Region, page: int) -> None:
+    region.view()[page * PAGE]
 
 
 if __name__ == "__main__":

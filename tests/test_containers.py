@@ -16,6 +16,7 @@ import pytest
 import uffd_pager
 from conftest import Daemon
 from support import ChildScript
+from uffd_pager.sigbus import find_thread
 
 CHILDREN_PY = Path(__file__).with_name("container_children.py")
 PAGE = uffd_pager.PAGE_SIZE
@@ -70,6 +71,11 @@ def test_a_client_in_its_own_pid_and_mount_namespace_maps_a_file_only_it_sees_an
         assert forked[0]["pid"] not in (0, 2) and roots[0]["pid"] != 1, regions
         assert host_pid_of(child["ns_pid"], [forked[0]["pid"]]) == forked[0]["pid"], forked
         assert host_pid_of(1, [roots[0]["pid"]]) == roots[0]["pid"], roots
+        # Where a kernel has no UFFDIO_POISON, a fault's thread is found from its
+        # namespace-local id (sigbus.py): by its process, or (a child not known
+        # yet) by the namespace its parent forks into.
+        assert find_thread(1, roots[0]["pid"]) == (roots[0]["pid"], roots[0]["pid"])
+        assert find_thread(child["ns_pid"], 0, roots[0]["pid"]) == (forked[0]["pid"], forked[0]["pid"])
 
         # ... and watches that process: its region goes when it exits.
         client.send("end-child")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import uffd_pager
+from support import describe_returncode
 
 PAGE = uffd_pager.PAGE_SIZE
 MiB = 1 << 20
@@ -146,3 +147,21 @@ def test_on_a_kernel_without_wp_async_sync_tracking_is_chosen_and_said(random_fi
     error_type, message = report["async"]
     assert error_type == "OSError" and 'dirty_tracking="sync"' in message and "WP_ASYNC" in message, report
     assert result.stderr.count("lacks UFFD_FEATURE_WP_ASYNC") == 1, result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_on_a_kernel_without_uffdio_poison_a_page_that_cannot_be_filled_is_sigbus_for_its_thread(tmp_path):
+    """As on Linux < 6.6 (UFFD_FEATURE_POISON hidden from the pager): a
+    page whose ciphertext was altered is never handed out, and the thread
+    that touched it, not another, gets SIGBUS at once (never a hang)."""
+    store = tmp_path / "store"
+    store.write_bytes(bytes(2 * PAGE))
+    result = subprocess.run([sys.executable, str(ERRORS_CHILDREN_PY), "no-poison", f"file://{store}"],
+                            capture_output=True, text=True, timeout=45, cwd="/",
+                            env=dict(os.environ, UFFD_PAGER_HIDE_FEATURES="POISON"))
+    assert result.returncode == -signal.SIGBUS, f"{describe_returncode(result.returncode)}\n{result.stderr[-3000:]}"
+    assert json.loads(result.stdout) == {"page0": 0x5A}, result.stdout
+    assert "Fatal Python error: Bus error" in result.stderr, result.stderr[-3000:]
+    current = result.stderr.split("Current thread", 1)[1].split("\n\n", 1)[0]
+    assert "touch_page" in current, f"the SIGBUS reached another thread than the faulting one:\n{result.stderr[-3000:]}"
+    assert "SIGBUS to the faulting thread (this kernel has no UFFDIO_POISON)" in result.stderr, result.stderr[-3000:]

@@ -64,9 +64,11 @@ from uffd_pager.lineage import Lineage
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import ServedRegion
 from uffd_pager.stores.base import BadPage, UnauthenticPage
+from uffd_pager.sigbus import find_thread, signal_thread
 from uffd_pager.uffd import (
     PAGE_SIZE,
     Deferred,
+    Feature,
     ForkEvent,
     PageFault,
     RemapEvent,
@@ -74,6 +76,7 @@ from uffd_pager.uffd import (
     Tracking,
     Uffd,
     UnmapEvent,
+    available_features,
 )
 
 log = logging.getLogger("uffd_pager.pager")
@@ -393,8 +396,10 @@ class FaultHandler:
         """The page's data could not be produced (the store failed, an
         encrypted page did not authenticate, the address is outside the
         region). It is never handed out as zeros or as unauthenticated
-        bytes: poison it, so the access raises SIGBUS in the client.
+        bytes: poison it, so the access raises SIGBUS in the client (on a
+        kernel without UFFDIO_POISON, SIGBUS is sent to the faulting thread).
         Returns -EAGAIN while an event keeps the poisoning from happening."""
+        poison = Feature.POISON in available_features()
         if fault.page not in region.unfillable:
             region.errors += 1
             if rc == -errno.EBADMSG:
@@ -402,8 +407,11 @@ class FaultHandler:
                 reason = "its ciphertext fails authentication (altered, swapped or replayed in the store)"
             else:
                 reason = cause or os.strerror(-rc)
-            log.error("region %d: page %#x of pid %d cannot be filled: %s; poisoning it",
-                      region.id, fault.page, region.owner_pid, reason)
+            log.error("region %d: page %#x of pid %d cannot be filled: %s; %s", region.id, fault.page,
+                      region.owner_pid, reason,
+                      "poisoning it" if poison else "SIGBUS to the faulting thread (this kernel has no UFFDIO_POISON)")
+        if not poison:
+            return self._signal_faulting_thread(region, fault)
         try:
             region.uffd.poison(fault.page, PAGE_SIZE)
         except OSError as exc:
@@ -414,6 +422,27 @@ class FaultHandler:
                 _wake_quietly(region.uffd, fault.page)  # filled meanwhile (a stale fault)
             elif exc.errno not in (errno.ESRCH, errno.ENOENT):
                 log.error("region %d: UFFDIO_POISON failed too: %s", region.id, exc)
+        else:
+            region.poisoned += 1
+        region.unfillable.pop(fault.page, None)
+        return 0
+
+    def _signal_faulting_thread(self, region: ServedRegion, fault: PageFault) -> int:
+        """Ends the access as poison would, with SIGBUS to the thread (see
+        sigbus.py); the signal ends its wait, so the fault needs no answer.
+        An unclaimed child is looked for in the pid namespace its nearest
+        known ancestor forks into."""
+        ancestor = region
+        while ancestor.owner_pid <= 0 and ancestor.parent is not None:
+            ancestor = ancestor.parent
+        found = find_thread(fault.thread_id, region.owner_pid, ancestor.owner_pid)
+        try:
+            if found is None:
+                raise OSError(errno.ESRCH, "no such thread")
+            signal_thread(*found)
+        except OSError as exc:
+            log.warning("region %d: no SIGBUS for the thread that faulted on page %#x (%d in its pid namespace): %s",
+                        region.id, fault.page, fault.thread_id, exc.strerror)
         else:
             region.poisoned += 1
         region.unfillable.pop(fault.page, None)
