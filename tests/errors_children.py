@@ -71,6 +71,13 @@ def older_kernel(url: str) -> None:
     print(json.dumps(report), flush=True)
 
 
+@child("embedded-read")
+def embedded_read(url: str) -> None:
+    """A private pager's region of url: its first byte, as JSON."""
+    with uffd_pager.Pager() as pager, pager.map(url, PAGE) as region:
+        print(json.dumps({"first": region.view()[0]}), flush=True)
+
+
 @child("no-poison")
 def no_poison(url: str) -> None:
     """Run with POISON hidden from the pager (as on Linux < 6.6): writes two

@@ -165,3 +165,19 @@ def test_on_a_kernel_without_uffdio_poison_a_page_that_cannot_be_filled_is_sigbu
     current = result.stderr.split("Current thread", 1)[1].split("\n\n", 1)[0]
     assert "touch_page" in current, f"the SIGBUS reached another thread than the faulting one:\n{result.stderr[-3000:]}"
     assert "SIGBUS to the faulting thread (this kernel has no UFFDIO_POISON)" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_uffd_pager_directory_in_the_applications_working_directory_does_not_shadow_the_pager(tmp_path):
+    """The private pager is `python -P -m uffd_pager`: a directory of that
+    name where the application runs (a checkout, a namesake) is not it."""
+    impostor = tmp_path / "cwd" / "uffd_pager"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text("")
+    (impostor / "__main__.py").write_text("raise SystemExit('the impostor ran')\n")
+    store = tmp_path / "store"
+    store.write_bytes(b"\x77" * PAGE)
+    result = subprocess.run([sys.executable, str(ERRORS_CHILDREN_PY), "embedded-read", f"file://{store}"],
+                            capture_output=True, text=True, timeout=45, cwd=impostor.parent)
+    assert result.returncode == 0 and "impostor" not in result.stderr, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"first": 0x77}

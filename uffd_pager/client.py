@@ -234,9 +234,10 @@ class Pager:
             listener.bind(address)
             listener.listen(128)
             # The listening socket exists before the pager does, so connecting
-            # never races its start-up.
+            # never races its start-up. -P: the pager is this installed
+            # package, never a uffd_pager/ in the application's working directory.
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
+                [sys.executable, "-P", "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
                  "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
                  *(["--max-resident", str(max_resident)] if max_resident else []),
                  *(["--log-level", level] if level is not None else [])],
