@@ -32,7 +32,8 @@ def main() -> None:
             break
         try:
             if command == "map":
-                region = pager.map(args[0], int(args[1]))
+                interval = {"writeback_interval": float(args[2])} if len(args) > 2 else {}
+                region = pager.map(args[0], int(args[1]), **interval)
                 view = region.view()
                 with open(args[0].removeprefix("file://"), "rb") as f:
                     expected = f.read(region.size).ljust(region.size, b"\0")
@@ -47,6 +48,10 @@ def main() -> None:
                     time.sleep(delay)
                 else:
                     say("same")
+            elif command == "write":
+                for page in range(int(args[0]), int(args[1])):
+                    view[page * PAGE] = int(args[2])
+                say("written")
             elif command == "touch":
                 say("byte", view[int(args[0]) * PAGE])
             elif command == "stats":

@@ -155,3 +155,21 @@ def close_fails_and_exit(client):
 def test_a_client_whose_pager_was_killed_can_still_let_go_of_its_region_and_exit(orphaned_client, leave):
     client, _ = orphaned_client
     leave(client)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_the_daemon_writes_every_region_back_first(daemon, spawn_client, random_file):
+    """A clean stop loses nothing: pages written and never flushed (no
+    timed write-back) are in the store once the daemon has exited."""
+    paths = [random_file(64 * PAGE), random_file(64 * PAGE)]
+    clients = [spawn_client(daemon.path), spawn_client(daemon.path)]
+    for n, (client, path) in enumerate(zip(clients, paths)):
+        assert client.ask(f"map file://{path} {64 * PAGE} 0") == "mapped"
+        assert client.ask(f"write {n} 64 {0xA0 + n}") == "written"
+    before = [path.read_bytes() for path in paths]
+    daemon.stop()  # SIGTERM; exit status 0
+    for n, (path, old) in enumerate(zip(paths, before)):
+        data = path.read_bytes()
+        changed = [p for p in range(64) if data[p * PAGE] != (0xA0 + n if p >= n else old[p * PAGE])]
+        assert not changed, f"file {n}: pages {changed[:10]} do not hold what was written"
+        assert data[1:PAGE] == old[1:PAGE]  # only what was written changed

@@ -62,6 +62,9 @@ _MAX_ADDRESS = 1 << 56
 
 _SO_PEERPIDFD = 77  # <asm-generic/socket.h>, Linux 6.5; not in the socket module of Python 3.11
 
+# How long a stopping pager may spend writing every region back.
+_STOP_WRITE_BACK = 60.0
+
 # How long accept() pauses when the pager is out of descriptors.
 _ACCEPT_PAUSE = 0.5
 
@@ -153,9 +156,10 @@ class PagerService:
             self._loop.call_later(idle_timeout, self._stop_if_idle)
         try:
             await self._done
+            self._stop_accepting()
+            await self._write_back_all()
         finally:
-            if not self._accept_paused:
-                self._loop.remove_reader(self._listener.fileno())
+            self._stop_accepting()
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
             if metrics_server is not None:
@@ -261,9 +265,35 @@ class PagerService:
             self._loop.call_later(_ACCEPT_PAUSE, self._resume_accept)
 
     def _resume_accept(self) -> None:
-        self._accept_paused = False
         if not self._done.done():
+            self._accept_paused = False
             self._loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _stop_accepting(self) -> None:
+        if not self._accept_paused:
+            self._accept_paused = True
+            self._loop.remove_reader(self._listener.fileno())
+
+    async def _write_back_all(self) -> None:
+        """Stopping (SIGTERM, or idle): every region's dirty pages go to its
+        store first, while faults are still served, within _STOP_WRITE_BACK
+        seconds; what fails is logged (it stays in the clients' memory)."""
+        regions = [r for r in self._table.regions.values() if r.fill.tracking != Tracking.NONE]
+        if not regions:
+            return
+        log.info("stopping: writing back %d regions", len(regions))
+        flushes = [asyncio.ensure_future(self._flusher.flush(region)) for region in regions]
+        done, pending = await asyncio.wait(flushes, timeout=_STOP_WRITE_BACK)
+        for future in pending:
+            future.cancel()
+        failed = [(region, f.exception()) for region, f in zip(regions, flushes)
+                  if f in done and f.exception() is not None]
+        for region, exc in failed:
+            log.error("stopping: region %d of pid %d: write-back failed: %s", region.id, region.owner_pid, exc)
+        if pending:
+            log.error("stopping: %d regions were still writing back after %.0f s", len(pending), _STOP_WRITE_BACK)
+        written = sum(f.result()["pages"] for f in done if f.exception() is None)
+        log.info("stopping: %d pages written back", written)
 
     def _on_control_readable(self, conn: Connection) -> None:
         try:
