@@ -5,7 +5,9 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
 int up_mprotect(uint64_t addr, uint64_t len, int prot)
 {
@@ -38,4 +40,14 @@ int64_t up_fs_type(int fd)
 int up_tgkill(int tgid, int tid, int sig)
 {
     return tgkill(tgid, tid, sig);
+}
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+int up_pidfd_getfd(int pidfd, int targetfd)
+{
+    /* The new descriptor is close-on-exec (pidfd_getfd sets O_CLOEXEC). */
+    return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
 }

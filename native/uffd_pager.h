@@ -358,6 +358,8 @@ int up_punch_hole(int fd, uint64_t offset, uint64_t len);
 int64_t up_fs_type(int fd);
 /* tgkill(2): sig to thread tid of thread group tgid only (ESRCH if it is not one of its threads). */
 int up_tgkill(int tgid, int tid, int sig);
+/* pidfd_getfd(2): a descriptor of ours for the file the process holds as targetfd, or -1. */
+int up_pidfd_getfd(int pidfd, int targetfd);
 
 /* --- benchmark helpers and the C reference handler (bench_ref.c) ------- */
 

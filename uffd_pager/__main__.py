@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
+from uffd_pager.durable import DurableState, StateError, state_path
 from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
 
@@ -47,16 +48,22 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: Notifier | None) -> None:
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: Notifier | None,
+                 durable: DurableState | None) -> None:
     from uffd_pager.service import PagerService
     from uffd_pager.tenants import TenantLimits
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
                            limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
-                           state_dir=args.state_dir, max_resident=args.max_resident, metrics=args.metrics)
+                           state_dir=args.state_dir, max_resident=args.max_resident, metrics=args.metrics,
+                           durable=durable)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, _stop, service, notifier)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if notifier is None:
         await service.serve()
     else:
@@ -81,6 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from uffd_pager import sd_daemon
 
+    # From the moment the socket accepts, SIGTERM must stop us cleanly: it
+    # waits, blocked, until the loop's handler is there (_serve).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     # The library's private pager (--listen-fd) is not the daemon of a unit:
     # systemd's variables in its environment are its application's.
     embedded = args.listen_fd is not None
@@ -97,11 +107,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("uffd-pager serve: error: no socket to listen on: give --socket PATH, socket = PATH in the "
               "config file, or start it through a systemd socket unit", file=sys.stderr)
         return 2
+    try:
+        durable = None if embedded else _durable_state(listener, args.state_dir)
+    except (StateError, OSError) as exc:
+        listener.close()
+        print(f"uffd-pager serve: error: {exc}", file=sys.stderr)
+        return 2
     notifier = None if embedded else sd_daemon.Notifier()
     try:
-        uvloop.run(_serve(listener, args, notifier))
+        uvloop.run(_serve(listener, args, notifier, durable))
     finally:
         listener.close()
+        if durable is not None:
+            durable.close()
         if notifier is not None:
             notifier.close()
         if args.socket and not embedded and activated is None:
@@ -110,6 +128,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 pass
     return 0
+
+
+def _durable_state(listener: socket.socket, state_dir: str | None) -> DurableState | None:
+    """The daemon's durable state (durable.py), in its state directory,
+    named after the socket's path; None for a socket without one."""
+    from uffd_pager.catalog import ensure_state_dir
+
+    path = listener.getsockname()
+    if not isinstance(path, str) or not path:
+        return None
+    return DurableState(state_path(ensure_state_dir(state_dir), path))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -36,8 +36,9 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
@@ -88,6 +89,9 @@ class Connection:
         self.agent_started = False  # this process's page-out agent was handed over on this connection
         self.pager_cap = 0  # the pager's cap on all "sync" regions together (bytes; 0: none), from its hello
         self.pager_pid = 0
+        self.takes_over = False  # the pager keeps durable state: a new one takes its regions over if it dies
+        # This process's live region ids, to claim from a pager that took over (set by connect()).
+        self.reattach: Callable[[], list[int]] | None = None
         self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
 
     def _connect(self) -> socket.socket:
@@ -130,16 +134,61 @@ class Connection:
         with self._lock:
             sock = self._sock if self._pid == os.getpid() else None
             if sock is None:
-                sock = self._connect()
+                sock = self._connect_retrying() if self._may_wait_for_takeover() else self._connect()
                 if op != "hello":
                     hello, _ = self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION,
                                                      "pid": os.getpid()}, ())
-                    self.pager_cap = int(hello.get("max_resident", 0))
-            reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
+                    self._greeted(hello)
+            try:
+                reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
+            except protocol.PagerGone:
+                # A map may have been recorded before the pager died: the new
+                # one would hold it twice. Everything else is asked again.
+                if op in ("hello", "map") or not self._may_wait_for_takeover():
+                    raise
+                sock = self._reattach()
+                reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
             if op == "hello":
-                self.pager_pid = reply.get("pid", 0)
-                self.pager_cap = int(reply.get("max_resident", 0))
+                self._greeted(reply)
             return reply, received
+
+    def _may_wait_for_takeover(self) -> bool:
+        return self.takes_over and isinstance(self.address, str)
+
+    def _connect_retrying(self) -> socket.socket:
+        """Connects, waiting up to the timeout for a pager to listen: the
+        one taking over from a dead one may be starting."""
+        deadline, delay = time.monotonic() + self.timeout, 0.01
+        while True:
+            try:
+                return self._connect()
+            except (protocol.PagerGone, FileNotFoundError):
+                if time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _reattach(self) -> socket.socket:
+        """The pager died; a new one took over its regions from durable
+        state: connect to it and claim this process's regions there."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        sock = self._connect_retrying()
+        hello, _ = self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION, "pid": os.getpid()}, ())
+        self._greeted(hello)
+        regions = self.reattach() if self.reattach is not None else []
+        if regions:
+            reply, _ = self._exchange(sock, {"op": "reattach", "regions": regions}, ())
+            lost = sorted(set(regions) - set(reply["regions"]))
+            if lost:
+                log.error("uffd_pager: the pager that took over does not serve regions %s of this process", lost)
+        return sock
+
+    def _greeted(self, hello: dict[str, Any]) -> None:
+        self.pager_pid = hello.get("pid", 0)
+        self.pager_cap = int(hello.get("max_resident", 0))
+        self.takes_over = bool(hello.get("takeover", False))
 
     def _exchange(self, sock: socket.socket, message: dict[str, Any],
                   fds: tuple[int, ...]) -> tuple[dict[str, Any], list[int]]:
@@ -262,8 +311,13 @@ class Pager:
         pager._owner_pid = os.getpid()
         pager._regions = weakref.WeakSet()
         pager._conn = Connection(address, timeout)
+        pager._conn.reattach = pager._live_region_ids
         _live_pagers.add(pager)
         return pager
+
+    def _live_region_ids(self) -> list[int]:
+        """The ids this process's open regions have at the pager."""
+        return sorted(r.pager_id for r in list(self._regions) if not r.closed and r.served_here)
 
     def alive(self) -> bool:
         """Whether the pager is still there (without asking it)."""
@@ -322,9 +376,6 @@ class Pager:
                 if url is not None and not is_remote(url):
                     descriptors[name] = open_store_file(url)
                     passed.callback(os.close, descriptors[name])
-            if capped and not self._conn.agent_started:
-                descriptors["agent"] = start_agent()
-                passed.callback(os.close, descriptors["agent"])
             if key is not None:
                 descriptors["key"] = _key_memfd(key)
                 passed.callback(os.close, descriptors["key"])
@@ -332,6 +383,11 @@ class Pager:
                     if url is not None and not is_remote(url):  # a remote store's is in the pager's state dir
                         descriptors[name] = open_catalog_file(file_path(url))
                         passed.callback(os.close, descriptors[name])
+            # Kept by the region where a pager may take over (RegionMapping.kept_fds).
+            kept = tuple(descriptors.values())
+            if capped and not self._conn.agent_started:
+                descriptors["agent"] = start_agent()
+                passed.callback(os.close, descriptors["agent"])
             uffd, follows_fork = _region_uffd(TRACKING_FEATURES[tracking])
             mapped = size + PAGE_SIZE  # and the tag page (see Region)
             try:
@@ -356,6 +412,11 @@ class Pager:
                                                read_ahead=read_ahead, max_resident=max_resident, fds=list(fds))
                     if "agent" in fds:
                         self._conn.agent_started = True
+                    if self._conn.takes_over:
+                        memory.kept_fds = kept
+                        passed.pop_all()
+                    if "agent" in descriptors:
+                        os.close(descriptors["agent"])
                 except protocol.PagerTimeout:
                     memory.orphan()  # the pager may be reading it by now: never unregistered under it
                     raise

@@ -47,6 +47,10 @@ class RegionMapping(mmap.mmap):
     stays until the process exits (see `orphan`)."""
 
     uffd: Uffd | None = None
+    # The store files, catalogs and key memfd passed to the pager, kept open
+    # for the region's life: a pager that takes over from a dead one finds
+    # them here (uffd_pager/takeover.py).
+    kept_fds: tuple[int, ...] = ()
     registered: int = 0
     orphaned: bool = False
     pager_alive: Callable[[], bool] = staticmethod(lambda: True)
@@ -69,6 +73,9 @@ class RegionMapping(mmap.mmap):
 
     def release_uffd(self, spans: list[tuple[int, int]] | None = None) -> None:
         uffd, self.uffd = self.uffd, None
+        kept, self.kept_fds = self.kept_fds, ()
+        for fd in kept:
+            os.close(fd)
         if uffd is None:
             return
         lib.up_agent_forget(buffer_address(self))  # the page-out agent may no longer drop pages here
@@ -139,6 +146,16 @@ class Region:
     @property
     def closed(self) -> bool:
         return self._memory is None
+
+    @property
+    def pager_id(self) -> int:
+        """The region's id at the pager (this process's copy's, in a forked child)."""
+        return self._id
+
+    @property
+    def served_here(self) -> bool:
+        """Whether the pager serves this process's copy (not a forked copy that failed to claim it)."""
+        return self._owner_pid == os.getpid()
 
     def view(self) -> memoryview:
         """A writable memoryview of the whole region (numpy.frombuffer works on it)."""

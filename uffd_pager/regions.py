@@ -45,6 +45,10 @@ class RegionTable:
         self.on_released: Callable[[ServedRegion], None] = lambda region: None
         self.on_added: Callable[[ServedRegion], None] = lambda region: None  # metrics' timing
 
+    def next_id_at_least(self, region_id: int) -> None:
+        """The next region made gets region_id or more (a region taken over keeps its id)."""
+        self._next_region_id = max(self._next_region_id, region_id)
+
     def spawn(self, work: Awaitable[None]) -> None:
         task = self._loop.create_task(work)
         self._tasks.add(task)

@@ -21,7 +21,7 @@ _URL_SHOWN = 1024  # characters of a store URL in a region's summary
 class Connection:
     """A client's control connection, identified by its SO_PEERCRED."""
 
-    sock: socket.socket
+    sock: socket.socket | None  # None: a process taken over from a dead pager (takeover.py), not back yet
     pid: int
     uid: int
     regions: dict[int, ServedRegion] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
+from uffd_pager.durable import DurableState, RegionRecord, process_start
 from uffd_pager.faults import FaultHandler
 from uffd_pager.flushing import Flusher
 from uffd_pager.layout import (
@@ -39,6 +40,7 @@ from uffd_pager.paging import Agent, PageOut
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
+from uffd_pager.takeover import Reclaimed, identity_of, reclaim
 from uffd_pager.tenants import TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
@@ -47,6 +49,7 @@ from uffd_pager.uffd import (
     Uffd,
     is_userfaultfd,
 )
+from uffd_pager.writeback import pages_of
 
 if TYPE_CHECKING:  # imported when --metrics asks for it: prometheus_client costs start-up time
     from uffd_pager.metrics import PagerMetrics
@@ -107,10 +110,13 @@ class PagerService:
 
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
                  limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0,
-                 metrics: tuple[str, int] | None = None) -> None:
+                 metrics: tuple[str, int] | None = None, durable: DurableState | None = None) -> None:
         """max_resident: bytes all regions with "sync" tracking may keep
         resident together (0: no such cap), kept by page-out. metrics:
-        (host, port) to serve Prometheus metrics on (metrics.py), or None."""
+        (host, port) to serve Prometheus metrics on (metrics.py), or None.
+        durable: the state a pager started again on this socket takes the
+        regions over from (durable.py); the regions it records are taken
+        over first."""
         self._listener = listener
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
@@ -130,6 +136,9 @@ class PagerService:
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
         self._metrics_address = metrics
+        self._durable = durable
+        self._stopping = False  # regions released by a stop stay recorded: the next pager takes them over
+        self._taken_over = {"regions": 0, "reattached": 0, "woken": 0}
         self._metrics: PagerMetrics | None = None
         _raise_descriptor_limit()
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -144,12 +153,15 @@ class PagerService:
             "adopt": self._op_adopt,
             "reopen": self._op_reopen,
             "status": self._op_status,
+            "reattach": self._op_reattach,
         }
 
     async def serve(self, *, idle_timeout: float = 10.0) -> None:
         """Runs until stopped; an embedded pager also stops once idle."""
         self._loop.set_exception_handler(self._on_internal_error)
         metrics_server = await self._start_metrics() if self._metrics_address is not None else None
+        if self._durable is not None:
+            await self._take_over()
         self._loop.add_reader(self._listener.fileno(), self._accept)
         if self._exit_when_idle:
             # An embedded pager whose parent died before connecting stops too.
@@ -159,6 +171,7 @@ class PagerService:
             self._stop_accepting()
             await self._write_back_all()
         finally:
+            self._stopping = True
             self._stop_accepting()
             if self._spare_fd >= 0:
                 os.close(self._spare_fd)
@@ -203,6 +216,8 @@ class PagerService:
             self._done.set_result(None)
 
     def _on_released(self, region: ServedRegion) -> None:
+        if self._durable is not None and region.parent is None and not self._stopping:
+            self._durable.forget(region.id)
         self._pageout.released(region)
         if self._metrics is not None:
             self._metrics.retire(region)
@@ -258,8 +273,11 @@ class PagerService:
             with contextlib.suppress(OSError):
                 self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         if not self._accept_paused:
-            log.warning("out of file descriptors (%s open); pausing accept() for %.1f s",
-                        len(os.listdir("/proc/self/fd")), _ACCEPT_PAUSE)
+            try:
+                open_fds = str(len(os.listdir("/proc/self/fd")))
+            except OSError:
+                open_fds = "all"  # listing them takes a descriptor too
+            log.warning("out of file descriptors (%s open); pausing accept() for %.1f s", open_fds, _ACCEPT_PAUSE)
             self._accept_paused = True
             self._loop.remove_reader(self._listener.fileno())
             self._loop.call_later(_ACCEPT_PAUSE, self._resume_accept)
@@ -368,7 +386,7 @@ class PagerService:
         protocol.check_version(request)
         conn.greeted = True
         return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid(),
-                "max_resident": self._pageout.total_cap * PAGE_SIZE}
+                "max_resident": self._pageout.total_cap * PAGE_SIZE, "takeover": self._durable is not None}
 
     async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """A region of the client: its uffd, registered over address..+size
@@ -399,7 +417,9 @@ class PagerService:
             raise protocol.ProtocolError("children comes with its store's descriptor when it is a file, and only then")
         self._tenants.check_map(conn.uid, size)
         uffd_fd = named["uffd"]
-        self._check_uffd_of(conn, uffd_fd, address + size)
+        if conn.sock is not None:  # a region taken over was checked by the pager that mapped it
+            self._check_uffd_of(conn, uffd_fd, address + size)
+        kept = {name: identity_of(fd) for name, fd in named.items() if name not in ("uffd", "agent")}
         key = _key_from_memfd(named["key"]) if "key" in named else None
         opened: list[OpenStore] = []
         pagemap_fd = -1
@@ -448,9 +468,104 @@ class PagerService:
         self._lineage.sync_defer_missing()
         if interval:
             region.timer = self._loop.create_task(self._flusher.flush_periodically(region, interval))
+        if self._durable is not None and conn.sock is not None:
+            start = process_start(conn.pid)
+            if start is not None:
+                recorded = {k: v for k, v in request.items() if k != "op"}
+                recorded["fds"] = [n for n in recorded.get("fds", []) if n != "agent"]
+                self._durable.record(RegionRecord(region.id, conn.pid, start, conn.uid, recorded, kept))
         log.info("map: pid %d: region %d, %s, %d bytes at offset %d, %s tracking%s", conn.pid, region.id, url, size,
                  offset, tracking_name(tracking), ", encrypted" if key is not None else "")
         return {"ok": True, "region": region.id}
+
+    async def _take_over(self) -> None:
+        """Serves again the regions a dead (or stopped) pager recorded, of the
+        processes still alive (see takeover.py): their descriptors are
+        fetched from the processes themselves, every range is woken (faults
+        the old pager had read are delivered again), and with "sync"
+        tracking the pages written since their last write-back are found
+        in the page tables. A process that is gone is forgotten."""
+        assert self._durable is not None
+        records = self._durable.regions()
+        for record in records:
+            self._table.next_id_at_least(record.id)
+            try:
+                reclaimed = reclaim(record)
+            except ProcessLookupError:
+                self._durable.forget(record.id)
+                continue
+            except (OSError, LookupError) as exc:
+                log.error("takeover: region %d of pid %d cannot be taken over: %s", record.id, record.pid, exc)
+                self._durable.forget(record.id)
+                continue
+            try:
+                region = await self._serve_taken_over(record, reclaimed)
+            except Exception as exc:
+                log.error("takeover: region %d of pid %d cannot be served again: %s", record.id, record.pid, exc)
+                self._durable.forget(record.id)
+                continue
+            self._taken_over["regions"] += 1
+            log.info("takeover: region %d of pid %d, %s, %d bytes: served again", region.id, record.pid,
+                     record.request.get("url"), region.fill.length)
+        if records:
+            self._table.next_id_at_least(max(r.id for r in records) + 1)
+            log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
+
+    async def _serve_taken_over(self, record: RegionRecord, reclaimed: Reclaimed) -> ServedRegion:
+        """The recorded map request again, with the reclaimed descriptors,
+        for the process (as _op_map serves a client's); ours to close on
+        failure, as a request's are."""
+        request = dict(record.request, op="map", max_resident=None)  # a cap needs the agent of a reconnected client
+        fds = [reclaimed.uffd if name == "uffd" else reclaimed.descriptors[name] for name in request["fds"]]
+        owner = Connection(sock=None, pid=record.pid, uid=record.uid)
+        try:
+            reply = await self._op_map(owner, request, fds)  # takes what it keeps out of fds
+        except BaseException:
+            os.close(reclaimed.pidfd)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        region = self._table.regions[reply["region"]]
+        assert region.id == record.id
+        region.connection = None
+        region.pidfd = reclaimed.pidfd  # released when the process exits, unless it reconnects first
+        self._loop.add_reader(region.pidfd, self._table.release_region, region)
+        try:
+            if region.fill.tracking == Tracking.SYNC_WP:
+                # Pages written since their last write-back (their uffd-wp bit
+                # is clear) are dirty, and protected again so that the next
+                # write is seen (a protection never asks for no wake-up: EINVAL).
+                region.pagemap_fd = os.open(f"/proc/{record.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                written = region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False)
+                for run in written:
+                    region.uffd.writeprotect(run.addr, run.length, protect=True)
+                region.retry_pages |= pages_of(written, region.fill.base)
+            region.uffd.wake(region.fill.base, region.fill.length + PAGE_SIZE)
+        except BaseException:
+            self._table.release_region(region)
+            raise
+        self._taken_over["woken"] += 1
+        return region
+
+    async def _op_reattach(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """A client whose pager died claims the regions taken over for its
+        process (by id); answers the ids it now holds on this connection."""
+        ids = request.get("regions")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError("reattach: regions must be a list of region ids")
+        held = []
+        for region_id in ids:
+            region = self._table.regions.get(region_id)
+            if region is None or region.connection is not None or region.owner_pid != conn.pid \
+                    or region.tenant_uid != conn.uid:
+                continue
+            region.connection = conn
+            conn.regions[region.id] = region
+            held.append(region.id)
+        self._taken_over["reattached"] += len(held)
+        log.info("reattach: pid %d: regions %s", conn.pid, held)
+        return {"ok": True, "regions": held}
 
     def _check_uffd_of(self, conn: Connection, fd: int, tag_address: int) -> None:
         """Trusts a descriptor as a client's uffd only if it is a userfaultfd

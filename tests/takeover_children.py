@@ -1,0 +1,51 @@
+"""Client processes for tests/test_takeover.py, as importable code:
+``python takeover_children.py NAME ARGS...`` (see tests/child.py for the
+reports on stdout and the orders on stdin)."""
+from __future__ import annotations
+
+import uffd_pager
+from child import Registry, order, report
+
+CHILDREN = Registry()
+child = CHILDREN.register
+PAGE = uffd_pager.PAGE_SIZE
+PAGES = 32
+WRITTEN = range(4)  # pages written before the pager dies, never flushed by it
+
+
+@child("client")
+def client(socket_path: str, url: str, tracking: str, key_file: str = "") -> None:
+    """Maps url (32 pages; "encrypted" with key_file), reads pages 8-15,
+    writes 0x5A into pages 0-3, reports "mapped". Orders: "touch N" (a
+    read of page N by this, the only, thread: it holds the GIL while it
+    waits in the fault), "write N BYTE", "flush", "stats", "close"; each
+    answered with a report."""
+    pager = uffd_pager.connect(socket_path, timeout=30)
+    key = {"key_file": key_file} if key_file else {}
+    region = pager.map(url, PAGES * PAGE, dirty_tracking=tracking, writeback_interval=0, **key)
+    view = region.view()
+    report("mapped", read=[view[p * PAGE] for p in range(8, 16)])
+    for page in WRITTEN:
+        view[page * PAGE:(page + 1) * PAGE] = b"\x5a" * PAGE
+    report("written")
+    while line := order():
+        word, *args = line.split()
+        if word == "touch":
+            report("byte", value=view[int(args[0]) * PAGE])
+        elif word == "write":
+            view[int(args[0]) * PAGE] = int(args[1])
+            report("written")
+        elif word == "flush":
+            report("flushed", **region.flush())
+        elif word == "stats":
+            report("stats", **region.stats())
+        elif word == "close":
+            del view
+            region.close()
+            pager.close()
+            report("closed")
+            return
+
+
+if __name__ == "__main__":
+    CHILDREN.main()
