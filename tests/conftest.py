@@ -81,6 +81,38 @@ def _hard_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     faulthandler.dump_traceback_later(BETWEEN_TESTS, exit=True, file=terminal)
 
 
+def _userfaultfds() -> set[int]:
+    """This process's open userfaultfds."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[userfaultfd]":
+                found.add(int(name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_userfaultfd_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves a region's uffd open in this process fails, and
+    the uffd goes: its last reference gone, the kernel unregisters the
+    range. Kept, with EVENT_FORK and its pager gone, every later fork() of
+    this process (subprocess.Popen) would wait for ever, in the kernel, for
+    a reader of the FORK event (dup_userfaultfd_complete), which no timeout
+    can interrupt. /dev/null takes the number, so that whoever owns it can
+    still close it."""
+    before = _userfaultfds()
+    yield
+    left = sorted(_userfaultfds() - before)
+    if left:
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for fd in left:
+                os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    assert not left, f"the test left userfaultfds {left} open in the test process"
+
+
 # --- the pagers' state directory ------------------------------------------------
 
 

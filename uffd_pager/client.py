@@ -412,11 +412,11 @@ class Pager:
                                                read_ahead=read_ahead, max_resident=max_resident, fds=list(fds))
                     if "agent" in fds:
                         self._conn.agent_started = True
-                    if self._conn.takes_over:
+                    if self._conn.takes_over:  # the pager holds the agent's end now; the rest stay with us
                         memory.kept_fds = kept
                         passed.pop_all()
-                    if "agent" in descriptors:
-                        os.close(descriptors["agent"])
+                        if "agent" in descriptors:
+                            os.close(descriptors["agent"])
                 except protocol.PagerTimeout:
                     memory.orphan()  # the pager may be reading it by now: never unregistered under it
                     raise
