@@ -64,6 +64,9 @@ def test_a_killed_daemon_is_taken_over_by_the_next_one_on_its_socket(start_daemo
         second = start_daemon("takeover.sock")
         assert client.expect("byte", timeout=20)["value"] == original[20 * PAGE], "the taken-over fault read wrong"
 
+        with second.connect() as thief:  # another process may not claim the region
+            (taken,) = thief.status()["region_list"]
+            assert thief._conn.request("reattach", regions=[taken["id"]])["regions"] == []
         client.send("write 24 7")  # after the takeover: tracked by the new pager
         client.expect("written")
         client.send("flush")  # reconnects and claims the region back, then writes what the dead pager never did
