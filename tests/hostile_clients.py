@@ -389,5 +389,22 @@ def normal_client(socket_path: str, store_path: str) -> None:
     os._exit(0)
 
 
+@client("tenant")
+def tenant(socket_path: str, store_path: str) -> None:
+    """Connects and asks for the status, then maps the whole file and reads it
+    back: reports "connect" and "read" outcomes (a refusal is an outcome)."""
+    pager: list[uffd_pager.Pager] = []
+    report("connect", **outcome(lambda: pager.append(uffd_pager.connect(socket_path, timeout=10))))
+    if pager:
+        with open(store_path, "rb") as f:
+            expected = f.read()
+        with pager[0].map(f"file://{store_path}", len(expected)) as region:
+            view = region.view()
+            same = bytes(view) == expected
+            del view
+        report("read", same=same)
+    os._exit(0)
+
+
 if __name__ == "__main__":
     CLIENTS.main()

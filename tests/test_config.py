@@ -81,11 +81,28 @@ def test_an_unknown_key_is_refused(tmp_path, text, words):
     ("max-resident = 1000\n", ["max-resident must be a multiple of 4096", "1000"]),
     ('log-level = "loud"\n', ["log-level must be one of DEBUG, INFO, WARNING, ERROR", "'loud'"]),
     ("max-regions = \n", ["not valid TOML"]),
+    ('allow-users = "no-such-user-here"\n', ["allow-users is refused: no user named 'no-such-user-here'"]),
+    ('allow-groups = ["users"]\n', ["allow-groups must be a string"]),
+    ('socket-mode = "0400"\n', ["socket-mode is refused: expected an octal mode from 0600 to 0777"]),
+    ('socket-group = "users,nogroup"\n', ["socket-group is refused: one group"]),
+    ('metrics = "localhost"\n', ["metrics is refused"]),
 ])
 def test_a_value_of_the_wrong_type_or_range_is_refused_naming_its_key(tmp_path, text, words):
     path = write_config(tmp_path / "pager.toml", text)
     result = run_cli("serve", "--config", path, "--socket", str(tmp_path / "never.sock"))
     assert_usage_error(result, path, *words)
+
+
+def test_every_serve_option_has_a_key_and_reads_as_on_the_command_line(tmp_path):
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    options = {action.dest for action in serve._actions if action.option_strings and action.dest not in
+               ("help", "config", "listen_fd")}
+    assert options == {key.dest for key in config.KEYS.values()}, "an option the config file cannot set, or the reverse"
+    settings = config.load(write_config(tmp_path / "pager.toml", 'allow-users = "nobody,0"\nallow-groups = "users"\n'
+                                        'socket-mode = "0660"\nsocket-group = "100"\nmetrics = "127.0.0.1:0"\n'))
+    args = build_parser(settings).parse_args(["serve"])
+    assert (args.allow_users, args.allow_groups, args.socket_mode, args.socket_group, args.metrics) == \
+        (frozenset({65534, 0}), frozenset({100}), 0o660, 100, ("127.0.0.1", 0))
 
 
 @pytest.mark.timeout(60)

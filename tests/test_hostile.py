@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import grp
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1121,3 +1123,67 @@ def test_a_url_with_a_nul_byte_gets_an_error_naming_the_url(daemon, spawn, store
     assert result["is_value"] or result["is_oserror"], result
     assert url in result["message"], f"the error does not name the URL: {result['message']!r}"
     assert_still_serves(daemon, spawn, store)
+
+
+# --- who may connect: allowed users and groups, the socket's mode and group -------------------------------
+
+
+# Clients that may create a userfaultfd (see AS_NOBODY_WITH_PTRACE), one in a supplementary group.
+AS_NOBODY_IN_GROUP = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--groups=4242",
+                      "--inh-caps=+sys_ptrace", "--ambient-caps=+sys_ptrace")
+
+
+def tenant_outcome(spawn: Callable[..., Child], daemon: ServeProcess, data: Path, wrapper: Sequence[str]
+                   ) -> dict[str, Any]:
+    """What a `tenant` client run through `wrapper` saw: its connect's
+    outcome, and whether its map read the file exactly when it got in."""
+    messages = {m["what"]: m for m in run_child(spawn, "tenant", daemon.path, str(data), wrapper=wrapper)}
+    if messages["connect"]["ok"]:
+        assert messages["read"]["same"], "an admitted tenant's region does not read as its file"
+    return messages["connect"]
+
+
+@pytest.mark.timeout(90)
+def test_only_root_the_pagers_user_and_allowed_users_and_groups_may_connect(spawn, serve, world_dir):
+    data = world_dir / "tenant.bin"
+    data.write_bytes(os.urandom(4 * PAGE))
+    data.chmod(0o644)
+
+    closed = serve(directory=world_dir)  # root and its own uid only: the socket says so too
+    assert stat.S_IMODE(os.stat(closed.path).st_mode) == 0o600
+    refused_at_the_door = tenant_outcome(spawn, closed, data, AS_NOBODY_WITH_PTRACE)
+    assert not refused_at_the_door["ok"] and refused_at_the_door["is_permission"], refused_at_the_door
+
+    by_user = serve("--allow-users", "nobody", directory=world_dir)
+    assert stat.S_IMODE(os.stat(by_user.path).st_mode) == 0o666  # the peer's credentials decide
+    assert tenant_outcome(spawn, by_user, data, AS_NOBODY_WITH_PTRACE)["ok"]
+    in_group = tenant_outcome(spawn, by_user, data, AS_NOBODY_IN_GROUP)
+    assert in_group["ok"], in_group
+
+    by_group = serve("--allow-groups", "4242", directory=world_dir)
+    assert tenant_outcome(spawn, by_group, data, AS_NOBODY_IN_GROUP)["ok"]  # a supplementary group
+    outsider = tenant_outcome(spawn, by_group, data, AS_NOBODY_WITH_PTRACE)
+    assert not outsider["ok"] and outsider["is_permission"], f"{outsider['type']}: {outsider['message']}"
+    assert "may not use this pager" in outsider["message"] and "--allow-groups" in outsider["message"], outsider
+    assert by_group.process.poll() is None, "the daemon died refusing a tenant"
+
+
+def test_the_socket_takes_the_mode_and_group_asked(serve, world_dir):
+    daemon = serve("--socket-mode", "0660", "--socket-group", "users", directory=world_dir)
+    st = os.stat(daemon.path)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, grp.getgrnam("users").gr_gid)
+
+
+@pytest.mark.parametrize("option, value, complaint", [
+    ("--allow-users", "no-such-user-here", "no user named"),
+    ("--allow-groups", "no-such-group-here", "no group named"),
+    ("--socket-mode", "0400", "octal mode from 0600"),  # the pager's own user must write it
+    ("--socket-mode", "rw", "octal mode"),
+    ("--socket-group", "users,nogroup", "one group"),
+])
+def test_bad_tenant_options_are_refused_before_anything_listens(socket_dir, option, value, complaint):
+    path = socket_dir / "never.sock"
+    result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path), option, value],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and complaint in result.stderr, result.stderr
+    assert not path.exists()

@@ -16,16 +16,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
+from uffd_pager.config import one_group, parse_socket_mode
 from uffd_pager.durable import DurableState, StateError, state_path
 from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
-from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS
+from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS, parse_groups, parse_users
 
 if TYPE_CHECKING:
     from uffd_pager.sd_daemon import Notifier
     from uffd_pager.service import PagerService
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(path: str, mode: int, group: int | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         st = os.lstat(path)
@@ -43,7 +44,15 @@ def _listen(path: str) -> socket.socket:
             raise SystemExit(f"uffd-pager: a pager is already listening on {path}")
         finally:
             probe.close()
-    sock.bind(path)
+    # The file takes its mode at bind() through the umask: never, even for
+    # a moment, more open than asked.
+    previous = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+    if group is not None:
+        os.chown(path, -1, group)
     sock.listen(128)
     return sock
 
@@ -54,12 +63,12 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: Notifier | None,
                  durable: DurableState | None) -> None:
     from uffd_pager.service import PagerService
-    from uffd_pager.tenants import TenantLimits
+    from uffd_pager.tenants import Access, TenantLimits
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
                            limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
                            state_dir=args.state_dir, max_resident=args.max_resident, metrics=args.metrics,
-                           durable=durable)
+                           durable=durable, access=Access(args.allow_users, args.allow_groups))
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, _stop, service, notifier)
@@ -101,7 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listener = activated  # systemd's socket unit owns its path
         logging.getLogger("uffd_pager").info("listening on the socket passed by systemd")
     elif args.socket:
-        listener = _listen(args.socket)
+        mode = args.socket_mode
+        if mode is None:
+            mode = 0o666 if args.allow_users or args.allow_groups else 0o600
+        listener = _listen(args.socket, mode, args.socket_group)
         logging.getLogger("uffd_pager").info("listening on %s", args.socket)
     else:
         print("uffd-pager serve: error: no socket to listen on: give --socket PATH, socket = PATH in the "
@@ -288,6 +300,17 @@ def _metrics_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type of a parser that raises ValueError (config.py's and
+    tenants.py's, which the config file's keys are checked with too)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default, metavar="LEVEL",
                         help=f"how much the pager logs: {', '.join(LOG_LEVELS)} (any case; default "
@@ -341,6 +364,17 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
+    serve.add_argument("--allow-users", type=_argument_type(parse_users), default=frozenset(), metavar="USERS",
+                       help="users (names or uids, comma-separated) who may use the pager besides root and its "
+                            "own user (default: none)")
+    serve.add_argument("--allow-groups", type=_argument_type(parse_groups), default=frozenset(), metavar="GROUPS",
+                       help="groups (names or gids, comma-separated) whose members (primary or supplementary "
+                            "group) may use it too (default: none)")
+    serve.add_argument("--socket-mode", type=_argument_type(parse_socket_mode), metavar="MODE",
+                       help="the socket file's mode, in octal (default 0600; 0666 with --allow-users or "
+                            "--allow-groups: who may connect is decided by them)")
+    serve.add_argument("--socket-group", type=_argument_type(one_group), metavar="GROUP",
+                       help="the socket file's group (name or gid; default: the pager's)")
     serve.add_argument("--metrics", type=_metrics_address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9100; "
                             "port 0: any free one, logged at INFO); default: none")

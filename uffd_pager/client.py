@@ -205,6 +205,7 @@ class Connection:
                 f"the pager (pid {self.pager_pid or '?'}) did not answer {message.get('op')!r} within "
                 f"{self.timeout:g} s; it may be overloaded or stuck (Pager(timeout=...) sets the limit)") from None
         except (BrokenPipeError, ConnectionResetError) as exc:
+            self._raise_last_words(sock)
             raise protocol.PagerGone(f"the pager closed the connection: {exc}") from None
         try:
             return protocol.raise_for_error(reply), received
@@ -212,6 +213,22 @@ class Connection:
             for fd in received:
                 os.close(fd)
             raise
+
+    @staticmethod
+    def _raise_last_words(sock: socket.socket) -> None:
+        """Raises the error a pager said before it hung up on us (a refusal
+        at connect: a queued message stays readable after the peer closed)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return
+        said = None
+        with contextlib.suppress(OSError, protocol.ProtocolError):
+            said = protocol.recv(sock)
+        if said is not None and not said[0].get("ok", True):
+            for fd in said[1]:
+                os.close(fd)
+            protocol.raise_for_error(said[0])
 
     @staticmethod
     def _receive(sock: socket.socket, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:

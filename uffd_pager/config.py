@@ -1,6 +1,8 @@
 """The daemon's configuration file: TOML, one key per `uffd-pager serve`
 option, spelled as the option without its dashes in front
-(``max-regions = 64`` for ``--max-regions 64``).
+(``max-regions = 64`` for ``--max-regions 64``); lists and modes are
+strings, as on the command line (``allow-users = "alice,1001"``,
+``socket-mode = "0660"``).
 
 The file is read strictly: an unknown key (a typo would otherwise silently
 leave a limit at its default), a value of the wrong type and one out of
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from uffd_pager.logs import LOG_LEVELS
+from uffd_pager.tenants import parse_groups, parse_users
 from uffd_pager.uffd import PAGE_SIZE
 
 DEFAULT_PATH = "/etc/uffd-pager.toml"
@@ -42,6 +45,44 @@ def _log_level(value: str) -> str | None:
     return None if value.upper() in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+def parse_socket_mode(text: str) -> int:
+    """The socket file's mode from octal text; ValueError says what is expected."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or (mode & 0o600) != 0o600:
+        raise ValueError(f"expected an octal mode from 0600 to 0777 (the pager's own user must read and "
+                         f"write it), not {text!r}")
+    return mode
+
+
+def _parses(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
+    """A rule of a key whose text the option's own parser reads (the command
+    line's type), so that both refuse the same values with the same words."""
+    def check(value: str) -> str | None:
+        try:
+            parse(value)
+        except ValueError as exc:
+            return f"is refused: {exc}"
+        return None
+    return check
+
+
+def _listen_address(text: str) -> Any:
+    from uffd_pager.metrics_http import parse_listen_address  # prometheus_client only where metrics are asked for
+
+    return parse_listen_address(text)
+
+
+def one_group(text: str) -> int:
+    """The gid of one group's name or number."""
+    if "," in text:
+        raise ValueError(f"one group, not {text!r}")
+    (gid,) = parse_groups(text)
+    return gid
+
+
 @dataclass(frozen=True)
 class Key:
     """One key of the file: the serve option `--NAME`, its TOML type, its rule."""
@@ -63,6 +104,11 @@ KEYS = {key.name: key for key in (
     Key("max-mapped", int, _positive),
     Key("max-resident", int, _page_multiple),
     Key("log-level", str, _log_level),
+    Key("allow-users", str, _parses(parse_users)),
+    Key("allow-groups", str, _parses(parse_groups)),
+    Key("socket-mode", str, _parses(parse_socket_mode)),
+    Key("socket-group", str, _parses(one_group)),
+    Key("metrics", str, _parses(_listen_address)),
 )}
 
 _TOML_TYPES = {str: "a string", int: "an integer", bool: "true or false"}

@@ -41,7 +41,7 @@ from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
 from uffd_pager.takeover import Reclaimed, identity_of, reclaim
-from uffd_pager.tenants import TenantLimits, Tenants
+from uffd_pager.tenants import Access, TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
     FillRange,
@@ -110,14 +110,16 @@ class PagerService:
 
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
                  limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0,
-                 metrics: tuple[str, int] | None = None, durable: DurableState | None = None) -> None:
+                 metrics: tuple[str, int] | None = None, durable: DurableState | None = None,
+                 access: Access | None = None) -> None:
         """max_resident: bytes all regions with "sync" tracking may keep
         resident together (0: no such cap), kept by page-out. metrics:
         (host, port) to serve Prometheus metrics on (metrics.py), or None.
         durable: the state a pager started again on this socket takes the
         regions over from (durable.py); the regions it records are taken
-        over first."""
+        over first. access: who may connect besides root and our uid."""
         self._listener = listener
+        self._access = access or Access()
         self._listener.setblocking(False)
         self._exit_when_idle = exit_when_idle
         self._loop = asyncio.get_running_loop()
@@ -240,9 +242,12 @@ class PagerService:
                 raise
             self._refuse_for_want_of_descriptors()
             return
-        pid, uid, _gid = peer_credentials(sock)
-        if uid not in (0, os.getuid()):
-            log.warning("refused connection from pid %d: uid %d is neither root nor %d", pid, uid, os.getuid())
+        pid, uid, gid = peer_credentials(sock)
+        if not self._access.admits(pid, uid, gid):
+            log.warning("refused connection from pid %d: uid %d (gid %d) is not allowed", pid, uid, gid)
+            with contextlib.suppress(OSError):  # said, so that the client's error is clear; it may be gone
+                sock.setblocking(False)
+                protocol.send(sock, protocol.error_reply(self._access.refusal(uid)))
             sock.close()
             return
         sock.setblocking(False)

@@ -1,4 +1,9 @@
-"""What each tenant (a client uid) of a pager may hold at once.
+"""Who may use a pager, and what each tenant (a client uid) may hold at once.
+
+A connection's peer is known by SO_PEERCRED (uid and primary gid as the
+kernel recorded them at connect()) and its supplementary groups by
+/proc/PID/status, read right after accept: root and the pager's own uid
+always, and the users and groups a daemon was told to allow.
 
 The pager's state per region is small and sparse, but a client that maps
 without end would still exhaust the pager's descriptors and memory for
@@ -8,12 +13,75 @@ number of bytes mapped (forked children's copies count with their root).
 from __future__ import annotations
 
 import errno
+import grp
+import os
+import pwd
 from dataclasses import dataclass, field
 
 from uffd_pager.errors import LimitExceeded
 
 DEFAULT_MAX_REGIONS = 4096
 DEFAULT_MAX_MAPPED = 1 << 50  # 1 PiB of address space: regions cost what is touched
+
+
+def _ids(text: str, lookup: str) -> frozenset[int]:
+    """The ids of a comma-separated list of names or numbers (`lookup`:
+    "user" or "group"); ValueError names what is unknown."""
+    ids: set[int] = set()
+    if not text.strip():
+        return frozenset()  # `allow-users = ""`: none
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError(f"an empty {lookup} name in {text!r}")
+        if item.isdigit():
+            ids.add(int(item))
+            continue
+        try:
+            ids.add(pwd.getpwnam(item).pw_uid if lookup == "user" else grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise ValueError(f"no {lookup} named {item!r} on this machine") from None
+    return frozenset(ids)
+
+
+def parse_users(text: str) -> frozenset[int]:
+    """uids of "alice,1001"."""
+    return _ids(text, "user")
+
+
+def parse_groups(text: str) -> frozenset[int]:
+    """gids of "pager-users,1001"."""
+    return _ids(text, "group")
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    """pid's supplementary groups as our user namespace sees them; none if
+    it is gone (then it is not admitted by a group)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(gid) for gid in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may connect: root, the pager's uid, and these users and groups."""
+    users: frozenset[int] = frozenset()
+    groups: frozenset[int] = frozenset()
+
+    def admits(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in (0, os.getuid()) or uid in self.users:
+            return True
+        return bool(self.groups) and (gid in self.groups or bool(self.groups & _supplementary_groups(pid)))
+
+    def refusal(self, uid: int) -> PermissionError:
+        allowed = "root and uid %d" % os.getuid()
+        return PermissionError(errno.EACCES, f"uid {uid} may not use this pager: it admits {allowed}"
+                                             f"{' and the users and groups it was given' if self.users or self.groups else ''}"
+                                             " (uffd-pager serve --allow-users, --allow-groups)")
 
 
 @dataclass
