@@ -19,7 +19,8 @@ import pytest
 
 import uffd_pager
 from conftest import Daemon
-from support import ChildScript
+from support import ChildScript, accepts
+from uffd_pager.durable import state_path
 
 CHILDREN_PY = Path(__file__).with_name("takeover_children.py")
 PAGE = uffd_pager.PAGE_SIZE
@@ -97,7 +98,6 @@ def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_pat
     first = start_daemon("newer.sock")
     first.stop()
     state_dir = Path(os.environ["UFFD_PAGER_STATE_DIR"])
-    from uffd_pager.durable import state_path
     path = state_path(str(state_dir), str(socket_dir / "newer.sock"))
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'format'")
@@ -105,14 +105,18 @@ def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_pat
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert result.returncode == 2, result.stderr
     assert "format '99', newer than this pager's 1" in result.stderr and path in result.stderr, result.stderr
-    assert not (socket_dir / "newer.sock").exists() or not _accepts(socket_dir / "newer.sock")
+    assert not (socket_dir / "newer.sock").exists() or not accepts(socket_dir / "newer.sock")
 
 
-def _accepts(path: Path) -> bool:
-    import socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
+
+@pytest.mark.timeout(60)
+def test_a_daemon_whose_state_directory_is_unusable_serves_and_says_it_cannot_be_taken_over(
+        start_daemon, tmp_path, random_file):
+    not_a_directory = tmp_path / "state"
+    not_a_directory.write_text("a file where the state directory should be")
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon("no-state.sock", args=["--state-dir", str(not_a_directory)], stderr=log)
+    store = random_file(4 * PAGE)
+    with daemon.connect() as pager, pager.map(f"file://{store}", 4 * PAGE) as region:
+        assert bytes(region.view()[:PAGE]) == Path(store).read_bytes()[:PAGE]
+    assert "keeping no durable state" in log.read_text(), log.read_text()

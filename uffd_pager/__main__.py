@@ -121,10 +121,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         durable = None if embedded else _durable_state(listener, args.state_dir)
-    except (StateError, OSError) as exc:
+    except StateError as exc:  # what another version wrote: never overwritten nor half-read
         listener.close()
         print(f"uffd-pager serve: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a user's daemon given root's directory: it serves, without a successor
+        logging.getLogger("uffd_pager").warning(
+            "keeping no durable state (%s): a pager started after this one cannot take its regions over", exc)
+        durable = None
     notifier = None if embedded else sd_daemon.Notifier()
     try:
         uvloop.run(_serve(listener, args, notifier, durable))
