@@ -154,8 +154,8 @@ def file_descriptor_kind(fd: int) -> str:
 def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[str, Template]:
     """Every request a real client sends to the daemon at `socket_path`, each
     looked at on its way out: hello, status, map (plain, with `key`, with
-    children=), stats, backing, prefetch, flush, reopen and adopt (as Region sends them
-    after a read-only flush and in a forked child), unmap."""
+    children=), stats, backing, prefetch, flush, reopen, reattach and adopt (as the
+    library sends them after a read-only flush, a takeover and in a forked child), unmap."""
     seen: dict[str, Template] = {}
     maps = iter(["map", "map with key", "map with children"])
     real_sendmsg = socket.socket.sendmsg
@@ -185,6 +185,8 @@ def record_library_requests(socket_path: str, files: Files, key: Key) -> dict[st
                     pager._conn.request("reopen", (fd,), region=region._id, fds=["store"])
                 finally:
                     os.close(fd)
+                # ... what a client sends a pager that took over from a dead one (nothing to claim here) ...
+                pager._conn.request("reattach", regions=[region._id])
                 # ... and what Region._adopt_in_child sends in a forked child (refused here: no fork).
                 with contextlib.suppress(KeyError):
                     pager._conn.request_fds("adopt", region=region._id, token="00" * protocol.CLAIM_TOKEN_SIZE)
