@@ -224,14 +224,20 @@ def test_a_parent_and_its_forked_child_each_read_their_own_data_under_the_cap(sp
 
 
 @pytest.mark.timeout(120)
-def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file):
-    """Pager(max_resident=): two regions without caps of their own, read in
-    turns, keep their resident pages together near the pager's cap (a soft
-    cap: a drop under way lets faults pass it for a while), every byte
-    exact; an "async" region beside them is not paged out."""
+@pytest.mark.parametrize("whose", ["pager", "tenant"])
+def test_a_pagers_cap_holds_over_all_its_sync_regions_together(random_file, start_daemon, whose):
+    """Pager(max_resident=), and a daemon's --tenant-max-resident over one
+    tenant's regions: two regions without caps of their own, read in
+    turns, keep their resident pages together near the cap (a soft cap: a
+    drop under way lets faults pass it for a while), every byte exact; an
+    "async" region beside them is not paged out."""
     paths = [random_file(4 * N * PAGE // 8) for _ in range(2)]  # 32 MiB each
     size = 4 * N * PAGE // 8
-    with uffd_pager.Pager(max_resident=CAP) as pager:
+    if whose == "pager":
+        capped = uffd_pager.Pager(max_resident=CAP)
+    else:
+        capped = start_daemon("tenant-cap.sock", args=["--tenant-max-resident", str(CAP)]).connect()
+    with capped as pager:
         regions = [pager.map(url(p), size, dirty_tracking="sync", writeback_interval=0) for p in paths]
         unpaged = pager.map(url(paths[0]), 256 * PAGE, dirty_tracking="async", writeback_interval=0)  # never dropped
         bytes(unpaged.view())

@@ -67,7 +67,8 @@ async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: No
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
                            limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
-                           state_dir=args.state_dir, max_resident=args.max_resident, metrics=args.metrics,
+                           state_dir=args.state_dir, max_resident=args.max_resident,
+                           tenant_max_resident=args.tenant_max_resident, metrics=args.metrics,
                            durable=durable, access=Access(args.allow_users, args.allow_groups))
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
@@ -368,6 +369,9 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
+    serve.add_argument("--tenant-max-resident", type=_page_multiple, default=0, metavar="BYTES",
+                       help='bytes the regions with dirty_tracking="sync" of one client uid may keep resident '
+                            "together, kept by page-out (a multiple of 4096; default 0: no such cap)")
     serve.add_argument("--allow-users", type=_argument_type(parse_users), default=frozenset(), metavar="USERS",
                        help="users (names or uids, comma-separated) who may use the pager besides root and its "
                             "own user (default: none)")

@@ -103,6 +103,7 @@ KEYS = {key.name: key for key in (
     Key("max-regions", int, _positive),
     Key("max-mapped", int, _positive),
     Key("max-resident", int, _page_multiple),
+    Key("tenant-max-resident", int, _page_multiple),
     Key("log-level", str, _log_level),
     Key("allow-users", str, _parses(parse_users)),
     Key("allow-groups", str, _parses(parse_groups)),

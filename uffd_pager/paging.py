@@ -124,6 +124,7 @@ class PageOut:
         self._let_go = let_go
         self._tasks: dict[ServedRegion, asyncio.Task[None]] = {}
         self.total_cap = 0  # pages all pageable regions may keep together (the pager's --max-resident); 0: none
+        self.tenant_cap = 0  # pages one tenant's pageable regions may keep together (--tenant-max-resident)
         self.regions: Callable[[], Iterable[ServedRegion]] = lambda: ()
 
     def check(self, region: ServedRegion) -> None:
@@ -132,20 +133,25 @@ class PageOut:
         if region.max_resident and not region.evicting and not region.released and region.agent is not None \
                 and region.fill.counters()["resident_pages"] > region.max_resident:
             self._start(region, region.max_resident * 7 // 8)
-        if self.total_cap:
-            self._check_total()
+        if self.total_cap or self.tenant_cap:
+            pageable = [r for r in self.regions() if _pageable(r)]
+            if self.total_cap:
+                self._keep_under(pageable, self.total_cap)
+            if self.tenant_cap:
+                uid = region.tenant_uid
+                self._keep_under([r for r in pageable if r.tenant_uid == uid], self.tenant_cap)
 
-    def _check_total(self) -> None:
-        """The pager's cap is kept by taking pages from the pageable region
-        that holds the most, down to 7/8 of the cap (a soft cap: what
-        faults bring in while a drop is under way passes it for a while)."""
-        pageable = [r for r in self.regions() if _pageable(r)]
+    def _keep_under(self, pageable: list[ServedRegion], cap: int) -> None:
+        """A cap over several regions (the pager's, a tenant's) is kept by
+        taking pages from the one that holds the most, down to 7/8 of the
+        cap (a soft cap: what faults bring in while a drop is under way
+        passes it for a while)."""
         resident = {r: r.fill.counters()["resident_pages"] for r in pageable}
         total = sum(resident.values())
-        if total <= self.total_cap or any(r.evicting for r in pageable):
+        if total <= cap or any(r.evicting for r in pageable):
             return
         largest = max(pageable, key=resident.__getitem__)
-        self._start(largest, max(0, resident[largest] - (total - self.total_cap * 7 // 8)))
+        self._start(largest, max(0, resident[largest] - (total - cap * 7 // 8)))
 
     def _start(self, region: ServedRegion, low: int) -> None:
         region.evicting = True

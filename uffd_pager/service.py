@@ -1,5 +1,5 @@
-"""The pager's front: it accepts client connections (root and its own uid
-only), answers their control requests (protocol.py), and holds the parts
+"""The pager's front: it accepts client connections (root, its own uid, and
+the users and groups it admits: tenants.py), answers their control requests (protocol.py), and holds the parts
 that do the work: the region table (regions.py), fault and event handling
 (faults.py), write-back (flushing.py) and fork lineage (lineage.py).
 """
@@ -110,10 +110,12 @@ class PagerService:
 
     def __init__(self, listener: socket.socket, *, exit_when_idle: bool = False,
                  limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0,
+                 tenant_max_resident: int = 0,
                  metrics: tuple[str, int] | None = None, durable: DurableState | None = None,
                  access: Access | None = None) -> None:
         """max_resident: bytes all regions with "sync" tracking may keep
-        resident together (0: no such cap), kept by page-out. metrics:
+        resident together (0: no such cap), kept by page-out;
+        tenant_max_resident: the same for each tenant's regions. metrics:
         (host, port) to serve Prometheus metrics on (metrics.py), or None.
         durable: the state a pager started again on this socket takes the
         regions over from (durable.py); the regions it records are taken
@@ -134,6 +136,7 @@ class PagerService:
         self._flusher = Flusher(self._loop, self._table, self._lineage)
         self._pageout = PageOut(self._loop, self._flusher.flush, self._faults.retry_now, _hold, self._table.let_go)
         self._pageout.total_cap = max_resident // PAGE_SIZE
+        self._pageout.tenant_cap = tenant_max_resident // PAGE_SIZE
         self._pageout.regions = lambda: self._table.regions.values()
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
@@ -391,7 +394,7 @@ class PagerService:
         protocol.check_version(request)
         conn.greeted = True
         return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid(),
-                "max_resident": self._pageout.total_cap * PAGE_SIZE, "takeover": self._durable is not None}
+                "max_resident": (self._pageout.total_cap or self._pageout.tenant_cap) * PAGE_SIZE, "takeover": self._durable is not None}
 
     async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """A region of the client: its uffd, registered over address..+size
