@@ -391,18 +391,26 @@ def normal_client(socket_path: str, store_path: str) -> None:
 
 @client("tenant")
 def tenant(socket_path: str, store_path: str) -> None:
-    """Connects and asks for the status, then maps the whole file and reads it
-    back: reports "connect" and "read" outcomes (a refusal is an outcome)."""
+    """Connects, then maps the whole file and reads it back: reports the
+    "connect" and "read" outcomes (a refusal is an outcome; "same": the
+    region read as the file, or None if this process may not read it)."""
     pager: list[uffd_pager.Pager] = []
     report("connect", **outcome(lambda: pager.append(uffd_pager.connect(socket_path, timeout=10))))
     if pager:
-        with open(store_path, "rb") as f:
-            expected = f.read()
-        with pager[0].map(f"file://{store_path}", len(expected)) as region:
-            view = region.view()
-            same = bytes(view) == expected
-            del view
-        report("read", same=same)
+        try:
+            with open(store_path, "rb") as f:
+                expected: bytes | None = f.read()
+        except PermissionError:
+            expected = None
+        same: list[bool] = []
+
+        def read() -> None:
+            with pager[0].map(f"file://{store_path}", os.path.getsize(store_path)) as region:
+                view = region.view()
+                same.append(bytes(view) == expected)
+                del view
+
+        report("read", **outcome(read), same=same[0] if same else None)
     os._exit(0)
 
 

@@ -1139,7 +1139,8 @@ def tenant_outcome(spawn: Callable[..., Child], daemon: ServeProcess, data: Path
     outcome, and whether its map read the file exactly when it got in."""
     messages = {m["what"]: m for m in run_child(spawn, "tenant", daemon.path, str(data), wrapper=wrapper)}
     if messages["connect"]["ok"]:
-        assert messages["read"]["same"], "an admitted tenant's region does not read as its file"
+        read = messages["read"]
+        assert read["ok"] and read["same"], f"an admitted tenant's region does not read as its file: {read}"
     return messages["connect"]
 
 
@@ -1159,6 +1160,13 @@ def test_only_root_the_pagers_user_and_allowed_users_and_groups_may_connect(spaw
     assert tenant_outcome(spawn, by_user, data, AS_NOBODY_WITH_PTRACE)["ok"]
     in_group = tenant_outcome(spawn, by_user, data, AS_NOBODY_IN_GROUP)
     assert in_group["ok"], in_group
+
+    private = world_dir / "root-only.bin"  # an admitted tenant reads nothing through the daemon it could not itself
+    private.write_bytes(b"secret" * PAGE)
+    private.chmod(0o600)
+    (read,) = (m for m in run_child(spawn, "tenant", by_user.path, str(private), wrapper=AS_NOBODY_WITH_PTRACE)
+               if m["what"] == "read")
+    assert not read["ok"] and read["is_permission"] and read["same"] is None, read
 
     by_group = serve("--allow-groups", "4242", directory=world_dir)
     assert tenant_outcome(spawn, by_group, data, AS_NOBODY_IN_GROUP)["ok"]  # a supplementary group
