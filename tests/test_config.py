@@ -134,3 +134,22 @@ def test_version_prints_the_installed_version():
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"uffd-pager {version('uffd_pager')}\n"
     assert version("uffd_pager")[0].isdigit()
+
+
+@pytest.mark.timeout(60)
+def test_a_tenant_at_its_descriptor_limit_is_told_and_what_it_lets_go_is_free_again(start_daemon, random_file):
+    """--tenant-max-fds 7: a connection costs 2, a region 3 — one
+    connection and one region fit, a second region does not, and a second
+    connection with the region held does; what is let go is free again."""
+    store = random_file(SIZE)
+    daemon = start_daemon("fds.sock", args=["--tenant-max-fds", "7"])
+    with daemon.connect() as pager, map_and_check(pager, store, SIZE):
+        with pytest.raises(LimitExceeded) as refused:
+            pager.map(f"file://{store}", SIZE)
+        assert refused.value.errno == errno.EDQUOT and "--tenant-max-fds" in str(refused.value)
+        with daemon.connect() as second:  # 5 + 2
+            assert second.status()["connections"] == 2
+            with pytest.raises(LimitExceeded, match="--tenant-max-fds"):
+                daemon.connect().status()  # 7 + 2: refused at the door, and told why
+    with daemon.connect() as pager, map_and_check(pager, store, SIZE):
+        assert pager.status()["regions"] == 1

@@ -293,13 +293,14 @@ class LimitedDaemon:
 @pytest.fixture
 def limited_daemon(socket_dir: Path) -> Iterator[Callable[..., LimitedDaemon]]:
     """limited_daemon(soft, hard) -> a `uffd_pager serve` daemon started under
-    RLIMIT_NOFILE (soft, hard), listening; stopped at teardown."""
+    RLIMIT_NOFILE (soft, hard), listening; stopped at teardown. Its tenant
+    may use every descriptor (its own limit would be met first)."""
     daemons: list[LimitedDaemon] = []
 
     def start(soft: int, hard: int) -> LimitedDaemon:
         path = socket_dir / f"limited-{len(daemons)}.sock"
         process = subprocess.Popen(
-            [sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path)],
+            [sys.executable, "-m", "uffd_pager", "serve", "--socket", str(path), "--tenant-max-fds", str(1 << 30)],
             stdin=subprocess.DEVNULL, cwd="/",
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
         )

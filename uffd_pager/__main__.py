@@ -66,7 +66,8 @@ async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: No
     from uffd_pager.tenants import Access, TenantLimits
 
     service = PagerService(listener, exit_when_idle=args.exit_when_idle,
-                           limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped),
+                           limits=TenantLimits(max_regions=args.max_regions, max_mapped=args.max_mapped,
+                                               max_fds=args.tenant_max_fds),
                            state_dir=args.state_dir, max_resident=args.max_resident,
                            tenant_max_resident=args.tenant_max_resident, metrics=args.metrics,
                            durable=durable, access=Access(args.allow_users, args.allow_groups))
@@ -369,6 +370,9 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
+    serve.add_argument("--tenant-max-fds", type=_positive_int, default=0, metavar="N",
+                       help="descriptors of the pager one client uid may hold at once: 2 a connection, 3 a region "
+                            "(default: half of the pager's open-file limit)")
     serve.add_argument("--tenant-max-resident", type=_page_multiple, default=0, metavar="BYTES",
                        help='bytes the regions with dirty_tracking="sync" of one client uid may keep resident '
                             "together, kept by page-out (a multiple of 4096; default 0: no such cap)")

@@ -104,6 +104,7 @@ KEYS = {key.name: key for key in (
     Key("max-mapped", int, _positive),
     Key("max-resident", int, _page_multiple),
     Key("tenant-max-resident", int, _page_multiple),
+    Key("tenant-max-fds", int, _positive),
     Key("log-level", str, _log_level),
     Key("allow-users", str, _parses(parse_users)),
     Key("allow-groups", str, _parses(parse_groups)),

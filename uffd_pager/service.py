@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import dataclasses
 import resource
 import secrets
 import socket
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
 from uffd_pager.durable import DurableState, RegionRecord, process_start
+from uffd_pager.errors import LimitExceeded
 from uffd_pager.faults import FaultHandler
 from uffd_pager.flushing import Flusher
 from uffd_pager.layout import (
@@ -146,6 +148,9 @@ class PagerService:
         self._taken_over = {"regions": 0, "reattached": 0, "woken": 0}
         self._metrics: PagerMetrics | None = None
         _raise_descriptor_limit()
+        if not self._tenants.limits.max_fds:  # no tenant may take every descriptor from the others
+            self._tenants.limits = dataclasses.replace(
+                self._tenants.limits, max_fds=resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
         self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self._handlers: dict[str, Callable[[Connection, dict[str, Any], list[int]], Awaitable[Reply]]] = {
             "hello": self._op_hello,
@@ -253,10 +258,20 @@ class PagerService:
                 protocol.send(sock, protocol.error_reply(self._access.refusal(uid)))
             sock.close()
             return
+        try:
+            self._tenants.check_connect(uid)
+        except LimitExceeded as exc:
+            log.warning("refused connection from pid %d: %s", pid, exc)
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                protocol.send(sock, protocol.error_reply(exc))
+            sock.close()
+            return
         sock.setblocking(False)
         log.info("connect: pid %d, uid %d", pid, uid)
         conn = Connection(sock=sock, pid=pid, uid=uid)
         self._connections.add(conn)
+        self._tenants.connected(uid)
         self._loop.add_reader(sock.fileno(), self._on_control_readable, conn)
         self._table.spawn(self._serve_connection(conn))
 
@@ -378,6 +393,7 @@ class PagerService:
         if conn not in self._connections:
             return
         self._connections.discard(conn)
+        self._tenants.disconnected(conn.uid)
         log.info("close: pid %d: connection closed, %d regions released", conn.pid, len(conn.regions))
         try:
             self._loop.remove_reader(conn.sock.fileno())

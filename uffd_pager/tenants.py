@@ -7,8 +7,12 @@ always, and the users and groups a daemon was told to allow.
 
 The pager's state per region is small and sparse, but a client that maps
 without end would still exhaust the pager's descriptors and memory for
-every other client: each uid is held to a number of root regions and a
-number of bytes mapped (forked children's copies count with their root).
+every other client: each uid is held to a number of root regions, a
+number of bytes mapped (forked children's copies count with their root)
+and a number of the pager's descriptors: a connection costs two (its
+socket and its page-out agent's), a root region three (its uffd, the
+process's pagemap and pidfd). Store files are shared by every region of
+a file, whoever mapped it, and are not counted.
 """
 from __future__ import annotations
 
@@ -84,10 +88,15 @@ class Access:
                                              " (uffd-pager serve --allow-users, --allow-groups)")
 
 
+CONNECTION_FDS = 2
+REGION_FDS = 3
+
+
 @dataclass
 class TenantLimits:
     max_regions: int = DEFAULT_MAX_REGIONS
     max_mapped: int = DEFAULT_MAX_MAPPED
+    max_fds: int = 0  # 0: half of the pager's open-file limit (see PagerService)
 
 
 @dataclass
@@ -95,6 +104,28 @@ class Tenants:
     limits: TenantLimits = field(default_factory=TenantLimits)
     _regions: dict[int, int] = field(default_factory=dict)
     _mapped: dict[int, int] = field(default_factory=dict)
+    _connections: dict[int, int] = field(default_factory=dict)
+
+    def descriptors(self, uid: int) -> int:
+        """The pager's descriptors uid holds (see the module's doc)."""
+        return CONNECTION_FDS * self._connections.get(uid, 0) + REGION_FDS * self._regions.get(uid, 0)
+
+    def _check_fds(self, uid: int, more: int) -> None:
+        if self.limits.max_fds and self.descriptors(uid) + more > self.limits.max_fds:
+            raise LimitExceeded(errno.EDQUOT, f"uid {uid} holds {self.descriptors(uid)} of this pager's descriptors, "
+                                              f"its limit is {self.limits.max_fds} (uffd-pager serve --tenant-max-fds)")
+
+    def check_connect(self, uid: int) -> None:
+        """Raises LimitExceeded if uid may not open another connection."""
+        self._check_fds(uid, CONNECTION_FDS)
+
+    def connected(self, uid: int) -> None:
+        self._connections[uid] = self._connections.get(uid, 0) + 1
+
+    def disconnected(self, uid: int) -> None:
+        self._connections[uid] -= 1
+        if not self._connections[uid]:
+            del self._connections[uid]
 
     def check_map(self, uid: int, size: int) -> None:
         """Raises LimitExceeded if uid may not map another `size` bytes."""
@@ -104,6 +135,7 @@ class Tenants:
         if self._mapped.get(uid, 0) + size > self.limits.max_mapped:
             raise LimitExceeded(errno.EDQUOT, f"uid {uid} would map {self._mapped.get(uid, 0) + size} bytes, past "
                                               f"the limit of {self.limits.max_mapped} (uffd-pager serve --max-mapped)")
+        self._check_fds(uid, REGION_FDS)
 
     def add(self, uid: int, size: int) -> None:
         self._regions[uid] = self._regions.get(uid, 0) + 1
