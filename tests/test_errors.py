@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import signal
@@ -181,3 +182,13 @@ def test_a_uffd_pager_directory_in_the_applications_working_directory_does_not_s
                             capture_output=True, text=True, timeout=45, cwd=impostor.parent)
     assert result.returncode == 0 and "impostor" not in result.stderr, result.stderr[-3000:]
     assert json.loads(result.stdout) == {"first": 0x77}
+
+
+def test_every_name_the_readme_gives_as_uffd_pager_dot_something_exists():
+    """The README's `uffd_pager.LimitExceeded` and the like: a user catches
+    what it says, so each must be importable from the package itself."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    named = set(re.findall(r"`uffd_pager\.([A-Z]\w*)", readme))
+    assert {"LimitExceeded", "PagerTimeout", "StoreReadOnly"} <= named
+    missing = sorted(name for name in named if not hasattr(uffd_pager, name))
+    assert missing == [], f"the README names uffd_pager.{missing} which the package lacks"

@@ -1176,6 +1176,18 @@ def test_only_root_the_pagers_user_and_allowed_users_and_groups_may_connect(spaw
     assert by_group.process.poll() is None, "the daemon died refusing a tenant"
 
 
+@pytest.mark.timeout(60)
+def test_a_tenant_at_its_quota_is_refused_and_another_tenant_maps_as_usual(spawn, serve, world_dir):
+    data = world_dir / "quota.bin"
+    data.write_bytes(os.urandom(4 * PAGE))
+    data.chmod(0o644)
+    daemon = serve("--allow-users", "nobody", "--max-regions", "1", directory=world_dir)
+    with uffd_pager.connect(daemon.path, timeout=10) as root, root.map(f"file://{data}", 4 * PAGE):
+        with pytest.raises(uffd_pager.LimitExceeded, match="--max-regions"):
+            root.map(f"file://{data}", 4 * PAGE)
+        assert tenant_outcome(spawn, daemon, data, AS_NOBODY_WITH_PTRACE)["ok"]  # its own quota: untouched
+
+
 def test_the_socket_takes_the_mode_and_group_asked(serve, world_dir):
     daemon = serve("--socket-mode", "0660", "--socket-group", "users", directory=world_dir)
     st = os.stat(daemon.path)
