@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
-from uffd_pager.config import one_group, parse_socket_mode
+from uffd_pager.config import listen_address, one_group, parse_socket_mode
 from uffd_pager.durable import DurableState, StateError, state_path
 from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS, parse_groups, parse_users
@@ -297,15 +297,6 @@ def _report_directory(path: str) -> str:
     return path
 
 
-def _metrics_address(text: str) -> tuple[str, int]:
-    from uffd_pager.metrics_http import parse_listen_address
-
-    try:
-        return parse_listen_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type of a parser that raises ValueError (config.py's and
     tenants.py's, which the config file's keys are checked with too)."""
@@ -387,7 +378,7 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
                             "--allow-groups: who may connect is decided by them)")
     serve.add_argument("--socket-group", type=_argument_type(one_group), metavar="GROUP",
                        help="the socket file's group (name or gid; default: the pager's)")
-    serve.add_argument("--metrics", type=_metrics_address, metavar="HOST:PORT",
+    serve.add_argument("--metrics", type=_argument_type(listen_address), metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9100; "
                             "port 0: any free one, logged at INFO); default: none")
     serve.set_defaults(**config)

@@ -69,7 +69,8 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
     return check
 
 
-def _listen_address(text: str) -> Any:
+def listen_address(text: str) -> tuple[str, int]:
+    """The metrics' HOST:PORT (metrics_http.parse_listen_address)."""
     from uffd_pager.metrics_http import parse_listen_address  # prometheus_client only where metrics are asked for
 
     return parse_listen_address(text)
@@ -77,7 +78,7 @@ def _listen_address(text: str) -> Any:
 
 def one_group(text: str) -> int:
     """The gid of one group's name or number."""
-    if "," in text:
+    if "," in text or not text.strip():
         raise ValueError(f"one group, not {text!r}")
     (gid,) = parse_groups(text)
     return gid
@@ -110,7 +111,7 @@ KEYS = {key.name: key for key in (
     Key("allow-groups", str, _parses(parse_groups)),
     Key("socket-mode", str, _parses(parse_socket_mode)),
     Key("socket-group", str, _parses(one_group)),
-    Key("metrics", str, _parses(_listen_address)),
+    Key("metrics", str, _parses(listen_address)),
 )}
 
 _TOML_TYPES = {str: "a string", int: "an integer", bool: "true or false"}
