@@ -153,7 +153,8 @@ class ChildScript:
     def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
         """The next message, which must be a `what` report within `timeout` s."""
         message = self.next(timeout)
-        assert message is not None, f"{self.name}: no {what!r} within {timeout} s{self.context()}"
+        assert message is not None, \
+            f"{self.name}: no {what!r} within {timeout} s ({describe_returncode(self.process.poll())}){self.context()}"
         assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
         return message
 

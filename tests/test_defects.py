@@ -67,28 +67,20 @@ class Scenario(ChildScript):
     def __init__(self, name: str, *args: Any) -> None:
         super().__init__(SCENARIOS_PY, name, *args)
 
-
-    def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
-        message = self.next(timeout)
-        if message is None:
-            raise AssertionError(f"{self.name}: no {what!r} within {timeout} s{self.context(where=True)}")
-        assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
-        return message
-
     def wait(self, timeout: float) -> int:
         """The leader's return code; fails (after noting where everyone
         sleeps) if it is still running after `timeout` s."""
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout} s{self.context(where=True)}") from None
+            raise AssertionError(f"{self.name} still running after {timeout} s{self.context()}") from None
 
     def status(self) -> str:
         return describe_returncode(self.process.poll())
 
-    def context(self, *, where: bool = False) -> str:
-        text = f"\nwhere its processes sleep:\n{session_where(self.process.pid)}" if where else ""
-        return text + super().context()
+    def context(self) -> str:
+        """Where its processes sleep, then its messages and stderr."""
+        return f"\nwhere its processes sleep:\n{session_where(self.process.pid)}" + super().context()
 
     def kill(self) -> None:
         """SIGKILL to the whole session (the private pager, forked children),

@@ -22,7 +22,6 @@ import grp
 import hashlib
 import json
 import os
-import queue
 import select
 import shutil
 import signal
@@ -66,21 +65,6 @@ class Child(ChildScript):
 
     def __init__(self, name: str, *args: Any, **options: Any) -> None:
         super().__init__(HOSTILE_CLIENTS, name, *args, **options)
-
-    def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
-        try:
-            message = self._messages.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"{self.name}: no {what!r} within {timeout} s{self.context()}") from None
-        if message is None:
-            self._messages.put(None)
-            code = self.process.wait(timeout=10)
-            raise AssertionError(f"{self.name} ended ({describe_returncode(code)}) before {what!r}{self.context()}")
-        self.seen.append(message)
-        if message["what"] == "error":
-            raise AssertionError(f"{self.name} failed:\n{message['traceback']}{self.context()}")
-        assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
-        return message
 
     def finish(self, timeout: float = 30) -> list[dict[str, Any]]:
         """Every message until the child exits (which must be with status 0)."""

@@ -67,14 +67,6 @@ class Scenario(ChildScript):
         """Here the end of the output is None (a child killed by SIGBUS on purpose)."""
         return super().next(timeout, end_fails=end_fails)
 
-    def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
-        message = self.next(timeout)
-        if message is None:
-            raise AssertionError(f"{self.name}: no {what!r} within {timeout} s "
-                                 f"({describe_returncode(self.process.poll())}){self.context()}")
-        assert message["what"] == what, f"{self.name}: expected {what!r}, got {message}{self.context()}"
-        return message
-
     def wait(self, timeout: float) -> int:
         try:
             return self.process.wait(timeout=timeout)
