@@ -90,13 +90,14 @@ def activated(fd: int) -> list[str]:
 
 @pytest.mark.timeout(90)
 def test_socket_activated_daemon_serves_and_reports_ready_and_stopping(start_daemon, socket_dir, notify,
-                                                                       random_file):
+                                                                       random_file, tmp_path):
     store = random_file(SIZE)
     path = socket_dir / "activated.sock"
     listener = listening_socket(path)
+    log = tmp_path / "daemon.log"
     try:
         daemon = start_daemon("activated.sock", wrapper=activated(listener.fileno()), options=[],
-                              pass_fds=[listener.fileno()])
+                              args=["--socket-mode", "0660"], pass_fds=[listener.fileno()], stderr=log)
         assert notify.wait_for("READY=1") == daemon.process.pid, "READY=1 came from another process"
     finally:
         listener.close()  # from here only the daemon's copy accepts
@@ -105,6 +106,7 @@ def test_socket_activated_daemon_serves_and_reports_ready_and_stopping(start_dae
     daemon.stop()  # SIGTERM: status 0
     assert notify.wait_for("STOPPING=1") == daemon.process.pid
     assert path.exists(), "the daemon removed the socket unit's path"
+    assert "not applied to a socket systemd made" in log.read_text(), "--socket-mode ignored without a word"
 
 
 @pytest.mark.timeout(90)

@@ -111,6 +111,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif activated is not None:
         listener = activated  # systemd's socket unit owns its path
         logging.getLogger("uffd_pager").info("listening on the socket passed by systemd")
+        if args.socket_mode is not None or args.socket_group is not None:
+            logging.getLogger("uffd_pager").warning(
+                "--socket-mode and --socket-group are not applied to a socket systemd made: set SocketMode= "
+                "and SocketGroup= in its .socket unit")
     elif args.socket:
         mode = args.socket_mode
         if mode is None:
