@@ -656,7 +656,11 @@ def test_children_never_see_writes_made_after_their_fork(pager, sparse_file, for
     for _, child, _ in results:
         child.finish()
 
-    assert writes[0] > 1000 and flushes[0] > 5, f"the writer/flusher hardly ran: {writes[0]} writes, {flushes[0]} flushes"
+    # What the test needs is writes between the forks, not a number of them
+    # (which a loaded machine cuts by half): most children forked at a new counter.
+    forked_at = sorted({child.forked_at for _, child, _ in results})
+    assert len(forked_at) > FORKS // 2 and flushes[0] > 5, \
+        f"the writer/flusher hardly ran between the forks: counters at fork {forked_at}, {flushes[0]} flushes"
     for i, (result, child, lower) in enumerate(results):
         v_after = child.forked_at
         newer = [(p, v) for p, v in enumerate(result["values"]) if v > v_after]
