@@ -66,7 +66,9 @@ def test_a_killed_daemon_is_taken_over_by_the_next_one_on_its_socket(start_daemo
         assert client.expect("byte", timeout=20)["value"] == original[20 * PAGE], "the taken-over fault read wrong"
 
         with second.connect() as thief:  # another process may not claim the region
-            (taken,) = thief.status()["region_list"]
+            status = thief.status()
+            assert status["takeover"]["regions"] == 1 and status["takeover"]["woken"] >= 1, status["takeover"]
+            (taken,) = status["region_list"]
             assert thief._conn.request("reattach", regions=[taken["id"]])["regions"] == []
         client.send("write 24 7")  # after the takeover: tracked by the new pager
         client.expect("written")

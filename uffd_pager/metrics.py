@@ -64,6 +64,7 @@ class PagerGauges:
     tenants: int
     stores: int
     internal_errors: int  # a counter: exceptions of its own that reached its loop
+    restarts: int  # a counter: 1 once this pager took regions over from one that died
 
 
 class PagerMetrics(Collector):
@@ -129,8 +130,8 @@ class PagerMetrics(Collector):
         gauges = self._gauges()
         yield CounterMetricFamily("uffd_pager_internal_errors", "Exceptions of the pager's own that reached its "
                                   "event loop (logged; it serves on).", value=gauges.internal_errors)
-        # A restarted pager taking over live clients is not there yet: 0 until it is.
-        yield CounterMetricFamily("uffd_pager_restarts", "Times this pager took over from one that died.", value=0)
+        yield CounterMetricFamily("uffd_pager_restarts", "Times this pager took over from one that died.",
+                                  value=gauges.restarts)
         yield GaugeMetricFamily("uffd_pager_connections", "Client connections.", value=gauges.connections)
         yield GaugeMetricFamily("uffd_pager_tenants", "Client uids holding regions.", value=gauges.tenants)
         yield GaugeMetricFamily("uffd_pager_stores", "Backing stores open.", value=gauges.stores)

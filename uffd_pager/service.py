@@ -204,7 +204,7 @@ class PagerService:
         assert self._metrics_address is not None
         self._metrics = PagerMetrics(lambda: self._table.regions.values(), lambda: PagerGauges(
             connections=len(self._connections), tenants=len(self._tenants.usage()), stores=len(self._table.stores),
-            internal_errors=self._internal_errors))
+            internal_errors=self._internal_errors, restarts=int(self._taken_over["regions"] > 0)))
         self._table.on_added = self._metrics.track
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._metrics)
@@ -749,6 +749,7 @@ class PagerService:
             "rss_kib": _rss_kib(),
             "fetches": self._faults.fetcher.counters(),
             "internal_errors": self._internal_errors,
+            "takeover": dict(self._taken_over),  # regions taken over at start, reattached, ranges woken
             "tenants": tenants,
             "region_list": lines,
             "more_regions": more,
