@@ -1,5 +1,6 @@
 """The pager's front: it accepts client connections (root, its own uid, and
-the users and groups it admits: tenants.py), answers their control requests (protocol.py), and holds the parts
+the users and groups it admits: tenants.py), answers their control
+requests (protocol.py), and holds the parts
 that do the work: the region table (regions.py), fault and event handling
 (faults.py), write-back (flushing.py) and fork lineage (lineage.py).
 """
@@ -253,19 +254,13 @@ class PagerService:
         pid, uid, gid = peer_credentials(sock)
         if not self._access.admits(pid, uid, gid):
             log.warning("refused connection from pid %d: uid %d (gid %d) is not allowed", pid, uid, gid)
-            with contextlib.suppress(OSError):  # said, so that the client's error is clear; it may be gone
-                sock.setblocking(False)
-                protocol.send(sock, protocol.error_reply(self._access.refusal(uid)))
-            sock.close()
+            _refuse(sock, self._access.refusal(uid))
             return
         try:
             self._tenants.check_connect(uid)
         except LimitExceeded as exc:
             log.warning("refused connection from pid %d: %s", pid, exc)
-            with contextlib.suppress(OSError):
-                sock.setblocking(False)
-                protocol.send(sock, protocol.error_reply(exc))
-            sock.close()
+            _refuse(sock, exc)
             return
         sock.setblocking(False)
         log.info("connect: pid %d, uid %d", pid, uid)
@@ -288,11 +283,8 @@ class PagerService:
             except OSError:
                 pass
             else:
-                with contextlib.suppress(OSError):
-                    protocol.send(sock, protocol.error_reply(OSError(
-                        errno.EMFILE, "the pager is at its limit of open files (RLIMIT_NOFILE); "
-                                      "close regions or raise the limit (LimitNOFILE=, ulimit -n)")))
-                sock.close()
+                _refuse(sock, OSError(errno.EMFILE, "the pager is at its limit of open files (RLIMIT_NOFILE); "
+                                                    "close regions or raise the limit (LimitNOFILE=, ulimit -n)"))
             with contextlib.suppress(OSError):
                 self._spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         if not self._accept_paused:
@@ -803,6 +795,16 @@ def _key_from_memfd(fd: int) -> Key:
     if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:") and fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_WRITE:
         return Key(os.pread(fd, 64, 0))
     raise ValueError("map: the key must come in a sealed memfd")
+
+
+def _refuse(sock: socket.socket, why: OSError) -> None:
+    """Tells a just-accepted client why it is turned away, then hangs up:
+    its error is clear (the client reads it even after its hello met the
+    hang-up). It may be gone already; we never wait on it."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        protocol.send(sock, protocol.error_reply(why))
+    sock.close()
 
 
 def _raise_descriptor_limit() -> None:
