@@ -248,6 +248,19 @@ uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint
     return up_bits_next_clear(p->materialized, from, end);
 }
 
+uint64_t up_portion_next_held(const struct up_portion *p, uint64_t from, uint64_t end)
+{
+    if (end > p->npages)
+        end = p->npages;
+    if (!p->live || from >= end)
+        return end;
+    if (!p->parent)
+        return from;
+    if (!p->placed)
+        return end;
+    return up_bits_next_set(p->materialized, from, end);
+}
+
 uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint64_t end)
 {
     if (end > p->npages)

@@ -258,6 +258,8 @@ int up_portion_has(const struct up_portion *p, uint64_t idx);
 uint64_t up_portion_missing(const struct up_portion *p);
 /* The first page of [from, end) that p does not hold itself, or end. */
 uint64_t up_portion_next_missing(const struct up_portion *p, uint64_t from, uint64_t end);
+/* The first page of [from, end) the portion holds itself, or end. */
+uint64_t up_portion_next_held(const struct up_portion *p, uint64_t from, uint64_t end);
 /* Which portion of p's chain holds page `from` as p sees it, as a depth (0:
  * p itself, 1: its parent, ...), and in *run_end the end of the run of
  * pages from `from` on (before end) that the same portion holds. -1 with

@@ -3,6 +3,8 @@
 reports on stdout and the orders on stdin)."""
 from __future__ import annotations
 
+import os
+
 import uffd_pager
 from child import Registry, order, report
 
@@ -40,6 +42,56 @@ def client(socket_path: str, url: str, tracking: str, key_file: str = "") -> Non
         elif word == "stats":
             report("stats", **region.stats())
         elif word == "close":
+            del view
+            region.close()
+            pager.close()
+            report("closed")
+            return
+
+
+@child("family")
+def family(socket_path: str, url: str, policy: str, go_path: str, fate: str) -> None:
+    """Maps url (32 pages, fork_policy=policy, children's portions kept),
+    forks a child, writes 0x22 into pages 0-15 and flushes ("parent-flushed",
+    with the child's pid). fate "gone": then exits. The child waits for a
+    line on the FIFO go_path ("child-forked" first), reads every page ("child-read"), writes 0x33
+    into page 20, flushes and reports where its portion is ("child-flushed"),
+    and exits. The parent's orders: "read" (every page's first byte),
+    "write N BYTE", "flush", "close"."""
+    pager = uffd_pager.connect(socket_path, timeout=30)
+    region = pager.map(url, PAGES * PAGE, fork_policy=policy, keep_child_portions=True, writeback_interval=0)
+    view = region.view()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            report("child-forked")  # it holds its own uffd now (it claimed it at fork)
+            with open(go_path) as go:
+                go.readline()
+            report("child-read", bytes=[view[p * PAGE] for p in range(PAGES)])
+            view[20 * PAGE] = 0x33
+            flushed = region.flush()
+            backing = region.backing()
+            report("child-flushed", pages=flushed["pages"], offset=backing.offset if backing else None)
+        except BaseException as exc:
+            report("child-error", error=repr(exc))
+        finally:
+            os._exit(0)
+    for page in range(16):
+        view[page * PAGE:(page + 1) * PAGE] = b"\x22" * PAGE
+    report("parent-flushed", child=pid, **region.flush())
+    if fate == "gone":
+        os._exit(0)
+    while line := order():
+        word, *args = line.split()
+        if word == "read":
+            report("parent-read", bytes=[view[p * PAGE] for p in range(PAGES)])
+        elif word == "write":
+            view[int(args[0]) * PAGE] = int(args[1])
+            report("written")
+        elif word == "flush":
+            report("flushed", **region.flush())
+        elif word == "close":
+            os.waitpid(pid, 0)
             del view
             region.close()
             pager.close()

@@ -8,11 +8,13 @@ claims its regions back.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 import uffd_pager
 from conftest import Daemon
 from support import ChildScript, accepts
-from uffd_pager.durable import state_path
+from uffd_pager.durable import FORMAT_VERSION, DurableState, state_path
 
 CHILDREN_PY = Path(__file__).with_name("takeover_children.py")
 PAGE = uffd_pager.PAGE_SIZE
@@ -95,6 +97,63 @@ def test_a_killed_daemon_is_taken_over_by_the_next_one_on_its_socket(start_daemo
         client.kill(join_readers=True)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("policy,fate", [("on-write", "alive"), ("at-fork", "alive"), ("on-access", "alive"),
+                                         ("on-write", "gone")])
+def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_path, policy, fate):
+    """The parent rewrote pages 0-15 after the fork: the child's view of them
+    is in its own portion only (copied there before the parent's write),
+    which the new pager must know; pages 16-31 it still reads through its
+    parent's portion, even once the parent is gone."""
+    store = tmp_path / "store"
+    store.write_bytes(b"\x11" * PAGES * PAGE)
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    first = start_daemon("family.sock")
+    family = ChildScript(CHILDREN_PY, "family", first.path, f"file://{store}", policy, go, fate)
+    try:
+        family.expect("child-forked")
+        assert family.expect("parent-flushed")["pages"] == 16
+        if fate == "gone":
+            family.process.wait(timeout=20)
+            with first.connect() as monitor:  # the pager saw the parent go (its pidfd), the child stays
+                deadline = time.monotonic() + 20
+                while len(monitor.status()["region_list"]) != 1:
+                    assert time.monotonic() < deadline, "the pager did not release the parent's region"
+                    time.sleep(0.05)
+        kill(first)
+        second = start_daemon("family.sock")
+        with second.connect() as monitor:
+            assert monitor.status()["takeover"]["regions"] == (2 if fate == "alive" else 1)
+        fd = os.open(go, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO if the child is not waiting on it
+        os.write(fd, b"go\n")
+        os.close(fd)
+        seen = family.expect("child-read", timeout=30)["bytes"]
+        assert seen == [0x11] * PAGES, f"the child's view changed across the takeover: {seen}"
+        flushed = family.expect("child-flushed", timeout=30)
+        assert flushed["pages"] >= 1 and flushed["offset"] is not None, flushed
+        if fate == "alive":
+            family.send("read")
+            assert family.expect("parent-read")["bytes"] == [0x22] * 16 + [0x11] * 16
+            family.send("write 24 7")
+            family.expect("written")
+            family.send("flush")
+            family.expect("flushed", timeout=30)
+            family.send("close")
+            family.expect("closed", timeout=30)
+        data = store.read_bytes()
+        root = data[:PAGES * PAGE]
+        assert root[:16 * PAGE] == b"\x22" * (16 * PAGE) and root[16 * PAGE:24 * PAGE] == b"\x11" * (8 * PAGE)
+        if fate == "alive":
+            assert root[24 * PAGE] == 7
+        own = data[flushed["offset"]:flushed["offset"] + PAGES * PAGE]
+        expected = bytearray(b"\x11" * PAGES * PAGE)
+        expected[20 * PAGE] = 0x33
+        assert own == bytes(expected), "the child's portion does not hold its view"
+    finally:
+        family.kill(join_readers=True)
+
+
 @pytest.mark.timeout(60)
 def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_path, socket_dir):
     first = start_daemon("newer.sock")
@@ -106,8 +165,36 @@ def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_pat
     result = subprocess.run([sys.executable, "-m", "uffd_pager", "serve", "--socket", str(socket_dir / "newer.sock")],
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert result.returncode == 2, result.stderr
-    assert "format '99', newer than this pager's 1" in result.stderr and path in result.stderr, result.stderr
+    assert f"format '99', newer than this pager's {FORMAT_VERSION}" in result.stderr and path in result.stderr, \
+        result.stderr
     assert not (socket_dir / "newer.sock").exists() or not accepts(socket_dir / "newer.sock")
+
+
+def test_a_state_file_of_format_1_is_brought_up_to_date_and_keeps_its_regions(tmp_path):
+    """A pager of this version takes over from one of the first format
+    (no forked children's rows, no write-backs in progress)."""
+    path = str(tmp_path / "v1.sqlite3")
+    request = {"url": "file:///x", "size": 8 * PAGE, "offset": 0, "address": 1 << 32, "fds": ["uffd", "store"]}
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('format', '1')")
+        db.execute("CREATE TABLE regions (id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, pid_start INTEGER NOT NULL, "
+                   "uid INTEGER NOT NULL, request TEXT NOT NULL, descriptors TEXT NOT NULL)")
+        db.execute("INSERT INTO regions VALUES (7, 4242, 99, 1000, ?, ?)",
+                   (json.dumps(request), json.dumps({"store": [1, 2]})))
+    db.close()
+    state = DurableState(path)
+    (record,) = state.regions()
+    assert (record.id, record.pid, record.uid, record.request, record.descriptors) == (7, 4242, 1000, request,
+                                                                                     {"store": (1, 2)})
+    assert record.parent is None and record.materialized == [] and not record.released and record.flushing == []
+    state.flushing(7, [(2, 3)])
+    state.close()
+    again = DurableState(path)
+    assert again.regions()[0].flushing == [(2, 3)]
+    again.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() == (str(FORMAT_VERSION),)
 
 
 

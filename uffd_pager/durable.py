@@ -16,8 +16,23 @@ catalogs, the key's memfd): a new pager finds them again in the client's
 fd table. The uffd has no identity of its own (every userfaultfd shares
 one anonymous inode); takeover.py finds it by its registration.
 
+A forked child's copy of a region has a row too, from the moment its
+process claims it (adopt): its parent's row id, and its portion: the
+offset it was placed at and the runs of pages materialized in it (native/
+portion.c). Those grow between writes of the row (a page copied on access
+holds what the parent chain holds), which is safe as long as the row is
+written again before any page of the parent's portion changes: the
+parent's write-back does it, after the copies its children need and
+before its own writes (lineage.Lineage.preserve_for_children). A row whose
+process is gone stays, marked released, while children inherit from its
+portion. A region's write-back in progress is recorded too (the runs of
+pages it took, which the kernel no longer reports dirty), so that a pager
+killed in the middle of one has its successor write them again.
+
 The file carries its format version: a pager refuses, clearly, a state
-written by a newer format, rather than serve from what it cannot read.
+written by a newer format, rather than serve from what it cannot read; an
+older one is brought up to date (format 1 had no forked children and no
+write-backs in progress).
 """
 from __future__ import annotations
 
@@ -25,10 +40,12 @@ import hashlib
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+PageRuns = list[tuple[int, int]]  # (first page, npages)
 
 
 class StateError(RuntimeError):
@@ -43,6 +60,11 @@ class RegionRecord:
     uid: int
     request: dict[str, Any]  # the map fields: url, size, offset, address, tracking, ...
     descriptors: dict[str, tuple[int, int]]  # name -> (st_dev, st_ino), of what the client keeps open
+    parent: int | None = None  # a forked child's copy: its parent's row (request and descriptors are the root's)
+    offset: int | None = None  # a forked child's portion, once placed
+    materialized: PageRuns = field(default_factory=list)  # pages a forked child's portion holds
+    released: bool = False  # its process is gone; kept while children inherit from its portion
+    flushing: PageRuns = field(default_factory=list)  # pages a write-back in progress took
 
 
 def state_path(state_dir: str, socket_path: str) -> str:
@@ -72,32 +94,63 @@ class DurableState:
         except sqlite3.DatabaseError as exc:
             raise StateError(f"state file {path}: not a state database this pager can read ({exc}); move it away "
                              "to start without taking over") from None
-        if row is None:
-            with self._db:
-                self._db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
-        elif not row[0].isdigit() or int(row[0]) > FORMAT_VERSION:
+        if row is not None and (not row[0].isdigit() or int(row[0]) > FORMAT_VERSION):
             raise StateError(f"state file {path} has format {row[0]!r}, newer than this pager's "
                              f"{FORMAT_VERSION}: it was written by a newer uffd-pager; run that version, "
                              "or move the file away to start without taking over its clients")
-        self._db.execute("CREATE TABLE IF NOT EXISTS regions (id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, "
-                         "pid_start INTEGER NOT NULL, uid INTEGER NOT NULL, request TEXT NOT NULL, "
-                         "descriptors TEXT NOT NULL)")
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS regions (id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, "
+                             "pid_start INTEGER NOT NULL, uid INTEGER NOT NULL, request TEXT NOT NULL, "
+                             "descriptors TEXT NOT NULL)")
+            if row is None or int(row[0]) < 2:
+                for column in ("parent INTEGER", "portion TEXT", "released INTEGER NOT NULL DEFAULT 0",
+                               "flushing TEXT"):
+                    self._db.execute(f"ALTER TABLE regions ADD COLUMN {column}")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
 
     def record(self, record: RegionRecord) -> None:
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT OR REPLACE INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              (record.id, record.pid, record.pid_start, record.uid, json.dumps(record.request),
-                              json.dumps(record.descriptors)))
+                              json.dumps(record.descriptors), record.parent,
+                              json.dumps({"offset": record.offset, "materialized": record.materialized}),
+                              int(record.released), json.dumps(record.flushing) if record.flushing else None))
+
+    def record_portions(self, portions: list[tuple[int, int | None, PageRuns]]) -> None:
+        """Forked children's portions (row id, offset, materialized runs), in one transaction."""
+        if portions:
+            with self._db:
+                self._db.executemany("UPDATE regions SET portion = ? WHERE id = ?",
+                                     [(json.dumps({"offset": offset, "materialized": runs}), region_id)
+                                      for region_id, offset, runs in portions])
+
+    def flushing(self, region_id: int, runs: PageRuns) -> None:
+        """A write-back of these pages starts (None: it is over)."""
+        with self._db:
+            self._db.execute("UPDATE regions SET flushing = ? WHERE id = ?",
+                             (json.dumps(runs) if runs else None, region_id))
+
+    def released(self, region_id: int) -> None:
+        with self._db:
+            self._db.execute("UPDATE regions SET released = 1 WHERE id = ?", (region_id,))
 
     def forget(self, region_id: int) -> None:
         with self._db:
             self._db.execute("DELETE FROM regions WHERE id = ?", (region_id,))
 
     def regions(self) -> list[RegionRecord]:
-        rows = self._db.execute("SELECT id, pid, pid_start, uid, request, descriptors FROM regions ORDER BY id")
-        return [RegionRecord(id, pid, start, uid, json.loads(request),
-                             {name: tuple(ident) for name, ident in json.loads(descriptors).items()})
-                for id, pid, start, uid, request, descriptors in rows]
+        """Every row, parents before their children (a child's id is greater)."""
+        rows = self._db.execute("SELECT id, pid, pid_start, uid, request, descriptors, parent, portion, released, "
+                                "flushing FROM regions ORDER BY id")
+        records = []
+        for id, pid, start, uid, request, descriptors, parent, portion, released, flushing in rows:
+            placed = json.loads(portion) if portion else {}
+            records.append(RegionRecord(
+                id, pid, start, uid, json.loads(request),
+                {name: tuple(ident) for name, ident in json.loads(descriptors).items()},  # type: ignore[misc]
+                parent, placed.get("offset"), [tuple(r) for r in placed.get("materialized", [])],  # type: ignore[misc]
+                bool(released), [tuple(r) for r in json.loads(flushing)] if flushing else []))  # type: ignore[misc]
+        return records
 
     def close(self) -> None:
         self._db.close()

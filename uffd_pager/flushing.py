@@ -7,6 +7,7 @@ import asyncio
 import errno
 import logging
 import os
+from typing import Callable
 
 from uffd_pager import protocol
 from uffd_pager.lineage import Lineage
@@ -30,6 +31,9 @@ class Flusher:
         self._loop = loop
         self._table = table
         self._lineage = lineage
+        # Records the pages a write-back took (none: it is over) in the
+        # durable state: the kernel no longer reports them dirty.
+        self.record_flushing: Callable[[ServedRegion, list[Run]], None] = lambda region, runs: None
 
     async def flush(self, region: ServedRegion) -> dict[str, int]:
         """Writes every page dirtied before the call to the region's portion
@@ -60,6 +64,8 @@ class Flusher:
         # eyes but not in the store: a fork meanwhile must know (see
         # _adopt_fork_child), and a failure puts them back.
         region.in_flight = pages_of(runs, region.fill.base)
+        if runs:
+            self.record_flushing(region, runs)
         try:
             await self._lineage.preserve_for_children(region, runs)
             if not runs and region.parent is None:
@@ -72,6 +78,8 @@ class Flusher:
             raise
         finally:
             region.in_flight = set()
+            if runs:
+                self.record_flushing(region, [])  # on failure retry_pages has them
         async with region.copy_lock:  # one thread at a time changes a portion's page sets
             for run in runs:
                 portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)

@@ -213,6 +213,8 @@ class Portion:
         self.state = PortionState(size // PAGE_SIZE, parent.state if parent else None)
         self.in_use_by_region = True
         self.copied_in = 0  # pages copied into this portion from its ancestors
+        self.region_id = 0  # the region it was made for (its durable row's id)
+        self.recorded_missing = -1  # missing() when its row was last written (see durable.py)
         if parent is not None:
             parent.children.append(self)
 

@@ -8,6 +8,7 @@ import errno
 import logging
 import secrets
 import select
+from typing import Callable
 
 from uffd_pager.layout import (
     Portion,
@@ -39,6 +40,8 @@ class Lineage:
         self._loop = loop
         self._table = table
         self._child_probe: asyncio.TimerHandle | None = None
+        # Writes forked children's portions to the durable state (durable.py).
+        self.record_portions: Callable[[list[Portion]], None] = lambda portions: None
 
     @staticmethod
     def descends(region: ServedRegion, ancestor_id: int) -> bool:
@@ -102,14 +105,20 @@ class Lineage:
         if runs:
             self._prune_exited_children()  # copies for a dead child are wasted work
         children = region.portion.inheriting_children() if runs else []
-        if not children and region.parent is None:
-            return
-        spans = [(region.page_index(run.addr), run.length // PAGE_SIZE) for run in runs]
-        for child in children:
-            child.place()  # the allocator is the loop's
-        async with region.copy_lock:
-            copied = await copy_to_children(children, spans, region.portion if region.parent is not None else None)
-        region.copied_to_children += copied
+        if children or region.parent is not None:
+            spans = [(region.page_index(run.addr), run.length // PAGE_SIZE) for run in runs]
+            for child in children:
+                child.place()  # the allocator is the loop's
+            async with region.copy_lock:
+                copied = await copy_to_children(children, spans,
+                                                region.portion if region.parent is not None else None)
+            region.copied_to_children += copied
+        # What the children hold now (their copies on access too) must be
+        # durable before the writes: a pager taking over would read the pages
+        # they do not hold through this portion, which is about to change.
+        changed = [p for p in [*region.portion.children, *([region.portion] if region.parent is not None else [])]
+                   if p.state.live and p.state.missing() != p.recorded_missing]
+        self.record_portions(changed)
 
     async def _copy_at_fork(self, parent: ServedRegion, child: ServedRegion) -> None:
         """fork_policy="at-fork": the child's portion gets every page at once

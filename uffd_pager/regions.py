@@ -44,6 +44,7 @@ class RegionTable:
         self.serve_faults_of: Callable[[ServedRegion], None] = lambda region: None
         self.on_released: Callable[[ServedRegion], None] = lambda region: None
         self.on_added: Callable[[ServedRegion], None] = lambda region: None  # metrics' timing
+        self.on_portion_freed: Callable[[Portion], None] = lambda portion: None  # its durable row goes
 
     def next_id_at_least(self, region_id: int) -> None:
         """The next region made gets region_id or more (a region taken over keeps its id)."""
@@ -94,6 +95,7 @@ class RegionTable:
         os.set_blocking(uffd.fd, False)
         self._loop.add_reader(uffd.fd, self.serve_faults_of, region)  # first: if it fails, nothing is left behind
         self._next_region_id += 1
+        portion.region_id = region.id
         self.regions[region.id] = region
         self.on_added(region)
         return region
@@ -176,6 +178,7 @@ class RegionTable:
                 parent.children.remove(portion)
             self.release_store(shared)  # each portion holds one use of its store
             portion.state.close()
+            self.on_portion_freed(portion)
             portion, keep = parent, False
 
     async def _discard_slot(self, shared: OpenStore, offset: int, length: int) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from uffd_pager.durable import RegionRecord
 from uffd_pager.layout import Portion, PortionAllocator, ReadAhead, Span, clip_spans, tracking_name
 from uffd_pager.stores.base import Store
 from uffd_pager.uffd import PAGE_SIZE, FillRange, PageFault, Tracking, Uffd
@@ -114,6 +115,7 @@ class ServedRegion:
     fetch_failures: int = 0  # ... that could not be (poisoned)
     # fork_policy="on-access": pages whose copy is done, to be filled.
     copied: set[int] = field(default_factory=set)
+    recorded: "RegionRecord | None" = None  # its row in the durable state (durable.py), if it has one
 
     @property
     def tag_address(self) -> int:

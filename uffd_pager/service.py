@@ -48,6 +48,7 @@ from uffd_pager.tenants import Access, TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
     FillRange,
+    Run,
     Tracking,
     Uffd,
     is_userfaultfd,
@@ -143,6 +144,10 @@ class PagerService:
         self._pageout.regions = lambda: self._table.regions.values()
         self._faults.on_served = self._pageout.check
         self._table.on_released = self._on_released
+        if durable is not None:
+            self._table.on_portion_freed = self._on_portion_freed
+            self._lineage.record_portions = self._record_portions
+            self._flusher.record_flushing = self._record_flushing
         self._metrics_address = metrics
         self._durable = durable
         self._stopping = False  # regions released by a stop stay recorded: the next pager takes them over
@@ -227,8 +232,9 @@ class PagerService:
             self._done.set_result(None)
 
     def _on_released(self, region: ServedRegion) -> None:
-        if self._durable is not None and region.parent is None and not self._stopping:
-            self._durable.forget(region.id)
+        if self._durable is not None and region.recorded is not None and not self._stopping:
+            # Its row goes with its portion, which its children may still inherit from.
+            self._durable.released(region.id)
         self._pageout.released(region)
         if self._metrics is not None:
             self._metrics.retire(region)
@@ -236,6 +242,24 @@ class PagerService:
             self._tenants.remove(region.uid, region.fill.length)
         self._lineage.sync_defer_missing()
         self._stop_if_idle()
+
+    def _on_portion_freed(self, portion: Portion) -> None:
+        assert self._durable is not None
+        if not self._stopping:
+            self._durable.forget(portion.region_id)
+
+    def _record_portions(self, portions: list[Portion]) -> None:
+        assert self._durable is not None
+        rows = []
+        for portion in portions:
+            rows.append((portion.region_id, portion.offset, portion.state.held_runs()))
+            portion.recorded_missing = portion.state.missing()
+        self._durable.record_portions(rows)
+
+    def _record_flushing(self, region: ServedRegion, runs: list[Run]) -> None:
+        assert self._durable is not None
+        if region.recorded is not None:
+            self._durable.flushing(region.id, [(region.page_index(r.addr), r.length // PAGE_SIZE) for r in runs])
 
     def _stop_if_idle(self) -> None:
         if self._exit_when_idle and not self._connections and not self._table.regions:
@@ -436,23 +460,10 @@ class PagerService:
         if conn.sock is not None:  # a region taken over was checked by the pager that mapped it
             self._check_uffd_of(conn, uffd_fd, address + size)
         kept = {name: identity_of(fd) for name, fd in named.items() if name not in ("uffd", "agent")}
-        key = _key_from_memfd(named["key"]) if "key" in named else None
         opened: list[OpenStore] = []
         pagemap_fd = -1
         try:
-            if key is not None and any((u is not None and not is_remote(u)) != (n in named)
-                                       for u, n in ((url, "catalog"), (children_url, "children_catalog"))):
-                raise protocol.ProtocolError("an encrypted map carries the catalog descriptor of each file store")
-            catalog = _claim(fds, named["catalog"]) if "catalog" in named else None
-            store = await self._table.open_store(url, key, _claim(fds, named["store"]) if "store" in named else None,
-                                           catalog)
-            opened.append(store)
-            child_store = store
-            if children_url is not None:
-                catalog = _claim(fds, named["children_catalog"]) if "children_catalog" in named else None
-                child_store = await self._table.open_store(children_url, key, _claim(fds, named["children"])
-                                                     if "children" in named else None, catalog)
-                opened.append(child_store)
+            store, child_store = await self._open_stores(url, children_url, named, fds, opened)
             if tracking == Tracking.ASYNC_WP:
                 pagemap_fd = os.open(f"/proc/{conn.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             portion = Portion(store.store, store.allocator, size)
@@ -489,43 +500,116 @@ class PagerService:
             if start is not None:
                 recorded = {k: v for k, v in request.items() if k != "op"}
                 recorded["fds"] = [n for n in recorded.get("fds", []) if n != "agent"]
-                self._durable.record(RegionRecord(region.id, conn.pid, start, conn.uid, recorded, kept))
+                region.recorded = RegionRecord(region.id, conn.pid, start, conn.uid, recorded, kept)
+                self._durable.record(region.recorded)
         log.info("map: pid %d: region %d, %s, %d bytes at offset %d, %s tracking%s", conn.pid, region.id, url, size,
-                 offset, tracking_name(tracking), ", encrypted" if key is not None else "")
+                 offset, tracking_name(tracking), ", encrypted" if region.encrypted else "")
         return {"ok": True, "region": region.id}
+
+    async def _open_stores(self, url: str, children_url: str | None, named: dict[str, int], fds: list[int],
+                           opened: list[OpenStore]) -> tuple[OpenStore, OpenStore]:
+        """A map's store and its children's store (the same one unless
+        children= names another), from the descriptors the client passed
+        (those kept are taken out of fds); each is added to opened as soon as
+        it is, for the caller to release on failure."""
+        key = _key_from_memfd(named["key"]) if "key" in named else None
+        if key is not None and any((u is not None and not is_remote(u)) != (n in named)
+                                   for u, n in ((url, "catalog"), (children_url, "children_catalog"))):
+            raise protocol.ProtocolError("an encrypted map carries the catalog descriptor of each file store")
+        catalog = _claim(fds, named["catalog"]) if "catalog" in named else None
+        store = await self._table.open_store(url, key, _claim(fds, named["store"]) if "store" in named else None,
+                                             catalog)
+        opened.append(store)
+        child_store = store
+        if children_url is not None:
+            catalog = _claim(fds, named["children_catalog"]) if "children_catalog" in named else None
+            child_store = await self._table.open_store(children_url, key, _claim(fds, named["children"])
+                                                       if "children" in named else None, catalog)
+            opened.append(child_store)
+        return store, child_store
+
+    def _record_child(self, region: ServedRegion) -> None:
+        """A forked child's copy gets a row once its process is known: the
+        root's request and descriptors (the child holds them too), its
+        parent's row and its portion."""
+        assert region.parent is not None
+        parent, start = region.parent.recorded, process_start(region.owner_pid)
+        if self._durable is None or parent is None or start is None:
+            return
+        region.recorded = dataclasses.replace(
+            parent, id=region.id, pid=region.owner_pid, pid_start=start, parent=parent.id,
+            offset=region.portion.offset, materialized=region.portion.state.held_runs(), released=False, flushing=[])
+        region.portion.recorded_missing = region.portion.state.missing()
+        self._durable.record(region.recorded)
 
     async def _take_over(self) -> None:
         """Serves again the regions a dead (or stopped) pager recorded, of the
         processes still alive (see takeover.py): their descriptors are
         fetched from the processes themselves, every range is woken (faults
-        the old pager had read are delivered again), and with "sync"
-        tracking the pages written since their last write-back are found
-        in the page tables. A process that is gone is forgotten."""
+        the old pager had read are delivered again), and the pages written
+        since their last write-back are found in the page tables, with those
+        of a write-back the old pager was in the middle of (its row says).
+
+        Forked children's copies too, each on its parent's portion, placed
+        where it was and holding what its row says. An ancestor whose
+        process is gone, but whose portion a live descendant still inherits
+        pages from, is rebuilt as a portion only, its store descriptors
+        taken from that descendant (which inherited them at fork). Rows of
+        lineages with no live process are forgotten."""
         assert self._durable is not None
-        records = self._durable.regions()
+        records = self._durable.regions()  # parents first
+        by_id = {r.id: r for r in records}
+        holder = {r.id: r for r in records if not r.released and process_start(r.pid) == r.pid_start}
+        for record in reversed(records):  # a row is kept by its own process, else by a live descendant's
+            if record.id in holder and record.parent is not None:
+                holder.setdefault(record.parent, holder[record.id])
+        served: dict[int, ServedRegion] = {}
         for record in records:
             self._table.next_id_at_least(record.id)
+            parent = served.get(record.parent) if record.parent is not None else None
+            if record.id not in holder or (record.parent is not None and parent is None):
+                self._durable.forget(record.id)
+                continue
             try:
-                reclaimed = reclaim(record)
+                region = await self._take_over_one(record, holder[record.id], parent,
+                                                   by_id[record.parent] if record.parent is not None else None)
             except ProcessLookupError:
                 self._durable.forget(record.id)
                 continue
-            except (OSError, LookupError) as exc:
-                log.error("takeover: region %d of pid %d cannot be taken over: %s", record.id, record.pid, exc)
-                self._durable.forget(record.id)
-                continue
-            try:
-                region = await self._serve_taken_over(record, reclaimed)
             except Exception as exc:
                 log.error("takeover: region %d of pid %d cannot be served again: %s", record.id, record.pid, exc)
                 self._durable.forget(record.id)
                 continue
+            served[record.id] = region
+            if region.released:
+                log.info("takeover: region %d (pid %d, gone): its portion, inherited by pid %d", record.id,
+                         record.pid, holder[record.id].pid)
+                continue
             self._taken_over["regions"] += 1
-            log.info("takeover: region %d of pid %d, %s, %d bytes: served again", region.id, record.pid,
-                     record.request.get("url"), region.fill.length)
+            log.info("takeover: region %d of pid %d, %s, %d bytes%s: served again", region.id, record.pid,
+                     record.request.get("url"), region.fill.length,
+                     f", forked from region {record.parent}" if record.parent is not None else "")
         if records:
             self._table.next_id_at_least(max(r.id for r in records) + 1)
             log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
+
+    async def _take_over_one(self, record: RegionRecord, holder: RegionRecord, parent: ServedRegion | None,
+                             parent_record: RegionRecord | None) -> ServedRegion:
+        if parent is None:
+            if holder is record:
+                region = await self._serve_taken_over(record, reclaim(record))
+            else:
+                region = await self._portion_of_gone_root(record, reclaim(record, source=holder, uffd=False))
+        else:
+            assert parent_record is not None
+            if holder is record:
+                region = self._serve_taken_over_child(record, reclaim(record, descriptors=False), parent)
+            else:
+                region = self._copy_of_gone_child(record, parent)
+            # The parent's write-back in progress had these pages clean in the
+            # child's page tables too (see Lineage.adopt_fork_child).
+            region.retry_pages |= _pages_of_runs(parent_record.flushing)
+        return region
 
     async def _serve_taken_over(self, record: RegionRecord, reclaimed: Reclaimed) -> ServedRegion:
         """The recorded map request again, with the reclaimed descriptors,
@@ -545,24 +629,111 @@ class PagerService:
         region = self._table.regions[reply["region"]]
         assert region.id == record.id
         region.connection = None
+        region.recorded = record
         region.pidfd = reclaimed.pidfd  # released when the process exits, unless it reconnects first
         self._loop.add_reader(region.pidfd, self._table.release_region, region)
+        self._resume(region, record)
+        return region
+
+    def _serve_taken_over_child(self, record: RegionRecord, reclaimed: Reclaimed,
+                                parent: ServedRegion) -> ServedRegion:
+        """A forked child's copy again (as Lineage.adopt_fork_child made it,
+        its process known as _op_adopt knows it)."""
+        try:
+            portion = self._portion_again(record, parent)
+            pages, fixed = parent.fill.read_ahead
+            fill = FillRange(parent.fill.base, parent.fill.length, portion.state, parent.fill.tracking,
+                             read_ahead_pages=pages, read_ahead_fixed=fixed)
+            region = self._table.add_region(Uffd(reclaimed.uffd), fill, portion, owner_pid=record.pid,
+                                            fork_policy=parent.fork_policy, child_store=parent.child_store,
+                                            keep_child_portions=parent.keep_child_portions, parent=parent)
+        except BaseException:
+            reclaimed.close()
+            raise
+        region.copy_lock, region.recorded, region.writable = parent.copy_lock, record, parent.writable
+        self._lineage.watch_child(region, record.pid, reclaimed.pidfd)
+        self._lineage.sync_defer_missing()
+        self._resume(region, record)
+        return region
+
+    def _portion_again(self, record: RegionRecord, parent: ServedRegion) -> Portion:
+        """A forked child's portion as its row recorded it."""
+        shared = parent.child_store
+        portion = Portion(shared.store, shared.allocator, parent.fill.length, parent=parent.portion)
+        shared.users += 1  # each portion holds one use of its store
+        if record.offset is not None:
+            portion.place_at(record.offset)
+            shared.allocator.reserve(record.offset, portion.size)
+        for first, npages in record.materialized:
+            portion.state.mark(first, npages)
+        portion.region_id, portion.recorded_missing = record.id, portion.state.missing()
+        return portion
+
+    async def _portion_of_gone_root(self, record: RegionRecord, reclaimed: Reclaimed) -> ServedRegion:
+        """The root of a lineage whose process is gone: its stores, opened
+        from the descriptors a live descendant inherited, and its portion,
+        which that descendant still reads pages through."""
+        request = record.request
+        named = {name: reclaimed.descriptors[name] for name in request["fds"] if name != "uffd"}
+        fds = list(named.values())
+        opened: list[OpenStore] = []
+        try:
+            store, child_store = await self._open_stores(request["url"], request.get("children"), named, fds, opened)
+        except BaseException:
+            for each in opened:
+                self._table.release_store(each)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+            os.close(reclaimed.pidfd)
+        portion = Portion(store.store, store.allocator, request["size"])
+        portion.place_at(request["offset"])
+        store.allocator.reserve(request["offset"], request["size"])
+        region = self._gone(record, portion, child_store, None, parse_fork_policy(request.get("fork_policy", "on-write")),
+                            request.get("keep_child_portions", False), parse_tracking(request.get("tracking", "async")))
+        region.uid, region.holds_children_store = record.uid, request.get("children") is not None
+        return region
+
+    def _copy_of_gone_child(self, record: RegionRecord, parent: ServedRegion) -> ServedRegion:
+        """A forked child whose process is gone, whose portion a live
+        descendant still inherits pages from."""
+        return self._gone(record, self._portion_again(record, parent), parent.child_store, parent,
+                          parent.fork_policy, parent.keep_child_portions, parent.fill.tracking)
+
+    def _gone(self, record: RegionRecord, portion: Portion, child_store: OpenStore, parent: ServedRegion | None,
+              fork_policy: str, keep: bool, tracking: Tracking) -> ServedRegion:
+        """A region of a process that is gone, as a released region is: not
+        served (it has no uffd), kept for the portion its children read."""
+        portion.region_id, portion.in_use_by_region = record.id, False
+        region = ServedRegion(id=record.id, uffd=Uffd(-1), fill=FillRange(record.request["address"], portion.size,
+                                                                          portion.state, tracking),
+                              portion=portion, owner_pid=0, fork_policy=fork_policy, child_store=child_store,
+                              keep_child_portions=keep, parent=parent, released=True, recorded=record)
+        if parent is not None:
+            region.copy_lock = parent.copy_lock
+        return region
+
+    def _resume(self, region: ServedRegion, record: RegionRecord) -> None:
+        """A region taken over is served again: the pages written since its
+        last write-back are dirty (with "sync" tracking found in the page
+        tables: their uffd-wp bit is clear; protected again so that the next
+        write is seen, and a protection never asks for no wake-up: EINVAL),
+        so are those of a write-back the dead pager had not finished, and
+        every thread waiting in a fault is woken to fault again."""
         try:
             if region.fill.tracking == Tracking.SYNC_WP:
-                # Pages written since their last write-back (their uffd-wp bit
-                # is clear) are dirty, and protected again so that the next
-                # write is seen (a protection never asks for no wake-up: EINVAL).
                 region.pagemap_fd = os.open(f"/proc/{record.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
                 written = region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False)
                 for run in written:
                     region.uffd.writeprotect(run.addr, run.length, protect=True)
                 region.retry_pages |= pages_of(written, region.fill.base)
+            region.retry_pages |= _pages_of_runs(record.flushing)
             region.uffd.wake(region.fill.base, region.fill.length + PAGE_SIZE)
         except BaseException:
             self._table.release_region(region)
             raise
         self._taken_over["woken"] += 1
-        return region
 
     async def _op_reattach(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """A client whose pager died claims the regions taken over for its
@@ -688,6 +859,7 @@ class PagerService:
                     raise PermissionError(f"region {region.id} is uid {region.tenant_uid}'s, not uid {conn.uid}'s")
                 if region.pidfd < 0:
                     self._lineage.watch_child(region, conn.pid, peer_pidfd(conn.sock, conn.pid))
+                    self._record_child(region)
                 elif region.owner_pid != conn.pid:
                     raise PermissionError(f"region {region.id} was claimed by pid {region.owner_pid} already")
                 if region.connection is not None and region.connection is not conn:
@@ -773,6 +945,10 @@ def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, A
         taken.append(line)
         used += cost
     return taken, used, False
+
+
+def _pages_of_runs(runs: list[tuple[int, int]]) -> set[int]:
+    return {page for first, npages in runs for page in range(first, first + npages)}
 
 
 def _hold(region: ServedRegion) -> None:

@@ -61,21 +61,25 @@ def pidfd_getfd(pidfd: int, target: int) -> int:
     return fd
 
 
-def reclaim(record: RegionRecord) -> Reclaimed:
-    """The region's descriptors from its live process; ProcessLookupError
-    if the process is gone (or its pid is another's now), LookupError if a
-    descriptor cannot be found there."""
-    pid = record.pid
-    if process_start(pid) != record.pid_start:
+def reclaim(record: RegionRecord, *, source: RegionRecord | None = None, uffd: bool = True,
+            descriptors: bool = True) -> Reclaimed:
+    """The region's descriptors (its uffd, those it keeps open) from its
+    live process, or the store descriptors alone from `source`'s, a forked
+    descendant that inherited them; ProcessLookupError if the process is
+    gone (or its pid is another's now), LookupError if a descriptor cannot
+    be found there."""
+    source = source or record
+    pid = source.pid
+    if process_start(pid) != source.pid_start:
         raise ProcessLookupError(f"pid {pid} has exited")
     pidfd = os.pidfd_open(pid)
     reclaimed = Reclaimed(pidfd, -1)
     try:
-        if process_start(pid) != record.pid_start:  # the pidfd names whoever held the pid when opened
+        if process_start(pid) != source.pid_start:  # the pidfd names whoever held the pid when opened
             raise ProcessLookupError(f"pid {pid} has exited")
         address, size = record.request["address"], record.request["size"]
-        probe = _registered_page(pid, address, size)
         links = _descriptors_of(pid)
+        probe = _registered_page(pid, address, size) if uffd else None
         for target, link in links.items():
             if link == _UFFD_LINK and reclaimed.uffd < 0 and probe is not None:
                 fd = pidfd_getfd(pidfd, target)
@@ -83,9 +87,9 @@ def reclaim(record: RegionRecord) -> Reclaimed:
                     reclaimed.uffd = fd
                 else:
                     os.close(fd)
-        if reclaimed.uffd < 0:
+        if uffd and reclaimed.uffd < 0:
             raise LookupError(f"pid {pid} holds no userfaultfd with {address:#x}+{size:#x} registered")
-        for name, identity in record.descriptors.items():
+        for name, identity in record.descriptors.items() if descriptors else ():
             target = _find_file(pid, links, tuple(identity))
             if target is None:
                 raise LookupError(f"pid {pid} no longer holds the {name} descriptor it passed")

@@ -387,6 +387,15 @@ class PortionState:
         """The first page of [first, end) this portion does not hold itself, or end."""
         return lib.up_portion_next_missing(self._live(), first, end)
 
+    def held_runs(self) -> list[tuple[int, int]]:
+        """The runs (first, npages) of pages this portion holds itself."""
+        c, runs, page = self._live(), [], 0
+        while (page := lib.up_portion_next_held(c, page, self._npages)) < self._npages:
+            end = lib.up_portion_next_missing(c, page, self._npages)
+            runs.append((page, end - page))
+            page = end
+        return runs
+
     def source_run(self, first: int, end: int) -> tuple[int, int]:
         """(depth, run_end): the portion of this chain that holds page first
         as this portion's process sees it (0: this one, 1: its parent, ...),
