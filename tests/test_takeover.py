@@ -154,6 +154,36 @@ def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_pat
         family.kill(join_readers=True)
 
 
+@pytest.mark.timeout(120)
+def test_a_pager_killed_in_the_middle_of_a_write_back_has_its_successor_write_those_pages(
+        start_daemon, private_redis_server):
+    """The write-back took the dirty pages (write-protected again: the kernel
+    no longer reports them) and waits on a stopped server when the pager is
+    killed: the next pager writes them at the next flush."""
+    url = private_redis_server.url_for("midflush")
+    first = start_daemon("midflush.sock")
+    client = ChildScript(CHILDREN_PY, "client", first.path, url, "async")
+    try:
+        client.expect("mapped")
+        client.expect("written")  # pages 0-3, never flushed
+        os.kill(private_redis_server.pid, signal.SIGSTOP)
+        try:
+            client.send("flush")
+            time.sleep(0.5)  # the pager is waiting on the server with the pages taken
+            kill(first)
+        finally:
+            os.kill(private_redis_server.pid, signal.SIGCONT)
+        second = start_daemon("midflush.sock")
+        flushed = client.expect("flushed", timeout=60)  # the flush reconnects and is asked again
+        assert flushed["pages"] >= 4, flushed
+        with uffd_pager.connect(second.path) as pager, pager.map(url, PAGES * PAGE) as region:
+            view = region.view()
+            assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the interrupted write-back's pages were lost"
+            del view
+    finally:
+        client.kill(join_readers=True)
+
+
 @pytest.mark.timeout(60)
 def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_path, socket_dir):
     first = start_daemon("newer.sock")
