@@ -284,6 +284,10 @@ int up_collect_dirty(int uffd, struct up_fill *fill, struct up_run *runs, int ma
  * write-protects them in the same walk. Returns runs stored, or -1. */
 int up_scan_written(int pagemap_fd, struct up_fill *fill, int protect, struct up_run *runs, int max_runs,
                     uint64_t *cursor, uint64_t end);
+/* A pager taking the region over: marks resident every page of the region
+ * present in the owner's page tables (PAGEMAP_SCAN of its /proc/pid/pagemap),
+ * which page-out then counts and may drop. Returns the pages marked, or -1. */
+int64_t up_scan_resident(int pagemap_fd, struct up_fill *fill);
 /* Copies the runs' bytes out of process pid, back to back into buf. */
 int64_t up_read_remote(int pid, const struct up_run *runs, int n, uint8_t *buf);
 /* Writes the runs' bytes (back to back in buf) to fd at their store offsets. */

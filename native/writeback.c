@@ -101,6 +101,39 @@ int up_scan_written(int pagemap_fd, struct up_fill *f, int protect, struct up_ru
     return n;
 }
 
+int64_t up_scan_resident(int pagemap_fd, struct up_fill *f)
+{
+    struct page_region vec[256];
+    if (!f->live) {
+        errno = EBADF;
+        return -1;
+    }
+    uint64_t start = f->base, end = f->base + f->len;
+    int64_t marked = 0;
+    while (start < end) {
+        struct pm_scan_arg arg = {
+            .size = sizeof(arg),
+            .start = start,
+            .end = end,
+            .vec = (uint64_t)(uintptr_t)vec,
+            .vec_len = 256,
+            .category_mask = PAGE_IS_PRESENT,
+            .return_mask = PAGE_IS_PRESENT,
+        };
+        int got = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+        if (got < 0)
+            return -1;
+        for (int k = 0; k < got; k++) {
+            up_fill_mark_resident(f, (vec[k].start - f->base) / UP_PAGE_SIZE, (vec[k].end - f->base) / UP_PAGE_SIZE);
+            marked += (int64_t)((vec[k].end - vec[k].start) / UP_PAGE_SIZE);
+        }
+        if (arg.walk_end <= start)
+            break;
+        start = arg.walk_end;
+    }
+    return marked;
+}
+
 int64_t up_read_remote(int pid, const struct up_run *runs, int n, uint8_t *buf)
 {
     struct iovec local[IOV_BATCH], remote[IOV_BATCH];

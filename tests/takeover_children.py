@@ -49,6 +49,30 @@ def client(socket_path: str, url: str, tracking: str, key_file: str = "") -> Non
             return
 
 
+@child("capped")
+def capped(socket_path: str, url: str, pages: str, cap: str) -> None:
+    """Maps url (`pages` pages, max_resident=cap bytes), reads every page,
+    reports "mapped" with its stats. Orders: "stats"; "scan" (reads every
+    page again, then reports its stats); "close"."""
+    pager = uffd_pager.connect(socket_path, timeout=30)
+    region = pager.map(url, int(pages) * PAGE, max_resident=int(cap), writeback_interval=0)
+    view = region.view()
+    first = [view[p * PAGE] for p in range(int(pages))]
+    report("mapped", first=first[:8], **region.stats())
+    while line := order():
+        if line == "stats":
+            report("stats", **region.stats())
+        elif line == "scan":
+            same = [view[p * PAGE] for p in range(int(pages))] == first
+            report("scanned", same=same, **region.stats())
+        elif line == "close":
+            del view
+            region.close()
+            pager.close()
+            report("closed")
+            return
+
+
 @child("family")
 def family(socket_path: str, url: str, policy: str, go_path: str, fate: str) -> None:
     """Maps url (32 pages, fork_policy=policy, children's portions kept),

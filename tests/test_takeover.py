@@ -184,6 +184,38 @@ def test_a_pager_killed_in_the_middle_of_a_write_back_has_its_successor_write_th
         client.kill(join_readers=True)
 
 
+@pytest.mark.timeout(120)
+def test_a_capped_region_taken_over_is_capped_again_once_its_process_is_back(start_daemon, tmp_path):
+    """The new pager counts the pages the process holds (its page tables
+    say), and caps the region again when the process reattaches with a new
+    page-out agent (the old one's socket went with the dead pager)."""
+    pages, cap = 1024, 64 * PAGE
+    store = tmp_path / "store"
+    store.write_bytes(os.urandom(pages * PAGE))
+    first = start_daemon("capped.sock")
+    client = ChildScript(CHILDREN_PY, "capped", first.path, f"file://{store}", pages, cap)
+    try:
+        before = client.expect("mapped", timeout=30)
+        assert before["max_resident"] == cap and before["evictions"] > 0, before
+        kill(first)
+        second = start_daemon("capped.sock")
+        client.send("stats")  # reconnects and reattaches
+        again = client.expect("stats", timeout=30)
+        assert again["max_resident"] == cap, f"the cap was not restored after the takeover: {again}"
+        assert again["resident_pages"] > 0, "the pages the process holds were not counted"
+        client.send("scan")
+        scanned = client.expect("scanned", timeout=60)
+        assert scanned["same"], "a page read differently after the takeover"
+        assert scanned["evictions"] > 0, scanned
+        assert scanned["resident_pages"] <= cap // PAGE + 256, scanned  # the cap and one read-ahead window
+        client.send("close")
+        client.expect("closed", timeout=30)
+        with second.connect() as monitor:
+            assert monitor.status()["takeover"]["reattached"] == 1
+    finally:
+        client.kill(join_readers=True)
+
+
 @pytest.mark.timeout(60)
 def test_a_state_file_of_a_newer_format_is_refused_clearly(start_daemon, tmp_path, socket_dir):
     first = start_daemon("newer.sock")

@@ -179,7 +179,16 @@ class Connection:
         self._greeted(hello)
         regions = self.reattach() if self.reattach is not None else []
         if regions:
-            reply, _ = self._exchange(sock, {"op": "reattach", "regions": regions}, ())
+            # The agent's socket went with the dead pager (and the thread with
+            # it): capped regions need a new one to be capped again.
+            agent = start_agent() if self.agent_started else -1
+            try:
+                reply, _ = self._exchange(sock, {"op": "reattach", "regions": regions,
+                                                 "fds": ["agent"] if agent >= 0 else []},
+                                          (agent,) if agent >= 0 else ())
+            finally:
+                if agent >= 0:
+                    os.close(agent)
             lost = sorted(set(regions) - set(reply["regions"]))
             if lost:
                 log.error("uffd_pager: the pager that took over does not serve regions %s of this process", lost)

@@ -75,7 +75,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "adopt": frozenset({"region", "token", "fds"}),
     "reopen": frozenset({"region", "fds"}),
     "status": frozenset({"after"}),
-    "reattach": frozenset({"regions"}),
+    "reattach": frozenset({"regions", "fds"}),
 }
 
 # map's descriptors, named in its "fds" field in the order they are attached.

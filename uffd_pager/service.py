@@ -615,7 +615,7 @@ class PagerService:
         """The recorded map request again, with the reclaimed descriptors,
         for the process (as _op_map serves a client's); ours to close on
         failure, as a request's are."""
-        request = dict(record.request, op="map", max_resident=None)  # a cap needs the agent of a reconnected client
+        request = dict(record.request, op="map", max_resident=None)  # capped again when its process reattaches
         fds = [reclaimed.uffd if name == "uffd" else reclaimed.descriptors[name] for name in request["fds"]]
         owner = Connection(sock=None, pid=record.pid, uid=record.uid)
         try:
@@ -715,15 +715,17 @@ class PagerService:
         return region
 
     def _resume(self, region: ServedRegion, record: RegionRecord) -> None:
-        """A region taken over is served again: the pages written since its
-        last write-back are dirty (with "sync" tracking found in the page
+        """A region taken over is served again: the pages present in its
+        process are resident, those written since its last write-back dirty (with "sync" tracking found in the page
         tables: their uffd-wp bit is clear; protected again so that the next
         write is seen, and a protection never asks for no wake-up: EINVAL),
         so are those of a write-back the dead pager had not finished, and
         every thread waiting in a fault is woken to fault again."""
         try:
-            if region.fill.tracking == Tracking.SYNC_WP:
+            if region.pagemap_fd < 0:
                 region.pagemap_fd = os.open(f"/proc/{record.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            region.fill.scan_resident(region.pagemap_fd)  # what page-out counts against a cap, and may drop
+            if region.fill.tracking == Tracking.SYNC_WP:
                 written = region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False)
                 for run in written:
                     region.uffd.writeprotect(run.addr, run.length, protect=True)
@@ -741,6 +743,9 @@ class PagerService:
         ids = request.get("regions")
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError("reattach: regions must be a list of region ids")
+        named = protocol.named_descriptors(request, fds, ("agent",), ()) if "fds" in request else {}
+        if "agent" in named and conn.agent is None:
+            conn.agent = Agent(self._loop, socket.socket(fileno=_claim(fds, named["agent"])))
         held = []
         for region_id in ids:
             region = self._table.regions.get(region_id)
@@ -750,6 +755,13 @@ class PagerService:
             region.connection = conn
             conn.regions[region.id] = region
             held.append(region.id)
+            if conn.agent is not None and region.recorded is not None and region.agent is None:
+                # Its cap again, now that its process gave a page-out agent.
+                cap = parse_max_resident(region.recorded.request.get("max_resident"),
+                                         region.fill.tracking == Tracking.SYNC_WP)
+                if cap:
+                    region.agent, region.max_resident = conn.agent, cap
+                    region.fill.resident_limit = cap + READ_AHEAD_MAX // PAGE_SIZE
         self._taken_over["reattached"] += len(held)
         log.info("reattach: pid %d: regions %s", conn.pid, held)
         return {"ok": True, "regions": held}

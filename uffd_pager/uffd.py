@@ -613,6 +613,14 @@ class FillRange:
                 runs.extend(self._run(i) for i in range(n))
         return runs
 
+    def scan_resident(self, pagemap_fd: int) -> int:
+        """Marks resident the pages present in the owner's page tables (a
+        region taken over); returns how many."""
+        marked = lib.up_scan_resident(pagemap_fd, self._live())
+        if marked < 0:
+            raise _error(ffi.errno, "PAGEMAP_SCAN of present pages")
+        return marked
+
     def _run(self, i: int) -> Run:
         run = self._runs[i]
         return Run(run.addr, run.store_offset, run.len)
