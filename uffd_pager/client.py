@@ -367,8 +367,8 @@ class Pager:
 
     @property
     def pid(self) -> int:
-        """The pager process's pid (a private pager's: the current one's,
-        0 once it is gone for good)."""
+        """The pager process's pid (a private pager's: the current one's, or
+        the dead one's until it is replaced; 0 once it is gone for good)."""
         if self._process is not None and os.getpid() == self._owner_pid:
             return self._process.status().pid
         return self._conn.pager_pid
