@@ -167,6 +167,22 @@ static int may_restart(struct up_restart *r, int64_t now)
     return within < r->max_restarts;
 }
 
+static void unbind_locked(struct up_restart *r)
+{
+    /* Unbound, the address refuses connections: the library's requests
+     * fail at once instead of waiting in the backlog for no pager. */
+    if (r->listen_fd >= 0)
+        close(r->listen_fd);
+    r->listen_fd = -1;
+}
+
+void up_restart_unbind(struct up_restart *r)
+{
+    pthread_mutex_lock(&r->lock);
+    unbind_locked(r);
+    pthread_mutex_unlock(&r->lock);
+}
+
 static void give_up(struct up_restart *r, int state, const char *why)
 {
     pthread_mutex_lock(&r->lock);
@@ -174,10 +190,7 @@ static void give_up(struct up_restart *r, int state, const char *why)
     close(r->pidfd);
     r->pidfd = -1;
     r->pid = 0;
-    /* Unbound, the address refuses connections: the library's requests
-     * fail at once instead of waiting in the backlog for no pager. */
-    close(r->listen_fd);
-    r->listen_fd = -1;
+    unbind_locked(r);
     pthread_mutex_unlock(&r->lock);
     if (why)
         say(why);
@@ -238,7 +251,7 @@ static void *watch(void *arg)
 struct up_restart *up_restart_spawn(char *const argv[], char *const envp[], int listen_fd, int max_restarts,
                                     int window_ms)
 {
-    if (max_restarts < 1 || max_restarts > MAX_RESTARTS || window_ms < 0) {
+    if (max_restarts < 0 || max_restarts > MAX_RESTARTS || window_ms < 0) {
         errno = EINVAL;
         return NULL;
     }
@@ -283,6 +296,10 @@ struct up_restart *up_restart_spawn(char *const argv[], char *const envp[], int 
 
 int up_restart_start(struct up_restart *r)
 {
+    if (r->max_restarts == 0) {
+        errno = EINVAL;
+        return -1;
+    }
     sigset_t all, old;
     sigfillset(&all);
     /* Signals go to the program's own threads, never to this one. */

@@ -370,8 +370,11 @@ struct up_restart_status {
  * within window_ms, then it gives up. */
 struct up_restart *up_restart_spawn(char *const argv[], char *const envp[], int listen_fd, int max_restarts,
                                     int window_ms);
-/* Starts the thread that restarts the pager when it dies. */
+/* Starts the thread that restarts the pager when it dies (max_restarts > 0). */
 int up_restart_start(struct up_restart *r);
+/* Closes this process's listening socket: nothing will listen there once
+ * the pager is gone (no restarter runs). */
+void up_restart_unbind(struct up_restart *r);
 /* Stops that thread and waits for it (the current pager keeps running). */
 void up_restart_stop(struct up_restart *r);
 int up_restart_status(struct up_restart *r, struct up_restart_status *out);

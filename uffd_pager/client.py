@@ -56,7 +56,7 @@ from uffd_pager.logs import parse_log_level
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
 from uffd_pager.native import lib
-from uffd_pager.restart import LISTEN_FD, PagerProcess
+from uffd_pager.restart import LISTEN_FD, MAX_RESTARTS, MAX_RESTARTS_LIMIT, PagerProcess
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, available_features, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -293,10 +293,13 @@ class Pager:
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None,
-                 max_resident: int | None = None, log_level: str | None = None) -> None:
+                 max_resident: int | None = None, log_level: str | None = None,
+                 restarts: int = MAX_RESTARTS) -> None:
         if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)
                                          or max_resident < 0 or max_resident % PAGE_SIZE):
             raise ValueError(f"max_resident must be a number of bytes, a multiple of {PAGE_SIZE}, not {max_resident!r}")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= MAX_RESTARTS_LIMIT:
+            raise ValueError(f"restarts must be a number from 0 to {MAX_RESTARTS_LIMIT}, not {restarts!r}")
         level = parse_log_level(log_level) if log_level is not None else None
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
         # The pager's durable state, which a restarted one takes the regions
@@ -320,18 +323,21 @@ class Pager:
                  *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
                  *(["--max-resident", str(max_resident)] if max_resident else []),
                  *(["--log-level", level] if level is not None else [])],
-                listener)
+                listener, max_restarts=restarts)
         except BaseException:
             listener.close()
             raise
         self._owner_pid = os.getpid()
+        self._restarts = restarts
         self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
         try:
             self._conn = Connection(address, timeout)
             self._conn.reattach = self._live_region_ids
             self._conn.successor = self._successor_may_come
-            if self._conn.takes_over:  # without durable state, a new pager could not serve the regions
+            if restarts and self._conn.takes_over:  # without durable state, a new pager could not serve the regions
                 self._process.restart_when_it_dies()
+            else:
+                self._process.never_restart()
         except BaseException:
             self._stop_process()
             raise
@@ -356,7 +362,9 @@ class Pager:
     def _successor_may_come(self) -> bool:
         """Whether a restarted pager may still take this one's place (in a
         forked child: the parent's restarter may start it)."""
-        return self._process is None or self._process.status().watching
+        if self._process is not None:
+            return self._process.successor_may_come()
+        return self._restarts > 0 and self._conn.takes_over
 
     def alive(self) -> bool:
         """Whether the pager is still there (without asking it); a private

@@ -21,6 +21,7 @@ from uffd_pager.native import ffi, lib
 # A pager that dies this often is not started again: one that cannot start
 # (a state file it refuses, a broken install) must not be respawned forever.
 MAX_RESTARTS = 5
+MAX_RESTARTS_LIMIT = 64  # native/restart.c's ring of restart times
 RESTART_WINDOW = 30.0  # seconds
 LISTEN_FD = lib.UP_RESTART_LISTEN_FD  # where the pager finds the listening socket (serve --listen-fd)
 
@@ -50,11 +51,21 @@ class PagerProcess:
             raise OSError(err, f"cannot start the private pager {argv[0]}: {os.strerror(err)}")
         listener.detach()  # closed with the handle
         self._handle = handle
+        self._restarting = False
 
     def restart_when_it_dies(self) -> None:
         if lib.up_restart_start(self._handle) < 0:
             err = ffi.errno
             raise OSError(err, f"cannot start the thread that restarts the private pager: {os.strerror(err)}")
+        self._restarting = True
+
+    def never_restart(self) -> None:
+        """Once this pager is gone, no other listens at its address."""
+        lib.up_restart_unbind(self._handle)
+
+    def successor_may_come(self) -> bool:
+        """Whether a new pager may still take this one's place."""
+        return self._restarting and self.status().watching
 
     def status(self) -> RestartStatus:
         out = ffi.new("struct up_restart_status *")
