@@ -289,7 +289,13 @@ class Pager:
     (`uffd-pager serve --max-resident`; see the README's "Page-out").
     `log_level`: how much the private pager logs to this process's stderr
     (DEBUG, INFO, WARNING, ERROR, any case; `uffd-pager --log-level`);
-    default WARNING.
+    default WARNING. `restarts`: how many times within 30 s a private pager
+    that dies (a signal, a non-zero exit) is started again by a native
+    thread of this process; the new one takes every region over from the
+    state file it keeps in `state_dir` (removed by close()), so a thread
+    stuck in a fault goes on. Past that it gives up, said once on stderr:
+    requests raise PagerGone at once, threads waiting on missing pages keep
+    waiting. 0: never restarted. See the README's "Taking over".
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None,
