@@ -353,6 +353,44 @@ int up_agent_start(int fd);
 int up_agent_allow(uint64_t start, uint64_t len);
 void up_agent_forget(uint64_t start);
 
+/* --- the private pager's restarter (restart.c) ------------------------ */
+
+enum up_restart_state {
+    UP_RESTART_WATCHING = 1, /* a pager runs, or is being started again */
+    UP_RESTART_ENDED = 2,    /* the pager exited with status 0 (idle, or SIGTERM): not restarted */
+    UP_RESTART_GAVE_UP = 3,  /* it died too often, or could not be spawned: said on stderr */
+};
+/* The descriptor the spawned pager finds the listening socket at. */
+enum { UP_RESTART_LISTEN_FD = 3 };
+struct up_restart;
+struct up_restart_status {
+    int state;    /* enum up_restart_state */
+    int pid;      /* the current pager's, 0 once there is none */
+    int alive;    /* it has not exited (it may be reaped and replaced soon) */
+    int restarts; /* pagers started after the first */
+};
+/* Spawns the first pager (argv[0] a path; stdin /dev/null; listen_fd at
+ * UP_RESTART_LISTEN_FD, every other descriptor closed) and keeps copies of
+ * argv and envp for the next ones. Owns listen_fd from then on; NULL with
+ * errno (listen_fd still the caller's). At most max_restarts restarts
+ * within window_ms, then it gives up. */
+struct up_restart *up_restart_spawn(char *const argv[], char *const envp[], int listen_fd, int max_restarts,
+                                    int window_ms);
+/* Starts the thread that restarts the pager when it dies (max_restarts > 0). */
+int up_restart_start(struct up_restart *r);
+/* Closes this process's listening socket: nothing will listen there once
+ * the pager is gone (no restarter runs). */
+void up_restart_unbind(struct up_restart *r);
+/* Stops that thread and waits for it (the current pager keeps running). */
+void up_restart_stop(struct up_restart *r);
+int up_restart_status(struct up_restart *r, struct up_restart_status *out);
+/* The current pager's pidfd, the caller's from now on (-1: none); after up_restart_stop. */
+int up_restart_take_pidfd(struct up_restart *r);
+/* Closes the listening socket and the rest; after up_restart_stop. */
+void up_restart_free(struct up_restart *r);
+/* In a forked child: drops this process's copy without touching the lock. */
+void up_restart_forget(struct up_restart *r);
+
 /* --- small system calls Python lacks (sys.c) --------------------------- */
 int up_mprotect(uint64_t addr, uint64_t len, int prot);
 int up_munmap(uint64_t addr, uint64_t len);

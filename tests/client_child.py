@@ -1,5 +1,5 @@
 """The client process of tests/conftest.py's `Client` (the `spawn_client`
-fixture), as importable code: ``python client_child.py private|SOCKET``.
+fixture), as importable code: ``python client_child.py private [RESTARTS]|SOCKET``.
 
 It keeps the line protocol conftest.py documents: first "pager PID", then
 one reply a line to each command read from stdin. The pager, the region and
@@ -24,7 +24,10 @@ def say(*words: object) -> None:
 
 def main() -> None:
     global pager, region, view, expected
-    pager = uffd_pager.Pager() if sys.argv[1] == "private" else uffd_pager.connect(sys.argv[1])
+    if sys.argv[1] == "private":
+        pager = uffd_pager.Pager(**({"restarts": int(sys.argv[2])} if len(sys.argv) > 2 else {}))
+    else:
+        pager = uffd_pager.connect(sys.argv[1])
     say("pager", pager.pid)
     while line := sys.stdin.readline():
         command, *args = line.split()

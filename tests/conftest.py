@@ -286,9 +286,11 @@ CLIENT_CHILD_PY = Path(__file__).with_name("client_child.py")
 class Client:
     """A client process (tests/client_child.py) with a private pager or attached to a daemon."""
 
-    def __init__(self, socket_path: str | None) -> None:
+    def __init__(self, socket_path: str | None, restarts: int | None = None) -> None:
+        """restarts: Pager(restarts=...) of a private pager."""
         self.process = subprocess.Popen(
-            [sys.executable, str(CLIENT_CHILD_PY), socket_path or "private"],
+            [sys.executable, str(CLIENT_CHILD_PY), socket_path or "private",
+             *([str(restarts)] if restarts is not None else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
         self._lines: "queue.Queue[str | None]" = queue.Queue()
@@ -352,13 +354,14 @@ class Client:
 
 
 @pytest.fixture
-def spawn_client() -> Iterator[Callable[[str | None], Client]]:
-    """spawn_client(socket_path) -> a running Client attached to that daemon,
-    or with a private pager when socket_path is None. Killed at teardown."""
+def spawn_client() -> Iterator[Callable[..., Client]]:
+    """spawn_client(socket_path, restarts=None) -> a running Client attached
+    to that daemon, or with a private pager when socket_path is None (of
+    Pager(restarts=...) if given). Killed at teardown."""
     clients: list[Client] = []
 
-    def spawn(socket_path: str | None = None) -> Client:
-        client = Client(socket_path)
+    def spawn(socket_path: str | None = None, restarts: int | None = None) -> Client:
+        client = Client(socket_path, restarts)
         clients.append(client)
         return client
 

@@ -410,7 +410,7 @@ def child_after_pager_death(path: str, generation: str) -> None:
     test kills the pager in between. Then it re-reads what it touched and
     touches a page no one touched."""
     size = os.path.getsize(path)
-    pager = uffd_pager.Pager()
+    pager = uffd_pager.Pager(restarts=0)  # killed for good: no successor takes over
     region = pager.map(url(path), size, writeback_interval=0)
     view = region.view()
     parent_ok = all(bytes(view[p * PAGE:(p + 1) * PAGE]) == FILL for p in PARENT_TOUCHED)
@@ -472,7 +472,7 @@ def close_after_pager_death(path: str, tracking: str) -> None:
     """Write 10 pages, read 2, kill the pager; then flush() and close()."""
     npages = os.path.getsize(path) // PAGE
     original = read_file(path, 0, npages * PAGE)
-    pager = uffd_pager.Pager()
+    pager = uffd_pager.Pager(restarts=0)  # killed for good: no successor takes over
     region = pager.map(url(path), npages * PAGE, dirty_tracking=tracking, writeback_interval=0)
     view = region.view()
     view[:WRITTEN * PAGE] = written_data()
@@ -504,7 +504,7 @@ def close_with_blocked_thread(path: str, trials: str, seed: str) -> None:
     expected = read_file(path, 0, npages * PAGE)
     kept = []  # every trial's pager, region and view stay referenced: no munmap under a blocked thread
     for trial in range(int(trials)):
-        pager = uffd_pager.Pager()
+        pager = uffd_pager.Pager(restarts=0)  # killed for good: no successor takes over
         region = pager.map(url(path), npages * PAGE, writeback_interval=0)
         view = region.view()
         view[:WRITTEN * PAGE] = written_data()
@@ -557,7 +557,7 @@ def exit_with_stuck_thread(path: str, how: str) -> None:
     "close-then-sys-exit" (close() fails and is caught), "sys-exit" or
     "end-of-script" (the region left open, referenced until the
     interpreter's exit)."""
-    pager = uffd_pager.Pager()
+    pager = uffd_pager.Pager(restarts=0)  # killed for good: no successor takes over
     region = pager.map(url(path), (WRITTEN + STUCK_PAGES) * PAGE, writeback_interval=0)
     view = region.view()
     view[:WRITTEN * PAGE] = written_data()

@@ -110,10 +110,11 @@ def test_a_client_going_away_leaves_nothing_behind_in_the_daemon(daemon, spawn_c
 @pytest.fixture
 def orphaned_client(spawn_client, tmp_path):
     """A client with a private pager, a region over a file of 0xa5 bytes, its
-    first page read; then its pager is killed. -> (client, file path)"""
+    first page read; then its pager is killed, for good (no restart: see
+    test_restart.py for a pager that is started again). -> (client, file path)"""
     path = tmp_path / "nonzero.bin"
     path.write_bytes(b"\xa5" * 64 * PAGE)
-    client = spawn_client(None)
+    client = spawn_client(None, restarts=0)
     assert client.ask(f"map file://{path} {64 * PAGE}") == "mapped"
     assert client.ask("touch 0") == "byte 165"
     kill_pager(client.pager_pid)

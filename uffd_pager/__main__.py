@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
 from uffd_pager.config import listen_address, one_group, parse_socket_mode
-from uffd_pager.durable import DurableState, StateError, state_path
+from uffd_pager.durable import DurableState, StateError, remove_state, state_path
 from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS, parse_groups, parse_users
 
@@ -70,7 +70,8 @@ async def _serve(listener: socket.socket, args: argparse.Namespace, notifier: No
                                                max_fds=args.tenant_max_fds),
                            state_dir=args.state_dir, max_resident=args.max_resident,
                            tenant_max_resident=args.tenant_max_resident, metrics=args.metrics,
-                           durable=durable, access=Access(args.allow_users, args.allow_groups))
+                           durable=durable, access=Access(args.allow_users, args.allow_groups),
+                           program=args.parent_pid)
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, _stop, service, notifier)
@@ -126,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "config file, or start it through a systemd socket unit", file=sys.stderr)
         return 2
     try:
-        durable = None if embedded else _durable_state(listener, args.state_dir)
+        durable = _durable_state(listener, args.state_dir)
     except StateError as exc:  # what another version wrote: never overwritten nor half-read
         listener.close()
         print(f"uffd-pager serve: error: {exc}", file=sys.stderr)
@@ -141,7 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         listener.close()
         if durable is not None:
+            # A private pager's state is its program's alone: once no region
+            # is recorded (the program closed them, or exited), nothing may
+            # take over from it, and it must not pile up.
+            forget = embedded and not durable.regions()
             durable.close()
+            if forget:
+                remove_state(durable.path)
         if notifier is not None:
             notifier.close()
         if args.socket and not embedded and activated is None:
@@ -153,14 +160,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _durable_state(listener: socket.socket, state_dir: str | None) -> DurableState | None:
-    """The daemon's durable state (durable.py), in its state directory,
-    named after the socket's path; None for a socket without one."""
+    """The pager's durable state (durable.py), in its state directory,
+    named after the socket's path or abstract name (a private pager's);
+    None for an unnamed socket."""
     from uffd_pager.catalog import ensure_state_dir
 
-    path = listener.getsockname()
-    if not isinstance(path, str) or not path:
+    address = listener.getsockname()
+    if not address:
         return None
-    return DurableState(state_path(ensure_state_dir(state_dir), path))
+    return DurableState(state_path(ensure_state_dir(state_dir), address))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -352,6 +360,8 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket", help="path of the Unix socket to listen on")
     where.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # embedded pager: inherited listener
+    # The embedded pager's program: an idle pager waits for it to connect, and stops once it is gone.
+    serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--exit-when-idle", action=argparse.BooleanOptionalAction, default=False,
                        help="exit once no client and no region is left")
     serve.add_argument("--state-dir", metavar="DIR",

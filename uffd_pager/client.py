@@ -30,10 +30,8 @@ import mmap
 import os
 import secrets
 import select
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -52,11 +50,13 @@ from uffd_pager.layout import (
     parse_writeback_interval,
 )
 from uffd_pager.region import Region, RegionMapping, fork_lock, start_agent
-from uffd_pager.catalog import open_catalog_file
+from uffd_pager.catalog import ensure_state_dir, open_catalog_file
+from uffd_pager.durable import remove_state, state_path
 from uffd_pager.logs import parse_log_level
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
 from uffd_pager.native import lib
+from uffd_pager.restart import LISTEN_FD, MAX_RESTARTS, MAX_RESTARTS_LIMIT, PagerProcess
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, available_features, buffer_address
 
 # What every region's uffd asks of the kernel: follow fork/mremap/madvise/
@@ -90,6 +90,8 @@ class Connection:
         self.pager_cap = 0  # the pager's cap on all "sync" regions together (bytes; 0: none), from its hello
         self.pager_pid = 0
         self.takes_over = False  # the pager keeps durable state: a new one takes its regions over if it dies
+        # Whether a pager may still come to take over at this (abstract) address: a private pager's restarter runs.
+        self.successor: Callable[[], bool] | None = None
         # This process's live region ids, to claim from a pager that took over (set by connect()).
         self.reattach: Callable[[], list[int]] | None = None
         self.request("hello", v=protocol.PROTOCOL_VERSION, pid=os.getpid())
@@ -153,6 +155,8 @@ class Connection:
             return reply, received
 
     def _may_wait_for_takeover(self) -> bool:
+        if self.successor is not None:
+            return self.takes_over and self.successor()
         return self.takes_over and isinstance(self.address, str)
 
     def _connect_retrying(self) -> socket.socket:
@@ -163,7 +167,7 @@ class Connection:
             try:
                 return self._connect()
             except (protocol.PagerGone, FileNotFoundError):
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or not self._may_wait_for_takeover():
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -294,37 +298,61 @@ class Pager:
     (`uffd-pager serve --max-resident`; see the README's "Page-out").
     `log_level`: how much the private pager logs to this process's stderr
     (DEBUG, INFO, WARNING, ERROR, any case; `uffd-pager --log-level`);
-    default WARNING.
+    default WARNING. `restarts`: how many times within 30 s a private pager
+    that dies (a signal, a non-zero exit) is started again by a native
+    thread of this process; the new one takes every region over from the
+    state file it keeps in `state_dir` (removed by close()), so a thread
+    stuck in a fault goes on. Past that it gives up, said once on stderr:
+    requests raise PagerGone at once, threads waiting on missing pages keep
+    waiting. 0: never restarted. See the README's "Taking over".
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, state_dir: str | os.PathLike[str] | None = None,
-                 max_resident: int | None = None, log_level: str | None = None) -> None:
+                 max_resident: int | None = None, log_level: str | None = None,
+                 restarts: int = MAX_RESTARTS) -> None:
         if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int)
                                          or max_resident < 0 or max_resident % PAGE_SIZE):
             raise ValueError(f"max_resident must be a number of bytes, a multiple of {PAGE_SIZE}, not {max_resident!r}")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= MAX_RESTARTS_LIMIT:
+            raise ValueError(f"restarts must be a number from 0 to {MAX_RESTARTS_LIMIT}, not {restarts!r}")
         level = parse_log_level(log_level) if log_level is not None else None
         address = f"\0uffd-pager-{os.getpid()}-{secrets.token_hex(8)}".encode()
+        # The pager's durable state, which a restarted one takes the regions
+        # over from: a file per Pager, named after its address, removed by
+        # close(). An unusable directory: the pager says it keeps none.
+        self._state_file: str | None = None
+        with contextlib.suppress(OSError):
+            state_dir = ensure_state_dir(state_dir)
+            self._state_file = state_path(state_dir, address)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             listener.bind(address)
             listener.listen(128)
             # The listening socket exists before the pager does, so connecting
-            # never races its start-up. -P: the pager is this installed
-            # package, never a uffd_pager/ in the application's working directory.
-            self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-P", "-m", "uffd_pager", "serve", "--listen-fd", str(listener.fileno()),
-                 "--exit-when-idle", *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
+            # never races its start-up, nor its restart (we keep it bound).
+            # -P: the pager is this installed package, never a uffd_pager/ in
+            # the application's working directory.
+            self._process: PagerProcess | None = PagerProcess(
+                [sys.executable, "-P", "-m", "uffd_pager", "serve", "--listen-fd", str(LISTEN_FD),
+                 "--parent-pid", str(os.getpid()), "--exit-when-idle",
+                 *(["--state-dir", os.fspath(state_dir)] if state_dir is not None else []),
                  *(["--max-resident", str(max_resident)] if max_resident else []),
                  *(["--log-level", level] if level is not None else [])],
-                pass_fds=[listener.fileno()],
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
+                listener, max_restarts=restarts)
+        except BaseException:
             listener.close()
+            raise
         self._owner_pid = os.getpid()
+        self._restarts = restarts
         self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
         try:
             self._conn = Connection(address, timeout)
+            self._conn.reattach = self._live_region_ids
+            self._conn.successor = self._successor_may_come
+            if restarts and self._conn.takes_over:  # without durable state, a new pager could not serve the regions
+                self._process.restart_when_it_dies()
+            else:
+                self._process.never_restart()
         except BaseException:
             self._stop_process()
             raise
@@ -334,6 +362,7 @@ class Pager:
     def _attach(cls, address: str, timeout: float) -> "Pager":
         pager = cls.__new__(cls)
         pager._process = None
+        pager._state_file = None
         pager._owner_pid = os.getpid()
         pager._regions = weakref.WeakSet()
         pager._conn = Connection(address, timeout)
@@ -345,15 +374,26 @@ class Pager:
         """The ids this process's open regions have at the pager."""
         return sorted(r.pager_id for r in list(self._regions) if not r.closed and r.served_here)
 
+    def _successor_may_come(self) -> bool:
+        """Whether a restarted pager may still take this one's place (in a
+        forked child: the parent's restarter may start it)."""
+        if self._process is not None:
+            return self._process.successor_may_come()
+        return self._restarts > 0 and self._conn.takes_over
+
     def alive(self) -> bool:
-        """Whether the pager is still there (without asking it)."""
+        """Whether the pager is still there (without asking it); a private
+        pager that died is not, until the one started after it is."""
         if self._process is not None and os.getpid() == self._owner_pid:
-            return self._process.poll() is None
+            return self._process.status().alive
         return self._conn.peer_alive()
 
     @property
     def pid(self) -> int:
-        """The pager process's pid."""
+        """The pager process's pid (a private pager's: the current one's, or
+        the dead one's until it is replaced; 0 once it is gone for good)."""
+        if self._process is not None and os.getpid() == self._owner_pid:
+            return self._process.status().pid
         return self._conn.pager_pid
 
     def map(self, store: str, size: int, offset: int = 0, *, dirty_tracking: str | None = None,
@@ -493,14 +533,14 @@ class Pager:
         _live_pagers.discard(self)
 
     def _stop_process(self) -> None:
+        """Stops the restarter, then the pager (it exits once its last client
+        is gone), and removes its state."""
         if self._process is None:
             return
-        try:
-            self._process.wait(timeout=5)  # it exits once its last client is gone
-        except subprocess.TimeoutExpired:
-            self._process.send_signal(signal.SIGTERM)
-            self._process.wait(timeout=5)
+        self._process.stop(grace=5)
         self._process = None
+        if self._state_file is not None:
+            remove_state(self._state_file)
 
     def __enter__(self) -> "Pager":
         return self
@@ -569,6 +609,9 @@ def _after_fork_in_child() -> None:
     # claim the child's own uffds from the pager before anything touches them.
     for pager in list(_live_pagers):
         pager._conn.forget_after_fork()
+        if pager._process is not None:  # the restarter thread is not in the child; the pager is not its child
+            pager._process.forget_after_fork()
+            pager._process = None
         for region in list(pager._regions):
             region._adopt_in_child()
 

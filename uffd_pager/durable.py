@@ -67,10 +67,21 @@ class RegionRecord:
     flushing: PageRuns = field(default_factory=list)  # pages a write-back in progress took
 
 
-def state_path(state_dir: str, socket_path: str) -> str:
-    """The database of the pager listening on socket_path."""
-    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:16]
+def state_path(state_dir: str, address: str | bytes) -> str:
+    """The database of the pager listening on address: a socket path, or
+    an abstract name (bytes, a NUL first: a private pager's, one a Pager)."""
+    name = os.fsencode(os.path.abspath(address)) if isinstance(address, str) else address
+    digest = hashlib.sha256(name).hexdigest()[:16]
     return os.path.join(state_dir, f"takeover-{digest}.sqlite3")
+
+
+def remove_state(path: str) -> None:
+    """Removes a state database and SQLite's files beside it (WAL mode)."""
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
 
 
 def process_start(pid: int) -> int | None:

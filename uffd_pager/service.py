@@ -116,14 +116,15 @@ class PagerService:
                  limits: TenantLimits | None = None, state_dir: str | None = None, max_resident: int = 0,
                  tenant_max_resident: int = 0,
                  metrics: tuple[str, int] | None = None, durable: DurableState | None = None,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, program: int | None = None) -> None:
         """max_resident: bytes all regions with "sync" tracking may keep
         resident together (0: no such cap), kept by page-out;
         tenant_max_resident: the same for each tenant's regions. metrics:
         (host, port) to serve Prometheus metrics on (metrics.py), or None.
         durable: the state a pager started again on this socket takes the
         regions over from (durable.py); the regions it records are taken
-        over first. access: who may connect besides root and our uid."""
+        over first. access: who may connect besides root and our uid.
+        program: the pid of the process whose private pager this is."""
         self._listener = listener
         self._access = access or Access()
         self._listener.setblocking(False)
@@ -150,6 +151,7 @@ class PagerService:
             self._flusher.record_flushing = self._record_flushing
         self._metrics_address = metrics
         self._durable = durable
+        self._program = program
         self._stopping = False  # regions released by a stop stay recorded: the next pager takes them over
         self._taken_over = {"regions": 0, "reattached": 0, "woken": 0}
         self._metrics: PagerMetrics | None = None
@@ -179,8 +181,10 @@ class PagerService:
         if self._durable is not None:
             await self._take_over()
         self._loop.add_reader(self._listener.fileno(), self._accept)
-        if self._exit_when_idle:
-            # An embedded pager whose parent died before connecting stops too.
+        if self._exit_when_idle and self._program is not None:
+            self._watch_program()
+        elif self._exit_when_idle:
+            # A pager whose client died before connecting stops too.
             self._loop.call_later(idle_timeout, self._stop_if_idle)
         try:
             await self._done
@@ -260,6 +264,29 @@ class PagerService:
         assert self._durable is not None
         if region.recorded is not None:
             self._durable.flushing(region.id, [(region.page_index(r.addr), r.length // PAGE_SIZE) for r in runs])
+
+    def _watch_program(self) -> None:
+        """A private pager stops, once idle, when its program is gone, and
+        never before it (re)connected: one started again after its
+        predecessor died may have nothing to take over, and its program
+        connects only with its next request."""
+        assert self._program is not None
+        try:
+            pidfd = os.pidfd_open(self._program)
+        except ProcessLookupError:
+            self._loop.call_soon(self._stop_if_idle)
+            return
+        if os.getppid() != self._program:  # it died, and the pid is another's: it was our parent
+            os.close(pidfd)
+            self._loop.call_soon(self._stop_if_idle)
+            return
+
+        def program_exited() -> None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._stop_if_idle()
+
+        self._loop.add_reader(pidfd, program_exited)
 
     def _stop_if_idle(self) -> None:
         if self._exit_when_idle and not self._connections and not self._table.regions:
