@@ -418,7 +418,7 @@ class PagerService:
         interval = parse_writeback_interval(request.get("writeback_interval"))
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
         read_ahead = parse_read_ahead(request.get("read_ahead", "adaptive"))
-        max_resident = parse_max_resident(request.get("max_resident"), tracking == Tracking.SYNC_WP)
+        max_resident = parse_max_resident(request.get("max_resident"))
         if "agent" in named and conn.agent is not None:
             raise protocol.ProtocolError("a connection hands its page-out agent once")
         if max_resident and conn.agent is None and "agent" not in named:
