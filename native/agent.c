@@ -115,19 +115,29 @@ static void pause_briefly(void)
     nanosleep(&ts, NULL);
 }
 
-/* UFFDIO_MOVE of one page, retried while an event is unread (EAGAIN) and
+/* UFFDIO_MOVE of len bytes, retried while an event is unread (EAGAIN) and
  * the region is still allowed (its close does not wait for a pager that
- * stopped reading its uffd). 0, or -1 with errno. */
-static int move_page(const struct allowed_range *r, uint64_t dst, uint64_t src)
+ * stopped reading its uffd). *done: the bytes moved, from the start. 0, or
+ * -1 with errno (for the page at *done). */
+static int move_pages(const struct allowed_range *r, uint64_t dst, uint64_t src, uint64_t len, uint64_t *done)
 {
-    int64_t done;
+    *done = 0;
     for (;;) {
-        if (up_uffd_move(r->uffd, dst, src, UP_PAGE_SIZE, 0, &done) == 0 || done == UP_PAGE_SIZE)
+        int64_t moved;
+        int rc = up_uffd_move(r->uffd, dst + *done, src + *done, len - *done, 0, &moved);
+        *done += (uint64_t)moved;
+        if (rc == 0 || *done == len)
             return 0;
         if (errno != EAGAIN || !find_allowed(r->start, r->end - r->start, NULL))
             return -1;
         pause_briefly();
     }
+}
+
+static int move_page(const struct allowed_range *r, uint64_t dst, uint64_t src)
+{
+    uint64_t done;
+    return move_pages(r, dst, src, UP_PAGE_SIZE, &done);
 }
 
 /* A page found written after its move goes back where it was: missing
@@ -214,13 +224,26 @@ static uint64_t move_out(const struct allowed_range *r, int mem_fd, int pagemap_
     }
     uint64_t candidates = readable & unwritten;
     pthread_mutex_lock(&moving);
-    for (int k = 0; k < n; k++) {
-        if (!(candidates >> k & 1))
+    for (int k = 0; k < n;) { /* one move a run of candidates */
+        if (!(candidates >> k & 1)) {
+            k++;
             continue;
-        if (move_page(r, r->scratch + k * UP_PAGE_SIZE, start + k * UP_PAGE_SIZE) == 0) {
-            moved |= (uint64_t)1 << k;
-        } else if (errno != EBUSY && errno != ENOENT) {
-            *err = errno; /* EBUSY: shared with a forked child; ENOENT: gone meanwhile. Kept, both. */
+        }
+        int stop = k;
+        while (stop < n && candidates >> stop & 1)
+            stop++;
+        uint64_t done;
+        int rc = move_pages(r, r->scratch + k * UP_PAGE_SIZE, start + k * UP_PAGE_SIZE,
+                            (uint64_t)(stop - k) * UP_PAGE_SIZE, &done);
+        int got = (int)(done / UP_PAGE_SIZE);
+        for (int j = k; j < k + got; j++)
+            moved |= (uint64_t)1 << j;
+        if (rc == 0) {
+            k = stop;
+        } else if (errno == EBUSY || errno == ENOENT) {
+            k += got + 1; /* EBUSY: shared with a forked child; ENOENT: gone meanwhile. Kept, both. */
+        } else {
+            *err = errno;
             break;
         }
     }

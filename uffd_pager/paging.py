@@ -280,30 +280,29 @@ class PageOut:
         return length // PAGE_SIZE
 
     async def _move_out(self, region: ServedRegion, address: int, length: int) -> int:
-        """A run of victims moved out AGENT_MOVE_MAX pages at a time; the
-        pages not dropped stay resident (written, shared with a child, or
-        gone meanwhile), and are victims no more."""
-        end, at, total = address + length, address, 0
+        """A run of victims moved out AGENT_MOVE_MAX pages a request, the
+        requests sent together (the agent is never idle waiting for the
+        next); the pages not dropped stay resident (written, shared with a
+        child, or gone meanwhile), and are victims no more."""
+        step = AGENT_MOVE_MAX * PAGE_SIZE
+        pieces = [(at, min(step, address + length - at)) for at in range(address, address + length, step)]
+        return sum(await asyncio.gather(*(self._move_out_piece(region, at, size) for at, size in pieces)))
+
+    async def _move_out_piece(self, region: ServedRegion, address: int, length: int) -> int:
+        mask = 0
         try:
-            while at < end:
-                size = min(AGENT_MOVE_MAX * PAGE_SIZE, end - at)
-                assert region.agent is not None
-                mask = await region.agent.move_out(at, size, timeout=30.0)
-                if region.released:
-                    return total
-                k = 0
-                while k < size // PAGE_SIZE:  # runs of pages alike: dropped or not
-                    bit = mask >> k & 1
-                    first = k
-                    while k < size // PAGE_SIZE and mask >> k & 1 == bit:
-                        k += 1
-                    region.fill.end_eviction(at + first * PAGE_SIZE, (k - first) * PAGE_SIZE, dropped=bool(bit))
-                total += mask.bit_count()
-                at += size
+            assert region.agent is not None
+            mask = await region.agent.move_out(address, length, timeout=30.0)
         finally:
-            if at < end and not region.released:  # a piece failed: none of the rest is a victim any more
-                region.fill.end_eviction(at, end - at, dropped=False)
-        return total
+            if not region.released:
+                k, npages = 0, length // PAGE_SIZE
+                while k < npages:  # runs of pages alike: dropped or not
+                    bit, first = mask >> k & 1, k
+                    while k < npages and mask >> k & 1 == bit:
+                        k += 1
+                    region.fill.end_eviction(address + first * PAGE_SIZE, (k - first) * PAGE_SIZE,
+                                             dropped=bool(bit))
+        return mask.bit_count()
 
     def close(self) -> None:
         for task in list(self._tasks.values()):
