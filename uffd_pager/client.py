@@ -87,7 +87,7 @@ class Connection:
         self._pid = -1
         self._unanswered = 0  # requests that timed out: their late replies come first
         self.agent_started = False  # this process's page-out agent was handed over on this connection
-        self.pager_cap = 0  # the pager's cap on all "sync" regions together (bytes; 0: none), from its hello
+        self.pager_cap = 0  # the pager's cap on all regions together (bytes; 0: none), from its hello
         self.pager_pid = 0
         self.takes_over = False  # the pager keeps durable state: a new one takes its regions over if it dies
         # This process's live region ids, to claim from a pager that took over (set by connect()).

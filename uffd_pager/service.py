@@ -116,7 +116,7 @@ class PagerService:
                  tenant_max_resident: int = 0,
                  metrics: tuple[str, int] | None = None, durable: DurableState | None = None,
                  access: Access | None = None) -> None:
-        """max_resident: bytes all regions with "sync" tracking may keep
+        """max_resident: bytes all regions may keep
         resident together (0: no such cap), kept by page-out;
         tenant_max_resident: the same for each tenant's regions. metrics:
         (host, port) to serve Prometheus metrics on (metrics.py), or None.
