@@ -201,8 +201,8 @@ int up_fill_take_victims(struct up_fill *f, uint64_t want, struct up_run *runs, 
         errno = EBADF;
         return -1;
     }
-    if (f->tracking != UP_TRACK_SYNC_WP || !f->dirty) {
-        errno = EINVAL;
+    if (f->tracking == UP_TRACK_NONE) {
+        errno = EINVAL; /* nothing would tell a written page from a clean one */
         return -1;
     }
     uint64_t npages = f->len / UP_PAGE_SIZE;
@@ -221,7 +221,9 @@ int up_fill_take_victims(struct up_fill *f, uint64_t want, struct up_run *runs, 
         scanned += next - pos;
         pos = next;
         uint64_t end = up_bits_next_clear(f->resident, pos, npages);
-        uint64_t dirty = up_bits_next_set(f->dirty, pos, end), busy = up_bits_next_set(f->evicting, pos, end);
+        /* Async tracking keeps no dirty set: the agent's move-out passes over written pages. */
+        uint64_t dirty = f->dirty ? up_bits_next_set(f->dirty, pos, end) : end;
+        uint64_t busy = up_bits_next_set(f->evicting, pos, end);
         uint64_t stop = dirty < busy ? dirty : busy;
         if (stop - pos > want - taken)
             stop = pos + (want - taken);
@@ -259,6 +261,9 @@ int up_fill_end_eviction(struct up_fill *f, uint64_t address, uint64_t len, int 
             return -1;
         up_bits_set_range(f->dropped, first, stop); /* before the evicting bits go: a held WP fault sees one */
         f->evictions += stop - first;
+        /* A drop's REMOVE event cleared them already; a move-out queues none. */
+        up_bits_clear_range(f->resident, first, stop);
+        f->resident_pages = up_bits_count(f->resident);
     }
     up_bits_clear_range(f->evicting, first, stop);
     return 0;

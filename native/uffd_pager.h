@@ -210,16 +210,16 @@ int up_fill_advise(struct up_fill *fill, uint64_t address, struct up_ra *window)
  * that does not authenticate, an error); fills nothing while missing
  * faults are deferred to Python (defer_missing). Returns the pages filled. */
 int64_t up_fill_ahead(int uffd, struct up_fill *fill, uint64_t first, uint64_t count, int64_t step);
-/* Page-out, synchronous tracking only (a clean page is write-protected
- * there, so a write to it waits in a WP fault while it is dropped): takes
- * up to `want` resident pages that are neither dirty nor already being
- * dropped, from the clock hand on, as runs (store_offset 0), and marks them
+/* Page-out: takes up to `want` resident pages that are neither dirty
+ * (synchronous tracking; asynchronous tracking has no dirty set, the
+ * agent's move-out passes over written pages) nor already being dropped,
+ * from the clock hand on, as runs (store_offset 0), and marks them
  * evicting: every fault on them returns -EBUSY until up_fill_end_eviction.
- * Returns the runs stored; -1 with errno (EBADF; EINVAL: not synchronous
- * tracking). */
+ * Returns the runs stored; -1 with errno (EBADF; EINVAL: no tracking). */
 int up_fill_take_victims(struct up_fill *fill, uint64_t want, struct up_run *runs, int max_runs);
 /* The drop of [address, address + len) is over (done or failed): its
- * pages are no longer evicting; dropped counts them in evictions. */
+ * pages are no longer evicting; dropped counts them in evictions and
+ * clears their resident bits. */
 int up_fill_end_eviction(struct up_fill *fill, uint64_t address, uint64_t len, int dropped);
 
 /* Whether the page at address is resident (filled and not removed since). */
@@ -336,21 +336,34 @@ int64_t up_aead_open_page(struct up_aead *aead, int catalog_fd, const uint8_t *s
 
 /* What the pager sends on the agent's socket (SOCK_SEQPACKET, one a
  * message), and what the agent answers: err 0, or an errno (EINVAL: not
- * inside a region the library allowed). */
+ * inside a region the library allowed, or a kind it cannot do there).
+ * UP_AGENT_DROP: MADV_DONTNEED of the range. UP_AGENT_MOVE_OUT (at most
+ * UP_AGENT_MOVE_MAX pages, a region allowed with its uffd): its unwritten
+ * pages are dropped without a write being lost (see agent.c); dropped: bit
+ * k for page k dropped (the others are where they were). */
+enum {
+    UP_AGENT_DROP = 0,
+    UP_AGENT_MOVE_OUT = 1,
+    UP_AGENT_MOVE_MAX = 64,
+};
 struct up_agent_request {
     uint64_t seq;
+    uint64_t kind;
     uint64_t start;
     uint64_t len;
 };
 struct up_agent_reply {
     uint64_t seq;
     int64_t err;
+    uint64_t dropped;
 };
 /* Starts the agent's thread on fd (this process's end of a socket whose
  * other end the pager holds); the thread owns fd from then on. */
 int up_agent_start(int fd);
-/* Lets the agent drop pages of [start, start + len) / no longer. */
-int up_agent_allow(uint64_t start, uint64_t len);
+/* Lets the agent drop pages of [start, start + len) / no longer. uffd: the
+ * region's, for move-outs (the agent keeps a duplicate until forgotten), or
+ * -1 for drops only. */
+int up_agent_allow(uint64_t start, uint64_t len, int uffd);
 void up_agent_forget(uint64_t start);
 
 /* --- the private pager's restarter (restart.c) ------------------------ */

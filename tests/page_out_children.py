@@ -21,37 +21,51 @@ CHILDREN = PlainRegistry()
 child = CHILDREN.register
 
 
+def _rss() -> int:
+    """This process's Rss (bytes), from /proc/self/smaps_rollup."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Rss:"))
+
+
 @child("read-capped")
-def read_capped(group: str, path: str, size_arg: str, cap: str) -> None:
-    """Joins the memory cgroup `group`, then reads a region of the file
-    through a private pager (which joins it too) capped at `cap` bytes: in
-    order (printing the sha256 of what it read), then every page at random
-    (comparing each with the file: "random exact")."""
-    with open(os.path.join(group, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+def read_capped(group: str, path: str, size_arg: str, cap: str, tracking: str) -> None:
+    """Joins the memory cgroup `group` ("-": none), then reads a region of
+    the file through a private pager (which joins it too) capped at `cap`
+    bytes, with `tracking`: in order (printing the sha256 of what it read),
+    then every page at random (comparing each with the file: "random
+    exact"); "rss_growth": how far the process's Rss rose at most above
+    what it was before the map."""
+    if group != "-":
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     size = int(size_arg)
-    with uffd_pager.Pager() as pager, \
-            pager.map(f"file://{path}", size, dirty_tracking="sync", max_resident=int(cap),
-                      writeback_interval=0) as region:
-        view = region.view()
-        digest = hashlib.sha256()
-        for at in range(0, size, SLICE):
-            digest.update(view[at:at + SLICE])
-        print("in-order", digest.hexdigest(), flush=True)
-        pages = list(range(size // PAGE))
-        random.Random(3).shuffle(pages)
-        fd = os.open(path, os.O_RDONLY)
-        wrong = 0
-        for first in range(0, len(pages), 4096):
-            part = pages[first:first + 4096]
-            _touch(region.address, array.array("Q", (p * PAGE for p in part)))
-            for p in part[:64]:  # and a sample of them, byte for byte
-                wrong += bytes(view[p * PAGE:(p + 1) * PAGE]) != os.pread(fd, PAGE, p * PAGE)
-        os.close(fd)
-        print("random", "exact" if not wrong else f"{wrong} pages differ", flush=True)
-        stats = region.stats()
-        print("evictions", stats["evictions"], "resident_peak", stats["resident_peak"], flush=True)
-        del view
+    with uffd_pager.Pager() as pager:
+        before = _rss()
+        growth = 0
+        with pager.map(f"file://{path}", size, dirty_tracking=tracking, max_resident=int(cap),
+                       writeback_interval=0) as region:
+            view = region.view()
+            digest = hashlib.sha256()
+            for at in range(0, size, SLICE):
+                digest.update(view[at:at + SLICE])
+                growth = max(growth, _rss() - before)
+            print("in-order", digest.hexdigest(), flush=True)
+            pages = list(range(size // PAGE))
+            random.Random(3).shuffle(pages)
+            fd = os.open(path, os.O_RDONLY)
+            wrong = 0
+            for first in range(0, len(pages), 4096):
+                part = pages[first:first + 4096]
+                _touch(region.address, array.array("Q", (p * PAGE for p in part)))
+                growth = max(growth, _rss() - before)
+                for p in part[:64]:  # and a sample of them, byte for byte
+                    wrong += bytes(view[p * PAGE:(p + 1) * PAGE]) != os.pread(fd, PAGE, p * PAGE)
+            os.close(fd)
+            print("random", "exact" if not wrong else f"{wrong} pages differ", flush=True)
+            stats = region.stats()
+            print("evictions", stats["evictions"], "resident_peak", stats["resident_peak"], flush=True)
+            print("rss_growth", growth, flush=True)
+            del view
 
 
 def _pattern(tag: str, page: int) -> bytes:
@@ -73,7 +87,7 @@ def _check_and_sweep(region: uffd_pager.Region, model: dict[int, str], npages: i
 
 
 @child("fork-capped")
-def fork_capped(path: str, npages_arg: str, cap: str) -> None:
+def fork_capped(path: str, npages_arg: str, cap: str, tracking: str) -> None:
     """A capped region written, flushed, then forked: parent and child each
     write their own pages and sweep the region (evicting as they go); each
     must read its own view. One JSON line each: {"who", "wrong", "evictions", ...}."""
@@ -82,7 +96,7 @@ def fork_capped(path: str, npages_arg: str, cap: str) -> None:
 
     npages = int(npages_arg)
     with uffd_pager.Pager() as pager:
-        region = pager.map(f"file://{path}", npages * PAGE, dirty_tracking="sync", max_resident=int(cap),
+        region = pager.map(f"file://{path}", npages * PAGE, dirty_tracking=tracking, max_resident=int(cap),
                            writeback_interval=0)
         view = region.view()
         for p in range(npages):

@@ -373,13 +373,13 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
     serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",
                        help="bytes one client uid may have mapped at once (default 2^50)")
     serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
-                       help='bytes all regions with dirty_tracking="sync" may keep resident together, kept by '
+                       help='bytes all regions may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
     serve.add_argument("--tenant-max-fds", type=_positive_int, default=0, metavar="N",
                        help="descriptors of the pager one client uid may hold at once: 2 a connection, 3 a region "
                             "(default: half of the pager's open-file limit)")
     serve.add_argument("--tenant-max-resident", type=_page_multiple, default=0, metavar="BYTES",
-                       help='bytes the regions with dirty_tracking="sync" of one client uid may keep resident '
+                       help='bytes the regions of one client uid may keep resident '
                             "together, kept by page-out (a multiple of 4096; default 0: no such cap)")
     serve.add_argument("--allow-users", type=_argument_type(parse_users), default=frozenset(), metavar="USERS",
                        help="users (names or uids, comma-separated) who may use the pager besides root and its "

@@ -458,7 +458,7 @@ def out_of_core_samples(pager: Pager, path: str, rounds: int, progress: Progress
                 samples[OOC_KERNEL] += _per_page(int(result.stdout.split()[0]), pages)
             progress.step(f"round {round_}/{rounds}: {OOC_OURS}")
             _drop_cache(path)
-            with pager.map(f"file://{path}", size, dirty_tracking="sync", max_resident=size // 4,
+            with pager.map(f"file://{path}", size, max_resident=size // 4,
                            writeback_interval=0) as region:
                 samples[OOC_OURS] += _elapsed_per_page(lambda: _touch(region.address, offsets), pages)
     finally:

@@ -49,7 +49,7 @@ from uffd_pager.layout import (
     parse_tracking,
     parse_writeback_interval,
 )
-from uffd_pager.region import Region, RegionMapping, fork_lock, start_agent
+from uffd_pager.region import Region, RegionMapping, allow_page_out, fork_lock, start_agent
 from uffd_pager.catalog import ensure_state_dir, open_catalog_file
 from uffd_pager.durable import remove_state, state_path
 from uffd_pager.logs import parse_log_level
@@ -87,7 +87,7 @@ class Connection:
         self._pid = -1
         self._unanswered = 0  # requests that timed out: their late replies come first
         self.agent_started = False  # this process's page-out agent was handed over on this connection
-        self.pager_cap = 0  # the pager's cap on all "sync" regions together (bytes; 0: none), from its hello
+        self.pager_cap = 0  # the pager's cap on all regions together (bytes; 0: none), from its hello
         self.pager_pid = 0
         self.takes_over = False  # the pager keeps durable state: a new one takes its regions over if it dies
         # Whether a pager may still come to take over at this (abstract) address: a private pager's restarter runs.
@@ -294,7 +294,7 @@ class Pager:
     state directory (encrypted stores' rollback anchors; default
     $UFFD_PAGER_STATE_DIR, else /var/lib/uffd-pager for root, else
     $XDG_STATE_HOME/uffd-pager). `max_resident`: the private pager's cap
-    in bytes on all regions with dirty_tracking="sync" together
+    in bytes on all its regions together
     (`uffd-pager serve --max-resident`; see the README's "Page-out").
     `log_level`: how much the private pager logs to this process's stderr
     (DEBUG, INFO, WARNING, ERROR, any case; `uffd-pager --log-level`);
@@ -413,22 +413,18 @@ class Pager:
         sequential and close on random access), "off", or a fixed window in
         bytes filled after every missing fault. `max_resident`: a cap in
         bytes on the region's resident pages, kept by dropping clean pages
-        (with "sync" tracking, the default for a capped region, or for every
-        region of a pager with a cap; see the README's "Page-out")."""
+        (under either tracking; see the README's "Page-out")."""
         check_geometry(size, offset)
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
                 raise TypeError(f"{name} must be a URL string, not {type(url).__name__}")
-        if dirty_tracking is None and (max_resident or self._conn.pager_cap):
-            dirty_tracking = "sync"  # the tracking page-out can keep a racing write with (paging.py)
         dirty_tracking = _tracking_for(dirty_tracking)
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
         parse_fork_policy(fork_policy)
         parse_read_ahead(read_ahead)
-        # Pageable: by its own cap, or by the pager's over all "sync" regions.
-        capped = parse_max_resident(max_resident, tracking == Tracking.SYNC_WP) > 0 \
-            or (self._conn.pager_cap > 0 and tracking == Tracking.SYNC_WP)
+        # Pageable: by its own cap, or by the pager's over all regions.
+        capped = parse_max_resident(max_resident) > 0 or self._conn.pager_cap > 0
         if key_file is not None and key is not None:
             raise TypeError("give key_file or key, not both")
         if key_file is not None:
@@ -491,13 +487,13 @@ class Pager:
                     memory.release_uffd()
                     memory.close()
                     raise
-        if capped and lib.up_agent_allow(address, size) < 0:  # only the region itself may be dropped
-            log.warning("page-out agent: too many regions allowed; region at %#x is not capped", address)
+        if capped:
+            allow_page_out(address, size, uffd, tracking)
         # The pager filled the tag page to see that the uffd is ours: missing
         # again, so that a forked child's first read of it is a fault.
         memory.madvise(mmap.MADV_DONTNEED, size, PAGE_SIZE)
-        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset, capped=capped,
-                        follows_fork=follows_fork)
+        region = Region(self._conn, self, reply["region"], memory, address, size, store, offset,
+                        page_out=tracking if capped else None, follows_fork=follows_fork)
         self._regions.add(region)
         return region
 

@@ -103,16 +103,13 @@ def parse_read_ahead(value: object) -> ReadAhead:
 MIN_MAX_RESIDENT = 64 * PAGE_SIZE
 
 
-def parse_max_resident(value: object, tracking_is_sync: bool) -> int:
+def parse_max_resident(value: object) -> int:
     """max_resident in pages (0: no cap), or ValueError."""
     if value is None or value == 0:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_RESIDENT or value % PAGE_SIZE:
         raise ValueError(f"max_resident must be a number of bytes, a multiple of {PAGE_SIZE} and at least "
                          f"{MIN_MAX_RESIDENT} (0 or None: no cap), not {value!r}")
-    if not tracking_is_sync:
-        raise ValueError('max_resident needs dirty_tracking="sync": with "async" (WP_ASYNC) a write to a page '
-                         "costs no fault, so nothing could hold it while the page is dropped")
     return value // PAGE_SIZE
 
 

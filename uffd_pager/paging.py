@@ -7,19 +7,32 @@ sequential scan, the pages filled longest ago; pages written since their
 last write-back are passed over (a second chance), and when only such pages
 are left the region is flushed first, which makes them clean.
 
-Why a write is never lost: this needs synchronous tracking, where a clean
-page is mapped write-protected, so the first write to it is a WP fault that
-waits in the kernel for the pager. Once a page is taken as a victim every
-fault on it returns -EBUSY to the pager (it is kept pending, its thread
-waiting) until the drop is over; then the writer is woken, faults again on
-the page now missing, and gets it from the store with what was written
-back. With WP_ASYNC ("async" tracking) a write costs no fault, so nothing
-could hold a write between our check and the drop: max_resident refuses it.
+Why a write is never lost depends on the region's tracking:
 
-The drop itself is MADV_DONTNEED, which only the client's own process may
-call: a native agent thread in the client (native/agent.c) does it on our
-request, over the socket the client passed with its first map. The REMOVE
-event the drop queues clears the pages' resident bits as any other.
+* "sync": a clean page is mapped write-protected, so the first write to it
+  is a WP fault that waits in the kernel for the pager. Once a page is
+  taken as a victim every fault on it returns -EBUSY to the pager (it is
+  kept pending, its thread waiting) until the drop is over; then the writer
+  is woken, faults again on the page now missing, and gets it from the
+  store with what was written back. The drop is MADV_DONTNEED, which only
+  the client's own process may call: a native agent thread in the client
+  (native/agent.c) does it on our request, over the socket the client
+  passed with its first map. The REMOVE event the drop queues clears the
+  pages' resident bits as any other.
+* "async" (WP_ASYNC): a write to a protected page costs no fault, so
+  nothing holds a write between a check and a drop. Instead the agent
+  moves each victim out of the region (UFFDIO_MOVE, which only the uffd's
+  own process may issue): from then on an access to it is a MISSING fault,
+  held here like any other on a victim. A write that came before the move
+  is in the moved page, so the agent decides after the move, against a copy
+  it took while PAGEMAP_SCAN still called the page unwritten since its last
+  write-protect (when the copy equals the store's bytes): an unchanged page
+  is dropped, a changed one goes back, written, for the next flush (see
+  native/agent.c for the kernel facts). The agent holds fork() off
+  meanwhile, so no child sees a page out; a page shared with a child
+  already cannot be moved (EBUSY) and stays. Eviction and flush exclude
+  each other (flush_lock): a page a flush is copying out is clean to the
+  kernel but not yet stored.
 """
 from __future__ import annotations
 
@@ -33,21 +46,22 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from uffd_pager.layout import READ_AHEAD_MAX
 from uffd_pager.served import ServedRegion
-from uffd_pager.uffd import PAGE_SIZE, Run, Tracking
+from uffd_pager.uffd import AGENT_DROP, AGENT_MOVE_MAX, AGENT_MOVE_OUT, PAGE_SIZE, Run, Tracking
 from uffd_pager.writeback import runs_of_pages
 
 log = logging.getLogger("uffd_pager.paging")
 
-_REQUEST = struct.Struct("=QQQ")  # seq, start, len: struct up_agent_request
-_REPLY = struct.Struct("=Qq")  # seq, err: struct up_agent_reply
+_REQUEST = struct.Struct("=QQQQ")  # seq, kind, start, len: struct up_agent_request
+_REPLY = struct.Struct("=QqQ")  # seq, err, dropped: struct up_agent_reply
 _BATCH = 4096  # pages taken as victims at once
 _IN_FLIGHT = 8  # drop requests sent to one agent before the first is answered
+_DROP, _MOVE_OUT = AGENT_DROP, AGENT_MOVE_OUT
 
 
 def _pageable(region: ServedRegion) -> bool:
     """Whether page-out may drop the region's pages: its process gave an
-    agent, and its tracking holds a write while its page is dropped."""
-    return region.agent is not None and not region.released and region.fill.tracking == Tracking.SYNC_WP
+    agent, and its tracking tells a written page from a clean one."""
+    return region.agent is not None and not region.released and region.fill.tracking != Tracking.NONE
 
 
 class Agent:
@@ -58,7 +72,7 @@ class Agent:
         self._loop = loop
         self._sock = sock
         self._seq = 0
-        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._slots = asyncio.Semaphore(_IN_FLIGHT)  # the socket's buffer holds a few requests, not hundreds
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -74,30 +88,42 @@ class Agent:
             if len(data) != _REPLY.size:
                 self.close()  # the client is gone, or its agent is not one
                 return
-            seq, err = _REPLY.unpack(data)
+            seq, err, dropped = _REPLY.unpack(data)
             future = self._waiting.pop(seq, None)
             if future is not None and not future.done():
-                future.set_result(err)
+                future.set_result((err, dropped))
 
     async def drop(self, start: int, length: int, timeout: float) -> None:
         """MADV_DONTNEED of [start, start + length) in the client; raises
         OSError when the agent refuses, is gone, or does not answer."""
+        await self._ask(_DROP, start, length, timeout)
+
+    async def move_out(self, start: int, length: int, timeout: float) -> int:
+        """Takes the unwritten pages of [start, start + length) (at most
+        AGENT_MOVE_MAX pages) out of the client without losing a write (see
+        native/agent.c); returns the mask of the pages dropped (bit k: page
+        k). Raises OSError as drop does; the pages not dropped are where
+        they were."""
+        return await self._ask(_MOVE_OUT, start, length, timeout)
+
+    async def _ask(self, kind: int, start: int, length: int, timeout: float) -> int:
         async with self._slots:
             if self._closed:
                 raise OSError(errno.EPIPE, "the client's page-out agent is gone")
             self._seq += 1
             seq = self._seq
-            future: asyncio.Future[int] = self._loop.create_future()
+            future: asyncio.Future[tuple[int, int]] = self._loop.create_future()
             self._waiting[seq] = future
             try:
-                await self._loop.sock_sendall(self._sock, _REQUEST.pack(seq, start, length))
-                err = await asyncio.wait_for(future, timeout)
+                await self._loop.sock_sendall(self._sock, _REQUEST.pack(seq, kind, start, length))
+                err, dropped = await asyncio.wait_for(future, timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 self._waiting.pop(seq, None)
-                raise OSError(errno.EPIPE, f"the client's page-out agent did not drop the pages: {exc!r}") from None
+                raise OSError(errno.EPIPE, f"the client's page-out agent did not answer: {exc!r}") from None
         if err:
-            raise OSError(err, f"the client's page-out agent refused to drop {length} bytes at {start:#x}: "
+            raise OSError(err, f"the client's page-out agent refused {length} bytes at {start:#x}: "
                                f"{os.strerror(err)}")
+        return dropped
 
     def close(self) -> None:
         if self._closed:
@@ -107,7 +133,7 @@ class Agent:
         self._sock.close()
         for future in self._waiting.values():
             if not future.done():
-                future.set_result(errno.EPIPE)
+                future.set_result((errno.EPIPE, 0))
         self._waiting.clear()
 
 
@@ -174,8 +200,8 @@ class PageOut:
         flushed = False
         try:
             while not region.released and (resident := region.fill.counters()["resident_pages"]) > low:
-                runs = self._without_unstored(region, region.fill.take_victims(min(resident - low, _BATCH)))
-                if not runs:
+                dropped = await self._drop_victims(region, min(resident - low, _BATCH))
+                if not dropped:
                     if flushed:
                         # Every page left is written again as fast as it is
                         # written back: faults go on unheld until a drop succeeds.
@@ -186,14 +212,6 @@ class PageOut:
                     flushed = True
                     continue
                 flushed = False
-                try:
-                    for run in runs:
-                        region.dropping.add((run.addr, run.addr + run.length))
-                    await asyncio.gather(*(self._drop(region, run.addr, run.length) for run in runs))
-                finally:
-                    for run in runs:
-                        region.dropping.discard((run.addr, run.addr + run.length))
-                    self._retry(region)  # the faults held meanwhile, -EBUSY, go on
                 if region.max_resident:
                     region.fill.resident_limit = region.max_resident + READ_AHEAD_MAX // PAGE_SIZE
         except Exception as exc:  # a region must never lose the pager: note it, stop this eviction
@@ -207,6 +225,29 @@ class PageOut:
         finally:
             region.evicting = False
             self._let_go(region)
+
+    async def _drop_victims(self, region: ServedRegion, want: int) -> int:
+        """Takes up to `want` victims and drops them (sync tracking) or moves
+        them out (async, with no flush under way: see the module's doc);
+        returns the pages dropped."""
+        if region.fill.tracking == Tracking.SYNC_WP:
+            return await self._drop_runs(region, self._take(region, want), self._drop)
+        async with region.flush_lock:
+            return await self._drop_runs(region, self._take(region, want), self._move_out)
+
+    def _take(self, region: ServedRegion, want: int) -> list[Run]:
+        return self._without_unstored(region, region.fill.take_victims(want))
+
+    async def _drop_runs(self, region: ServedRegion, runs: list[Run],
+                         drop: Callable[[ServedRegion, int, int], Awaitable[int]]) -> int:
+        try:
+            for run in runs:
+                region.dropping.add((run.addr, run.addr + run.length))
+            return sum(await asyncio.gather(*(drop(region, run.addr, run.length) for run in runs)))
+        finally:
+            for run in runs:
+                region.dropping.discard((run.addr, run.addr + run.length))
+            self._retry(region)  # the faults held meanwhile, -EBUSY, go on
 
     @staticmethod
     def _without_unstored(region: ServedRegion, runs: list[Run]) -> list[Run]:
@@ -227,7 +268,7 @@ class PageOut:
             kept += runs_of_pages({p for p in pages if p not in unstored}, base, 0)
         return kept
 
-    async def _drop(self, region: ServedRegion, address: int, length: int) -> None:
+    async def _drop(self, region: ServedRegion, address: int, length: int) -> int:
         dropped = False
         try:
             assert region.agent is not None
@@ -236,6 +277,32 @@ class PageOut:
         finally:
             if not region.released:
                 region.fill.end_eviction(address, length, dropped=dropped)
+        return length // PAGE_SIZE
+
+    async def _move_out(self, region: ServedRegion, address: int, length: int) -> int:
+        """A run of victims moved out AGENT_MOVE_MAX pages a request, the
+        requests sent together (the agent is never idle waiting for the
+        next); the pages not dropped stay resident (written, shared with a
+        child, or gone meanwhile), and are victims no more."""
+        step = AGENT_MOVE_MAX * PAGE_SIZE
+        pieces = [(at, min(step, address + length - at)) for at in range(address, address + length, step)]
+        return sum(await asyncio.gather(*(self._move_out_piece(region, at, size) for at, size in pieces)))
+
+    async def _move_out_piece(self, region: ServedRegion, address: int, length: int) -> int:
+        mask = 0
+        try:
+            assert region.agent is not None
+            mask = await region.agent.move_out(address, length, timeout=30.0)
+        finally:
+            if not region.released:
+                k, npages = 0, length // PAGE_SIZE
+                while k < npages:  # runs of pages alike: dropped or not
+                    bit, first = mask >> k & 1, k
+                    while k < npages and mask >> k & 1 == bit:
+                        k += 1
+                    region.fill.end_eviction(address + first * PAGE_SIZE, (k - first) * PAGE_SIZE,
+                                             dropped=bool(bit))
+        return mask.bit_count()
 
     def close(self) -> None:
         for task in list(self._tasks.values()):

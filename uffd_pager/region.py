@@ -14,7 +14,7 @@ from typing import Any, Callable
 from uffd_pager import protocol
 from uffd_pager.native import ffi, lib
 from uffd_pager.stores.file import open_store_file
-from uffd_pager.uffd import PAGE_SIZE, Uffd, buffer_address, protect, unmap
+from uffd_pager.uffd import PAGE_SIZE, Tracking, Uffd, buffer_address, protect, unmap
 
 
 _PROT_NONE = 0  # the mmap module exports PROT_READ/WRITE/EXEC only
@@ -95,6 +95,15 @@ class RegionMapping(mmap.mmap):
         self.release_uffd()
 
 
+def allow_page_out(address: int, size: int, uffd: Uffd, tracking: Tracking) -> None:
+    """Lets this process's page-out agent take pages out of the region
+    only; under "async" tracking it moves them out through the region's
+    uffd (native/agent.c), so it keeps a duplicate of it until forgotten."""
+    if lib.up_agent_allow(address, size, uffd.fd if tracking == Tracking.ASYNC_WP else -1) < 0:
+        err = ffi.errno
+        log.warning("page-out agent: region at %#x is not capped: %s", address, os.strerror(err))
+
+
 def start_agent() -> int:
     """Starts this process's page-out agent (native/agent.c) on one end of a
     socket pair; returns the other end, for the pager."""
@@ -129,10 +138,10 @@ class Region:
     """
 
     def __init__(self, channel: protocol.Channel, owner: object, region_id: int, memory: RegionMapping,
-                 address: int, size: int, store: str, offset: int, *, capped: bool = False,
-                 follows_fork: bool = True) -> None:
+                 address: int, size: int, store: str, offset: int, *,
+                 page_out: Tracking | None = None, follows_fork: bool = True) -> None:
         self._channel = channel  # requests about this region go there
-        self._capped = capped  # max_resident: this process's page-out agent may drop its pages
+        self._page_out = page_out  # capped: the region's tracking, by which page-out takes its pages
         self._follows_fork = follows_fork  # False: MADV_DONTFORK, a forked child has no such memory
         self._owner = owner  # the Pager: kept alive (and its pager process) while the region is
         self._id = region_id
@@ -299,7 +308,7 @@ class Region:
             memory.madvise(mmap.MADV_DONTNEED, self.size, PAGE_SIZE)
             # A capped region stays capped in the child: its agent is made
             # here (the parent's thread is not) and handed with the claim.
-            agent = start_agent() if self._capped and not self._channel.agent_started else -1
+            agent = start_agent() if self._page_out is not None and not self._channel.agent_started else -1
             try:
                 passed = (agent,) if agent >= 0 else ()
                 reply, fds = self._channel.request_fds("adopt", passed, region=self._id, token=token,
@@ -309,8 +318,6 @@ class Region:
                     os.close(agent)
             if agent >= 0:
                 self._channel.agent_started = True
-            if self._capped:
-                lib.up_agent_allow(self.address, self.size)
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
@@ -324,6 +331,8 @@ class Region:
             memory.orphan()
             return
         memory.uffd = Uffd(fds[0])
+        if self._page_out is not None:
+            allow_page_out(self.address, self.size, memory.uffd, self._page_out)
         self._forked = True
         self._id = reply["region"]
         self._owner_pid = os.getpid()

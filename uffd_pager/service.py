@@ -117,7 +117,7 @@ class PagerService:
                  tenant_max_resident: int = 0,
                  metrics: tuple[str, int] | None = None, durable: DurableState | None = None,
                  access: Access | None = None, program: int | None = None) -> None:
-        """max_resident: bytes all regions with "sync" tracking may keep
+        """max_resident: bytes all regions may keep
         resident together (0: no such cap), kept by page-out;
         tenant_max_resident: the same for each tenant's regions. metrics:
         (host, port) to serve Prometheus metrics on (metrics.py), or None.
@@ -469,7 +469,7 @@ class PagerService:
         interval = parse_writeback_interval(request.get("writeback_interval"))
         policy = parse_fork_policy(request.get("fork_policy", "on-write"))
         read_ahead = parse_read_ahead(request.get("read_ahead", "adaptive"))
-        max_resident = parse_max_resident(request.get("max_resident"), tracking == Tracking.SYNC_WP)
+        max_resident = parse_max_resident(request.get("max_resident"))
         if "agent" in named and conn.agent is not None:
             raise protocol.ProtocolError("a connection hands its page-out agent once")
         if max_resident and conn.agent is None and "agent" not in named:
@@ -784,8 +784,7 @@ class PagerService:
             held.append(region.id)
             if conn.agent is not None and region.recorded is not None and region.agent is None:
                 # Its cap again, now that its process gave a page-out agent.
-                cap = parse_max_resident(region.recorded.request.get("max_resident"),
-                                         region.fill.tracking == Tracking.SYNC_WP)
+                cap = parse_max_resident(region.recorded.request.get("max_resident"))
                 if cap:
                     region.agent, region.max_resident = conn.agent, cap
                     region.fill.resident_limit = cap + READ_AHEAD_MAX // PAGE_SIZE

@@ -284,6 +284,11 @@ class Deferred:
     status: int
 
 
+# The page-out agent's requests (native/agent.c): drop a range, or move
+# out the unwritten pages of at most AGENT_MOVE_MAX of them.
+AGENT_DROP, AGENT_MOVE_OUT, AGENT_MOVE_MAX = lib.UP_AGENT_DROP, lib.UP_AGENT_MOVE_OUT, lib.UP_AGENT_MOVE_MAX
+
+
 class Tracking(enum.IntEnum):
     """How a region learns which pages its process wrote."""
 
@@ -487,8 +492,8 @@ class FillRange:
         return filled
 
     def take_victims(self, want: int) -> list[Run]:
-        """Page-out (synchronous tracking): up to `want` clean resident
-        pages from the clock hand on, marked evicting (see native/fill.c)."""
+        """Page-out: up to `want` resident pages from the clock hand on, not
+        dirty (synchronous tracking), marked evicting (see native/fill.c)."""
         n = lib.up_fill_take_victims(self._live(), want, self._runs, self._RUNS)
         if n < 0:
             raise _os_error(ffi.errno, "choosing pages to drop")
