@@ -141,15 +141,26 @@ class Connection:
                     hello, _ = self._exchange(sock, {"op": "hello", "v": protocol.PROTOCOL_VERSION,
                                                      "pid": os.getpid()}, ())
                     self._greeted(hello)
-            try:
-                reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
-            except protocol.PagerGone:
-                # A map may have been recorded before the pager died: the new
-                # one would hold it twice. Everything else is asked again.
-                if op in ("hello", "map") or not self._may_wait_for_takeover():
-                    raise
-                sock = self._reattach()
-                reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    reply, received = self._exchange(sock, {"op": op, **fields}, pass_fds)
+                    break
+                except protocol.PagerGone:
+                    # A map may have been recorded before the pager died: the
+                    # new one would hold it twice. Everything else is asked
+                    # again, of each pager that takes over (it may die too),
+                    # for as long as the timeout allows.
+                    if op in ("hello", "map") or not self._may_wait_for_takeover() \
+                            or time.monotonic() > deadline:
+                        raise
+                while True:
+                    try:
+                        sock = self._reattach()
+                        break
+                    except protocol.PagerGone:
+                        if time.monotonic() > deadline:
+                            raise
             if op == "hello":
                 self._greeted(reply)
             return reply, received

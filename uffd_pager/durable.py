@@ -85,10 +85,12 @@ def remove_state(path: str) -> None:
 
 
 def process_start(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), or None if it is gone."""
+    """The process's start time (clock ticks since boot), or None if it is
+    gone: exited, a zombie not reaped yet included (its memory is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 

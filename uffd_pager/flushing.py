@@ -54,7 +54,20 @@ class Flusher:
         portion = region.portion
         if region.parent is not None:
             portion.place()
-        runs = await self._take_dirty(region)
+        # Until the pages taken are recorded, a pager taking over must write
+        # every present page: taking them makes them clean in the kernel's
+        # eyes (and, with "sync" tracking, takes turns with events).
+        whole = region.fill.tracking == Tracking.ASYNC_WP or region.fill.counters()["dirty_pages"] > 0
+        if whole:
+            self.record_flushing(region, [Run(region.fill.base, 0, region.fill.length)])
+        try:
+            runs = await self._take_dirty(region)
+        except BaseException:
+            if whole:
+                self.record_flushing(region, [])  # retry_pages has them
+            raise
+        if whole and not runs:
+            self.record_flushing(region, [])
         if runs and not region.writable:
             # Its client may not write the store (whoever else may): kept dirty.
             region.retry_pages |= pages_of(runs, region.fill.base)

@@ -87,14 +87,16 @@ class RegionTable:
 
     def add_region(self, uffd: Uffd, fill: FillRange, portion: Portion, *, owner_pid: int, fork_policy: str,
                     child_store: OpenStore, keep_child_portions: bool,
-                    parent: ServedRegion | None = None) -> ServedRegion:
-        region = ServedRegion(id=self._next_region_id, uffd=uffd, fill=fill, portion=portion,
+                    parent: ServedRegion | None = None, region_id: int | None = None) -> ServedRegion:
+        """region_id: the id of a region taken over (takeover.py), else the next one."""
+        region = ServedRegion(id=self._next_region_id if region_id is None else region_id, uffd=uffd, fill=fill, portion=portion,
                               owner_pid=owner_pid, fork_policy=fork_policy, child_store=child_store,
                               keep_child_portions=keep_child_portions, parent=parent,
                               spans=[(fill.base, fill.base + fill.length + PAGE_SIZE)])
         os.set_blocking(uffd.fd, False)
         self._loop.add_reader(uffd.fd, self.serve_faults_of, region)  # first: if it fails, nothing is left behind
-        self._next_region_id += 1
+        if region_id is None:
+            self._next_region_id += 1
         portion.region_id = region.id
         self.regions[region.id] = region
         self.on_added(region)

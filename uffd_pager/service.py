@@ -455,7 +455,8 @@ class PagerService:
         return {"ok": True, "v": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "uid": os.geteuid(),
                 "max_resident": (self._pageout.total_cap or self._pageout.tenant_cap) * PAGE_SIZE, "takeover": self._durable is not None}
 
-    async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    async def _op_map(self, conn: Connection, request: dict[str, Any], fds: list[int], *,
+                      region_id: int | None = None) -> dict[str, Any]:
         """A region of the client: its uffd, registered over address..+size
         and the tag page past it, and its store's descriptor, opened by the
         client with its own rights (the pager never opens a path for a
@@ -498,7 +499,7 @@ class PagerService:
             fill = FillRange(address, size, portion.state, tracking, read_ahead_pages=read_ahead.pages,
                              read_ahead_fixed=read_ahead.fixed)
             region = self._table.add_region(Uffd(uffd_fd), fill, portion, owner_pid=conn.pid, fork_policy=policy,
-                                      child_store=child_store, keep_child_portions=keep)
+                                            child_store=child_store, keep_child_portions=keep, region_id=region_id)
         except BaseException:
             for each in opened:
                 self._table.release_store(each)
@@ -591,8 +592,9 @@ class PagerService:
             if record.id in holder and record.parent is not None:
                 holder.setdefault(record.parent, holder[record.id])
         served: dict[int, ServedRegion] = {}
+        if records:  # regions made meanwhile (a FORK event read between two takeovers) get new ids
+            self._table.next_id_at_least(max(r.id for r in records) + 1)
         for record in records:
-            self._table.next_id_at_least(record.id)
             parent = served.get(record.parent) if record.parent is not None else None
             if record.id not in holder or (record.parent is not None and parent is None):
                 self._durable.forget(record.id)
@@ -604,7 +606,8 @@ class PagerService:
                 self._durable.forget(record.id)
                 continue
             except Exception as exc:
-                log.error("takeover: region %d of pid %d cannot be served again: %s", record.id, record.pid, exc)
+                log.error("takeover: region %d of pid %d cannot be served again: %s: %s", record.id, record.pid,
+                          type(exc).__name__, exc, exc_info=not isinstance(exc, OSError))
                 self._durable.forget(record.id)
                 continue
             served[record.id] = region
@@ -617,7 +620,6 @@ class PagerService:
                      record.request.get("url"), region.fill.length,
                      f", forked from region {record.parent}" if record.parent is not None else "")
         if records:
-            self._table.next_id_at_least(max(r.id for r in records) + 1)
             log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
 
     async def _take_over_one(self, record: RegionRecord, holder: RegionRecord, parent: ServedRegion | None,
@@ -630,7 +632,7 @@ class PagerService:
         else:
             assert parent_record is not None
             if holder is record:
-                region = self._serve_taken_over_child(record, reclaim(record, descriptors=False), parent)
+                region = await self._serve_taken_over_child(record, reclaim(record, descriptors=False), parent)
             else:
                 region = self._copy_of_gone_child(record, parent)
             # The parent's write-back in progress had these pages clean in the
@@ -646,7 +648,7 @@ class PagerService:
         fds = [reclaimed.uffd if name == "uffd" else reclaimed.descriptors[name] for name in request["fds"]]
         owner = Connection(sock=None, pid=record.pid, uid=record.uid)
         try:
-            reply = await self._op_map(owner, request, fds)  # takes what it keeps out of fds
+            reply = await self._op_map(owner, request, fds, region_id=record.id)  # takes what it keeps out of fds
         except BaseException:
             os.close(reclaimed.pidfd)
             raise
@@ -659,10 +661,10 @@ class PagerService:
         region.recorded = record
         region.pidfd = reclaimed.pidfd  # released when the process exits, unless it reconnects first
         self._loop.add_reader(region.pidfd, self._table.release_region, region)
-        self._resume(region, record)
+        await self._resume(region, record)
         return region
 
-    def _serve_taken_over_child(self, record: RegionRecord, reclaimed: Reclaimed,
+    async def _serve_taken_over_child(self, record: RegionRecord, reclaimed: Reclaimed,
                                 parent: ServedRegion) -> ServedRegion:
         """A forked child's copy again (as Lineage.adopt_fork_child made it,
         its process known as _op_adopt knows it)."""
@@ -673,14 +675,15 @@ class PagerService:
                              read_ahead_pages=pages, read_ahead_fixed=fixed)
             region = self._table.add_region(Uffd(reclaimed.uffd), fill, portion, owner_pid=record.pid,
                                             fork_policy=parent.fork_policy, child_store=parent.child_store,
-                                            keep_child_portions=parent.keep_child_portions, parent=parent)
+                                            keep_child_portions=parent.keep_child_portions, parent=parent,
+                                            region_id=record.id)
         except BaseException:
             reclaimed.close()
             raise
         region.copy_lock, region.recorded, region.writable = parent.copy_lock, record, parent.writable
         self._lineage.watch_child(region, record.pid, reclaimed.pidfd)
         self._lineage.sync_defer_missing()
-        self._resume(region, record)
+        await self._resume(region, record)
         return region
 
     def _portion_again(self, record: RegionRecord, parent: ServedRegion) -> Portion:
@@ -741,7 +744,7 @@ class PagerService:
             region.copy_lock = parent.copy_lock
         return region
 
-    def _resume(self, region: ServedRegion, record: RegionRecord) -> None:
+    async def _resume(self, region: ServedRegion, record: RegionRecord) -> None:
         """A region taken over is served again: the pages present in its
         process are resident, those written since its last write-back dirty (with "sync" tracking found in the page
         tables: their uffd-wp bit is clear; protected again so that the next
@@ -754,9 +757,9 @@ class PagerService:
             region.fill.scan_resident(region.pagemap_fd)  # what page-out counts against a cap, and may drop
             if region.fill.tracking == Tracking.SYNC_WP:
                 written = region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False)
-                for run in written:
-                    region.uffd.writeprotect(run.addr, run.length, protect=True)
                 region.retry_pages |= pages_of(written, region.fill.base)
+                for run in written:
+                    await _retrying_while_events_wait(region, region.uffd.writeprotect, run.addr, run.length, True)
             region.retry_pages |= _pages_of_runs(record.flushing)
             region.uffd.wake(region.fill.base, region.fill.length + PAGE_SIZE)
         except BaseException:
@@ -983,6 +986,21 @@ def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, A
         taken.append(line)
         used += cost
     return taken, used, False
+
+
+async def _retrying_while_events_wait(region: ServedRegion, call: Callable[..., object], *args: object) -> None:
+    """call(*args), an ioctl that fails with EAGAIN while an event of the
+    region's uffd (a fork the client made while no pager ran, say) is
+    unread: the loop reads it meanwhile. Bounded: 10 s."""
+    for _ in range(10_000):
+        try:
+            call(*args)
+            return
+        except BlockingIOError:
+            if region.released:
+                raise ProcessLookupError(errno.ESRCH, f"region {region.id}: its process exited") from None
+            await asyncio.sleep(0.001)
+    call(*args)
 
 
 def _pages_of_runs(runs: list[tuple[int, int]]) -> set[int]:

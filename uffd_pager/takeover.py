@@ -29,6 +29,7 @@ Kernel facts this relies on:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from uffd_pager.durable import RegionRecord, process_start
 from uffd_pager.native import ffi, lib
 from uffd_pager.uffd import PAGE_SIZE, RegisterMode, Uffd
 
+log = logging.getLogger("uffd_pager.pager")
 _UFFD_LINK = "anon_inode:[userfaultfd]"
 REGISTER_MODE = RegisterMode.MISSING | RegisterMode.WP  # the library's registration (client.REGION_REGISTER_MODE)
 
@@ -130,7 +132,8 @@ def _registers(fd: int, page: int) -> bool:
     """Whether page is registered with this uffd (see the module's doc)."""
     try:
         Uffd(fd).register(page, PAGE_SIZE, REGISTER_MODE)
-    except OSError:
+    except OSError as exc:
+        log.debug("takeover: the probe of page %#x through a userfaultfd: %s", page, exc)
         return False
     return True
 
