@@ -96,7 +96,7 @@ def test_a_value_of_the_wrong_type_or_range_is_refused_naming_its_key(tmp_path, 
 def test_every_serve_option_has_a_key_and_reads_as_on_the_command_line(tmp_path):
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     options = {action.dest for action in serve._actions if action.option_strings and action.dest not in
-               ("help", "config", "listen_fd")}
+               ("help", "config", "listen_fd", "parent_pid")}  # the library's private pager's own
     assert options == {key.dest for key in config.KEYS.values()}, "an option the config file cannot set, or the reverse"
     settings = config.load(write_config(tmp_path / "pager.toml", 'allow-users = "nobody,0"\nallow-groups = "users"\n'
                                         'socket-mode = "0660"\nsocket-group = "100"\nmetrics = "127.0.0.1:0"\n'))

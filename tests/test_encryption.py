@@ -1274,7 +1274,7 @@ def test_the_default_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 @pytest.mark.timeout(60)
 def test_a_state_directory_others_may_write_is_refused(tmp_path: Path, pager: uffd_pager.Pager, key: Key,
                                                        state_dir: Path) -> None:
-    state_dir.mkdir(mode=0o700)
+    state_dir.mkdir(mode=0o700, exist_ok=True)  # Pager() made it already (its takeover state)
     state_dir.chmod(0o777)
     store = new_store(tmp_path)
     with pytest.raises(PermissionError, match="state directory"):

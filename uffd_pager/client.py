@@ -429,6 +429,10 @@ class Pager:
         for name, url in (("store", store), ("children", children)):
             if url is not None and not isinstance(url, str):
                 raise TypeError(f"{name} must be a URL string, not {type(url).__name__}")
+        if dirty_tracking is None and self._conn.pager_cap and not max_resident:
+            # A pager's (or tenant's) cap over many regions holds faults of
+            # none of them: only "sync" page-out drops fast enough to keep it.
+            dirty_tracking = "sync"
         dirty_tracking = _tracking_for(dirty_tracking)
         tracking = parse_tracking(dirty_tracking)
         interval = parse_writeback_interval(writeback_interval)
