@@ -39,6 +39,17 @@ def url(path: Path) -> str:
     return f"file://{path}"
 
 
+def _write_random(path: Path, size: int) -> "hashlib._Hash":
+    """Fills path with size random bytes, 8 MiB at a time; their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // (8 * MiB)):
+            chunk = os.urandom(8 * MiB)
+            digest.update(chunk)
+            f.write(chunk)
+    return digest
+
+
 def mapping_rss(address: int) -> int:
     """The kernel's Rss of the mapping that holds address (bytes)."""
     inside = False
@@ -180,12 +191,7 @@ def _cgroup(limit: int) -> Path:
 def test_a_client_capped_at_300_mib_reads_a_1_gib_region_in_order_and_at_random(tmp_path):
     size = 1 << 30
     path = tmp_path / "big.bin"
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(size // (8 * MiB)):
-            chunk = os.urandom(8 * MiB)
-            digest.update(chunk)
-            f.write(chunk)
+    digest = _write_random(path, size)
     group = _cgroup(300 * MiB)
     try:
         child = Path(__file__).with_name("page_out_children.py")
@@ -301,12 +307,7 @@ def test_a_256_mib_region_under_a_32_mib_cap_reads_exactly_in_order_and_at_rando
     read-ahead window."""
     size, cap = 256 * MiB, 32 * MiB
     path = tmp_path / "big.bin"
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(size // (8 * MiB)):
-            chunk = os.urandom(8 * MiB)
-            digest.update(chunk)
-            f.write(chunk)
+    digest = _write_random(path, size)
     result = subprocess.run([sys.executable, str(CHILD), "read-capped", "-", str(path), str(size), str(cap), tracking],
                             capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
