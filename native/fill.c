@@ -316,6 +316,20 @@ int up_fill_is_dirty(const struct up_fill *f, uint64_t addr)
     return up_bits_test(f->dirty, page_index(f, addr));
 }
 
+int up_fill_mark_dirty(struct up_fill *f, uint64_t first, uint64_t count)
+{
+    if (!f->live) {
+        errno = EBADF;
+        return -1;
+    }
+    if (!f->dirty || !count)
+        return 0;
+    if (up_bits_set_range(f->dirty, first, first + count) < 0)
+        return -1;
+    f->dirty_pages = up_bits_count(f->dirty);
+    return 0;
+}
+
 int up_fill_inherit_dirty(struct up_fill *f, const struct up_fill *parent)
 {
     if (!f->live || !parent->live) {

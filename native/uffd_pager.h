@@ -235,6 +235,11 @@ int up_fill_forget(struct up_fill *fill, uint64_t start, uint64_t end);
 /* At fork: the child's dirty set gets every page dirty in the parent's. */
 int up_fill_inherit_dirty(struct up_fill *fill, const struct up_fill *parent);
 int up_fill_is_dirty(const struct up_fill *fill, uint64_t addr);
+/* Synchronous tracking: marks [first, first + count) (page indices) dirty,
+ * pages written that the next take of dirty pages must write back and
+ * protect again (a region taken over: found unprotected in its page
+ * tables). -1 with errno (EBADF: not live). */
+int up_fill_mark_dirty(struct up_fill *fill, uint64_t first, uint64_t count);
 
 /* --- portions (portion.c) ----------------------------------------------- */
 

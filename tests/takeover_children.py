@@ -21,7 +21,7 @@ def client(socket_path: str, url: str, tracking: str, key_file: str = "") -> Non
     writes 0x5A into pages 0-3, reports "mapped". Orders: "touch N" (a
     read of page N by this, the only, thread: it holds the GIL while it
     waits in the fault), "write N BYTE", "flush", "stats", "close"; each
-    answered with a report."""
+    answered with a report ("flush-failed" when a flush raises)."""
     pager = uffd_pager.connect(socket_path, timeout=30)
     key = {"key_file": key_file} if key_file else {}
     region = pager.map(url, PAGES * PAGE, dirty_tracking=tracking, writeback_interval=0, **key)
@@ -38,7 +38,10 @@ def client(socket_path: str, url: str, tracking: str, key_file: str = "") -> Non
             view[int(args[0]) * PAGE] = int(args[1])
             report("written")
         elif word == "flush":
-            report("flushed", **region.flush())
+            try:
+                report("flushed", **region.flush())
+            except OSError as exc:
+                report("flush-failed", error=str(exc))
         elif word == "stats":
             report("stats", **region.stats())
         elif word == "close":

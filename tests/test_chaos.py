@@ -28,11 +28,9 @@ def test_every_page_survives_twenty_kills_of_the_pager(start_daemon, tmp_path, p
     rng = random.Random(seed)
     key_file = tmp_path / "key"
     subprocess.run([sys.executable, "-m", "uffd_pager", "keygen", "--out", str(key_file)], check=True, timeout=30)
-    # Encrypted regions with "sync" tracking are left out: under these kills
-    # they lose writes (the store ends a write or more behind; issue 12's note).
     configs = [  # url, fork policy, tracking, key file
         (f"file://{tmp_path / 'plain'}", "on-write", "async", ""),
-        (f"file://{tmp_path / 'sealed'}", "at-fork", "async", str(key_file)),
+        (f"file://{tmp_path / 'sealed'}", "at-fork", "sync", str(key_file)),
         (private_redis_server.url_for("chaos-plain"), "on-access", "sync", ""),
         (private_redis_server.url_for("chaos-sealed"), "on-write", "async", str(key_file)),
     ]

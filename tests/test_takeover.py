@@ -185,6 +185,69 @@ def test_a_pager_killed_in_the_middle_of_a_write_back_has_its_successor_write_th
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("tracking", ["async", "sync"])
+def test_writes_a_pager_took_over_and_died_before_flushing_reach_the_store_through_the_next(
+        start_daemon, tmp_path, tracking):
+    """Pages written, never flushed; the pager is killed, the next one takes
+    the region over (with "sync" tracking it learns the written pages from
+    the page tables) and is killed before any write-back: the third still
+    finds them. (Protecting them again at takeover had them clean in the
+    page tables while only the second pager's memory knew them dirty.)"""
+    store = tmp_path / "store"
+    original = os.urandom(PAGES * PAGE)
+    store.write_bytes(original)
+    daemon = start_daemon("twice.sock")
+    client = ChildScript(CHILDREN_PY, "client", daemon.path, f"file://{store}", tracking)
+    try:
+        client.expect("mapped")
+        client.expect("written")  # pages 0-3, never flushed
+        for _ in range(2):
+            kill(daemon)
+            daemon = start_daemon("twice.sock")
+            with daemon.connect() as monitor:
+                assert monitor.status()["takeover"]["regions"] == 1
+        client.send("flush")
+        flushed = client.expect("flushed", timeout=40)
+        assert flushed["pages"] >= 4, flushed
+        data = store.read_bytes()
+        assert data[:4 * PAGE] == b"\x5a" * (4 * PAGE), "writes the second pager took over were lost"
+        assert data[4 * PAGE:] == original[4 * PAGE:]
+    finally:
+        client.kill(join_readers=True)
+
+
+@pytest.mark.timeout(120)
+def test_pages_a_failed_write_back_left_dirty_are_written_by_the_next_pager(start_daemon, private_redis_server):
+    """A flush fails (the server stopped answering) after it took the dirty
+    pages, which the kernel no longer reports: the pager keeps them to
+    retry, and so does its durable state, so that when it dies before the
+    retry its successor writes them."""
+    url = private_redis_server.url_for("failed") + "?timeout=0.5"
+    daemon = start_daemon("failed.sock")
+    client = ChildScript(CHILDREN_PY, "client", daemon.path, url, "async")
+    try:
+        client.expect("mapped")
+        client.expect("written")  # pages 0-3, never flushed
+        os.kill(private_redis_server.pid, signal.SIGSTOP)
+        try:
+            client.send("flush")
+            assert "flush-failed" == client.next(timeout=30)["what"]
+        finally:
+            os.kill(private_redis_server.pid, signal.SIGCONT)
+        kill(daemon)
+        daemon = start_daemon("failed.sock")
+        client.send("flush")
+        flushed = client.expect("flushed", timeout=40)
+        assert flushed["pages"] >= 4, flushed
+        with uffd_pager.connect(daemon.path) as pager, pager.map(url, PAGES * PAGE) as region:
+            view = region.view()
+            assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the failed write-back's pages were lost"
+            del view
+    finally:
+        client.kill(join_readers=True)
+
+
+@pytest.mark.timeout(120)
 def test_a_capped_region_taken_over_is_capped_again_once_its_process_is_back(start_daemon, tmp_path):
     """The new pager counts the pages the process holds (its page tables
     say), and caps the region again when the process reattaches with a new

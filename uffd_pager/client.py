@@ -55,7 +55,6 @@ from uffd_pager.durable import remove_state, state_path
 from uffd_pager.logs import parse_log_level
 from uffd_pager.stores import is_remote
 from uffd_pager.stores.file import file_path, open_store_file
-from uffd_pager.native import lib
 from uffd_pager.restart import LISTEN_FD, MAX_RESTARTS, MAX_RESTARTS_LIMIT, PagerProcess
 from uffd_pager.uffd import PAGE_SIZE, Feature, RegisterMode, Tracking, Uffd, available_features, buffer_address
 

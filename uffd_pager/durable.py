@@ -25,9 +25,11 @@ written again before any page of the parent's portion changes: the
 parent's write-back does it, after the copies its children need and
 before its own writes (lineage.Lineage.preserve_for_children). A row whose
 process is gone stays, marked released, while children inherit from its
-portion. A region's write-back in progress is recorded too (the runs of
-pages it took, which the kernel no longer reports dirty), so that a pager
-killed in the middle of one has its successor write them again.
+portion. So are a region's pages that the kernel no longer reports dirty
+but that are not in the store: the whole region while a write-back is
+under way (it takes the dirty pages first), then the pages a failed one
+left to retry, so that a pager killed meanwhile has its successor write
+them.
 
 The file carries its format version: a pager refuses, clearly, a state
 written by a newer format, rather than serve from what it cannot read; an
@@ -64,7 +66,7 @@ class RegionRecord:
     offset: int | None = None  # a forked child's portion, once placed
     materialized: PageRuns = field(default_factory=list)  # pages a forked child's portion holds
     released: bool = False  # its process is gone; kept while children inherit from its portion
-    flushing: PageRuns = field(default_factory=list)  # pages a write-back in progress took
+    flushing: PageRuns = field(default_factory=list)  # pages clean in the kernel's eyes, not in the store
 
 
 def state_path(state_dir: str, address: str | bytes) -> str:
@@ -138,7 +140,8 @@ class DurableState:
                                       for region_id, offset, runs in portions])
 
     def flushing(self, region_id: int, runs: PageRuns) -> None:
-        """A write-back of these pages starts (None: it is over)."""
+        """These pages are clean in the kernel's eyes but not in the store
+        (none: every page is)."""
         with self._db:
             self._db.execute("UPDATE regions SET flushing = ? WHERE id = ?",
                              (json.dumps(runs) if runs else None, region_id))

@@ -19,7 +19,7 @@ from uffd_pager.uffd import (
     Tracking,
     present_pages,
 )
-from uffd_pager.writeback import merge_runs, pages_of, runs_of_pages, write_back
+from uffd_pager.writeback import merge_runs, page_runs, pages_of, runs_of_pages, write_back
 
 log = logging.getLogger("uffd_pager.pager")
 
@@ -31,9 +31,9 @@ class Flusher:
         self._loop = loop
         self._table = table
         self._lineage = lineage
-        # Records the pages a write-back took (none: it is over) in the
-        # durable state: the kernel no longer reports them dirty.
-        self.record_flushing: Callable[[ServedRegion, list[Run]], None] = lambda region, runs: None
+        # Records in the durable state the pages that are clean in the
+        # kernel's eyes but not in the store (none: every page is).
+        self.record_flushing: Callable[[ServedRegion, list[tuple[int, int]]], None] = lambda region, pages: None
 
     async def flush(self, region: ServedRegion) -> dict[str, int]:
         """Writes every page dirtied before the call to the region's portion
@@ -51,23 +51,28 @@ class Flusher:
     async def _flush_held(self, region: ServedRegion) -> dict[str, int]:
         if region.fill.tracking == Tracking.NONE or region.released:
             return {"pages": 0, "bytes": 0}
-        portion = region.portion
         if region.parent is not None:
-            portion.place()
-        # Until the pages taken are recorded, a pager taking over must write
-        # every present page: taking them makes them clean in the kernel's
-        # eyes (and, with "sync" tracking, takes turns with events).
-        whole = region.fill.tracking == Tracking.ASYNC_WP or region.fill.counters()["dirty_pages"] > 0
-        if whole:
-            self.record_flushing(region, [Run(region.fill.base, 0, region.fill.length)])
+            region.portion.place()
+        # Taking the dirty pages makes them clean in the kernel's eyes (and,
+        # with "sync" tracking, takes turns with events): until they are
+        # written, the durable state says the whole region may hold unwritten
+        # pages (which ones is known only once taken, and one commit before
+        # and one after is all a write-back pays), so that a pager taking
+        # over after our death writes every present page. What a failure
+        # leaves in retry_pages stays recorded.
+        journal = (region.fill.tracking == Tracking.ASYNC_WP or region.fill.dirty_pages > 0
+                   or bool(region.retry_pages))
+        if journal:
+            self.record_flushing(region, [(0, region.fill.length // PAGE_SIZE)])
         try:
-            runs = await self._take_dirty(region)
-        except BaseException:
-            if whole:
-                self.record_flushing(region, [])  # retry_pages has them
-            raise
-        if whole and not runs:
-            self.record_flushing(region, [])
+            return await self._write_taken(region)
+        finally:
+            if journal:
+                self.record_flushing(region, page_runs(region.retry_pages))
+
+    async def _write_taken(self, region: ServedRegion) -> dict[str, int]:
+        portion = region.portion
+        runs = await self._take_dirty(region)
         if runs and not region.writable:
             # Its client may not write the store (whoever else may): kept dirty.
             region.retry_pages |= pages_of(runs, region.fill.base)
@@ -77,8 +82,6 @@ class Flusher:
         # eyes but not in the store: a fork meanwhile must know (see
         # _adopt_fork_child), and a failure puts them back.
         region.in_flight = pages_of(runs, region.fill.base)
-        if runs:
-            self.record_flushing(region, runs)
         try:
             await self._lineage.preserve_for_children(region, runs)
             if not runs and region.parent is None:
@@ -91,8 +94,6 @@ class Flusher:
             raise
         finally:
             region.in_flight = set()
-            if runs:
-                self.record_flushing(region, [])  # on failure retry_pages has them
         async with region.copy_lock:  # one thread at a time changes a portion's page sets
             for run in runs:
                 portion.state.mark(region.page_index(run.addr), run.length // PAGE_SIZE)

@@ -48,12 +48,11 @@ from uffd_pager.tenants import Access, TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
     FillRange,
-    Run,
     Tracking,
     Uffd,
     is_userfaultfd,
 )
-from uffd_pager.writeback import pages_of
+from uffd_pager.writeback import page_runs
 
 if TYPE_CHECKING:  # imported when --metrics asks for it: prometheus_client costs start-up time
     from uffd_pager.metrics import PagerMetrics
@@ -260,10 +259,10 @@ class PagerService:
             portion.recorded_missing = portion.state.missing()
         self._durable.record_portions(rows)
 
-    def _record_flushing(self, region: ServedRegion, runs: list[Run]) -> None:
+    def _record_flushing(self, region: ServedRegion, pages: list[tuple[int, int]]) -> None:
         assert self._durable is not None
         if region.recorded is not None:
-            self._durable.flushing(region.id, [(region.page_index(r.addr), r.length // PAGE_SIZE) for r in runs])
+            self._durable.flushing(region.id, pages)
 
     def _watch_program(self) -> None:
         """A private pager stops, once idle, when its program is gone, and
@@ -566,7 +565,8 @@ class PagerService:
             return
         region.recorded = dataclasses.replace(
             parent, id=region.id, pid=region.owner_pid, pid_start=start, parent=parent.id,
-            offset=region.portion.offset, materialized=region.portion.state.held_runs(), released=False, flushing=[])
+            offset=region.portion.offset, materialized=region.portion.state.held_runs(), released=False,
+            flushing=page_runs(region.retry_pages))  # the parent's write-back in progress at fork
         region.portion.recorded_missing = region.portion.state.missing()
         self._durable.record(region.recorded)
 
@@ -638,6 +638,8 @@ class PagerService:
             # The parent's write-back in progress had these pages clean in the
             # child's page tables too (see Lineage.adopt_fork_child).
             region.retry_pages |= _pages_of_runs(parent_record.flushing)
+            if region.retry_pages and self._durable is not None:
+                self._record_flushing(region, page_runs(region.retry_pages))
         return region
 
     async def _serve_taken_over(self, record: RegionRecord, reclaimed: Reclaimed) -> ServedRegion:
@@ -746,20 +748,19 @@ class PagerService:
 
     async def _resume(self, region: ServedRegion, record: RegionRecord) -> None:
         """A region taken over is served again: the pages present in its
-        process are resident, those written since its last write-back dirty (with "sync" tracking found in the page
-        tables: their uffd-wp bit is clear; protected again so that the next
-        write is seen, and a protection never asks for no wake-up: EINVAL),
-        so are those of a write-back the dead pager had not finished, and
-        every thread waiting in a fault is woken to fault again."""
+        process are resident, those written since its last write-back dirty
+        (with "sync" tracking found in the page tables, their uffd-wp bit
+        clear, and left so until the next write-back takes them: protected
+        now, they would be clean in the page tables while only our memory
+        knew them dirty, and lost if this pager died too), so are those of a
+        write-back the dead pager had not finished, and every thread waiting
+        in a fault is woken to fault again."""
         try:
             if region.pagemap_fd < 0:
                 region.pagemap_fd = os.open(f"/proc/{record.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             region.fill.scan_resident(region.pagemap_fd)  # what page-out counts against a cap, and may drop
             if region.fill.tracking == Tracking.SYNC_WP:
-                written = region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False)
-                region.retry_pages |= pages_of(written, region.fill.base)
-                for run in written:
-                    await _retrying_while_events_wait(region, region.uffd.writeprotect, run.addr, run.length, True)
+                region.fill.mark_dirty(region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False))
             region.retry_pages |= _pages_of_runs(record.flushing)
             region.uffd.wake(region.fill.base, region.fill.length + PAGE_SIZE)
         except BaseException:
@@ -986,21 +987,6 @@ def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, A
         taken.append(line)
         used += cost
     return taken, used, False
-
-
-async def _retrying_while_events_wait(region: ServedRegion, call: Callable[..., object], *args: object) -> None:
-    """call(*args), an ioctl that fails with EAGAIN while an event of the
-    region's uffd (a fork the client made while no pager ran, say) is
-    unread: the loop reads it meanwhile. Bounded: 10 s."""
-    for _ in range(10_000):
-        try:
-            call(*args)
-            return
-        except BlockingIOError:
-            if region.released:
-                raise ProcessLookupError(errno.ESRCH, f"region {region.id}: its process exited") from None
-            await asyncio.sleep(0.001)
-    call(*args)
 
 
 def _pages_of_runs(runs: list[tuple[int, int]]) -> set[int]:

@@ -542,6 +542,11 @@ class FillRange:
         return {name: getattr(self._c, name) for name in self._COUNTERS}
 
     @property
+    def dirty_pages(self) -> int:
+        """Synchronous tracking: the pages in the dirty set."""
+        return self._c.dirty_pages
+
+    @property
     def timing(self) -> bool:
         """Whether served faults are timed into `latency()` (metrics.py)."""
         return bool(self._c.time_faults)
@@ -584,6 +589,14 @@ class FillRange:
         """[start, end) was removed or unmapped: neither resident nor dirty now."""
         if lib.up_fill_forget(self._live(), start, end) < 0:
             raise _os_error(ffi.errno, f"forgetting pages {start:#x}..{end:#x}")
+
+    def mark_dirty(self, runs: list[Run]) -> None:
+        """Synchronous tracking: the pages of runs are dirty (written, not
+        protected): the next take_dirty writes them back and protects them."""
+        for run in runs:
+            first = (run.addr - self.base) // PAGE_SIZE
+            if lib.up_fill_mark_dirty(self._live(), first, run.length // PAGE_SIZE) < 0:
+                raise _os_error(ffi.errno, f"marking pages {first}..{first + run.length // PAGE_SIZE} dirty")
 
     def is_dirty(self, address: int) -> bool:
         """Synchronous tracking: the page is in the dirty set."""

@@ -47,6 +47,17 @@ def pages_of(runs: list[Run], base: int) -> set[int]:
     return {(run.addr - base) // PAGE_SIZE + k for run in runs for k in range(run.length // PAGE_SIZE)}
 
 
+def page_runs(pages: set[int]) -> list[tuple[int, int]]:
+    """Page indices as (first, npages) runs, in order."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
+
+
 def runs_of_pages(pages: set[int], base: int, store_offset: int) -> list[Run]:
     """Page indices back to runs at the region's current address."""
     return merge_runs([Run(base + p * PAGE_SIZE, store_offset + p * PAGE_SIZE, PAGE_SIZE) for p in pages])
