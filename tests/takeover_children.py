@@ -126,5 +126,37 @@ def family(socket_path: str, url: str, policy: str, go_path: str, fate: str) -> 
             return
 
 
+@child("keeper")
+def keeper(socket_path: str, url: str) -> None:
+    """Maps url (32 pages, children's portions kept); on each "fork BYTE"
+    forks a child that writes BYTE into page 0, flushes and exits, and
+    reports where the child's portion was ("forked", offset). "close"."""
+    pager = uffd_pager.connect(socket_path, timeout=30)
+    region = pager.map(url, PAGES * PAGE, keep_child_portions=True, writeback_interval=0)
+    report("mapped")
+    reader, writer = os.pipe()
+    while line := order():
+        word, *args = line.split()
+        if word == "fork":
+            pid = os.fork()
+            if pid == 0:
+                offset = -1
+                try:
+                    region.view()[0] = int(args[0])
+                    region.flush()
+                    backing = region.backing()
+                    offset = backing.offset if backing else -1
+                finally:
+                    os.write(writer, offset.to_bytes(8, "little", signed=True))
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            report("forked", offset=int.from_bytes(os.read(reader, 8), "little", signed=True))
+        elif word == "close":
+            region.close()
+            pager.close()
+            report("closed")
+            return
+
+
 if __name__ == "__main__":
     CHILDREN.main()

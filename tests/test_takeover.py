@@ -112,8 +112,10 @@ def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_pat
     first = start_daemon("family.sock")
     family = ChildScript(CHILDREN_PY, "family", first.path, f"file://{store}", policy, go, fate)
     try:
-        family.expect("child-forked")
-        assert family.expect("parent-flushed")["pages"] == 16
+        # The child's report (once it claimed its copy) and the parent's, in either order.
+        reports = {message["what"]: message for message in (family.next(30), family.next(30)) if message}
+        assert set(reports) == {"child-forked", "parent-flushed"}, reports
+        assert reports["parent-flushed"]["pages"] == 16
         if fate == "gone":
             family.process.wait(timeout=20)
             with first.connect() as monitor:  # the pager saw the parent go (its pidfd), the child stays
@@ -243,6 +245,40 @@ def test_pages_a_failed_write_back_left_dirty_are_written_by_the_next_pager(star
             view = region.view()
             assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the failed write-back's pages were lost"
             del view
+    finally:
+        client.kill(join_readers=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_portion_kept_for_an_exited_child_is_never_handed_out_by_the_next_pager(start_daemon, tmp_path):
+    """keep_child_portions: an exited child's portion stays in the store,
+    never handed out again, after a takeover too. The store is sparse past
+    page 0 and the child wrote only page 0, so the store's end says nothing
+    of the portion's length: only the durable state keeps its place."""
+    store = tmp_path / "store"
+    with open(store, "wb") as f:
+        f.write(b"\x01" * PAGE)
+        f.truncate(PAGES * PAGE)
+    daemon = start_daemon("kept.sock")
+    client = ChildScript(CHILDREN_PY, "keeper", daemon.path, f"file://{store}")
+    try:
+        client.expect("mapped")
+        client.send("fork 17")
+        first = client.expect("forked")["offset"]
+        assert first >= PAGES * PAGE
+        kill(daemon)
+        daemon = start_daemon("kept.sock")
+        client.send("fork 68")
+        second = client.expect("forked", timeout=40)["offset"]
+        assert second >= first + PAGES * PAGE or second + PAGES * PAGE <= first, \
+            f"a new child's portion at {second} overlaps the kept one at {first}"
+        with open(store, "rb") as f:
+            f.seek(first)
+            kept = f.read(PAGES * PAGE)
+        assert kept[:PAGE] == b"\x11" + b"\x01" * (PAGE - 1) and kept[PAGE:] == bytes(len(kept) - PAGE), \
+            "the kept portion's bytes changed"
+        client.send("close")
+        client.expect("closed")
     finally:
         client.kill(join_readers=True)
 

@@ -31,10 +31,15 @@ under way (it takes the dirty pages first), then the pages a failed one
 left to retry, so that a pager killed meanwhile has its successor write
 them.
 
+And the slots of a store that are never to be handed out again: the
+portions of exited children kept by keep_child_portions (and slots a
+remote store could not discard), by the store's identity, so that a pager
+taking over never places a new child's portion over one.
+
 The file carries its format version: a pager refuses, clearly, a state
 written by a newer format, rather than serve from what it cannot read; an
 older one is brought up to date (format 1 had no forked children and no
-write-backs in progress).
+write-backs in progress, format 2 no kept slots).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 PageRuns = list[tuple[int, int]]  # (first page, npages)
 
@@ -75,6 +80,11 @@ def state_path(state_dir: str, address: str | bytes) -> str:
     name = os.fsencode(os.path.abspath(address)) if isinstance(address, str) else address
     digest = hashlib.sha256(name).hexdigest()[:16]
     return os.path.join(state_dir, f"takeover-{digest}.sqlite3")
+
+
+def store_name(identity: tuple[object, ...]) -> str:
+    """How the kept slots' table names a store: its identity (stores/base.py)."""
+    return repr(identity)
 
 
 def remove_state(path: str) -> None:
@@ -121,6 +131,8 @@ class DurableState:
                 for column in ("parent INTEGER", "portion TEXT", "released INTEGER NOT NULL DEFAULT 0",
                                "flushing TEXT"):
                     self._db.execute(f"ALTER TABLE regions ADD COLUMN {column}")
+            self._db.execute("CREATE TABLE IF NOT EXISTS kept (store TEXT NOT NULL, offset INTEGER NOT NULL, "
+                             "length INTEGER NOT NULL, PRIMARY KEY (store, offset))")
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
 
     def record(self, record: RegionRecord) -> None:
@@ -153,6 +165,15 @@ class DurableState:
     def forget(self, region_id: int) -> None:
         with self._db:
             self._db.execute("DELETE FROM regions WHERE id = ?", (region_id,))
+
+    def keep_slot(self, store: str, offset: int, length: int) -> None:
+        """A slot of store (its identity, as store_name says it) is never to be handed out again."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?, ?)", (store, offset, length))
+
+    def kept_slots(self, store: str) -> list[tuple[int, int]]:
+        return [(offset, length) for offset, length in
+                self._db.execute("SELECT offset, length FROM kept WHERE store = ? ORDER BY offset", (store,))]
 
     def regions(self) -> list[RegionRecord]:
         """Every row, parents before their children (a child's id is greater)."""

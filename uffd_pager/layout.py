@@ -9,6 +9,7 @@ child reads it through its parent's portion (see native/portion.c).
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uffd_pager.crypto import PageAuthError
 from uffd_pager.stores.base import BadPage, Extent, Store, UnauthenticPage, run_blocking
@@ -136,15 +137,20 @@ class PortionAllocator:
     slot to its caller, which gives it back with `add_free` once the store
     has discarded it."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, kept: Iterable[tuple[int, int]] = (),
+                 on_kept: Callable[[int, int], None] = lambda offset, length: None) -> None:
+        """kept: slots never to hand out (kept by an earlier pager);
+        on_kept(offset, length) is told of each slot kept from now on."""
         self.store = store
         self._discard_on_reuse = store.local_fd >= 0
         self.in_use: dict[int, int] = {}  # offset -> length
         self._users: dict[int, int] = {}  # offset -> regions mapping that portion
         self._free: list[tuple[int, int]] = []
-        # Portions kept after their child exited (keep_child_portions=True)
-        # stay out of reach of later allocations.
-        self._kept: list[tuple[int, int]] = []
+        # Portions kept after their child exited (keep_child_portions=True),
+        # and slots that could not be discarded, stay out of reach of later
+        # allocations, this pager's and its successors' (on_kept records them).
+        self._kept: list[tuple[int, int]] = list(kept)
+        self._on_kept = on_kept
         self._discarding: list[tuple[int, int]] = []  # freed, not yet discarded by the store
 
     def reserve(self, offset: int, length: int) -> None:
@@ -180,7 +186,7 @@ class PortionAllocator:
         if length is None:
             return None
         if not reuse:
-            self._kept.append((offset, length))
+            self._keep(offset, length)
             return None
         if self._discard_on_reuse:
             self._free.append((offset, length))
@@ -192,7 +198,14 @@ class PortionAllocator:
         """A released slot, discarded by the store (or not: then it is
         never handed out again, since it may hold an exited child's bytes)."""
         self._discarding.remove((offset, length))
-        (self._free if discarded else self._kept).append((offset, length))
+        if discarded:
+            self._free.append((offset, length))
+        else:
+            self._keep(offset, length)
+
+    def _keep(self, offset: int, length: int) -> None:
+        self._kept.append((offset, length))
+        self._on_kept(offset, length)
 
 
 class Portion:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 from typing import Awaitable, Callable, Iterator
@@ -19,7 +20,7 @@ from uffd_pager.layout import (
     PortionAllocator,
 )
 from uffd_pager.served import OpenStore, ServedRegion
-from uffd_pager.stores import FileStore, open_store
+from uffd_pager.stores import FileStore, Store, open_store
 from uffd_pager.uffd import (
     PAGE_SIZE,
     FillRange,
@@ -45,6 +46,10 @@ class RegionTable:
         self.on_released: Callable[[ServedRegion], None] = lambda region: None
         self.on_added: Callable[[ServedRegion], None] = lambda region: None  # metrics' timing
         self.on_portion_freed: Callable[[Portion], None] = lambda portion: None  # its durable row goes
+        # The slots of a store an earlier pager kept (PortionAllocator), and
+        # where a slot kept now is recorded: the durable state.
+        self.kept_slots: Callable[[Store], list[tuple[int, int]]] = lambda store: []
+        self.on_slot_kept: Callable[[Store, int, int], None] = lambda store, offset, length: None
 
     def next_id_at_least(self, region_id: int) -> None:
         """The next region made gets region_id or more (a region taken over keeps its id)."""
@@ -68,7 +73,8 @@ class RegionTable:
             store.close()
             raise
         if shared is None:
-            shared = self.stores[identity] = OpenStore(store, PortionAllocator(store))
+            allocator = PortionAllocator(store, self.kept_slots(store), functools.partial(self.on_slot_kept, store))
+            shared = self.stores[identity] = OpenStore(store, allocator)
         else:
             if isinstance(store, FileStore) and isinstance(shared.store, FileStore):
                 shared.store.upgrade(store)  # write-back of the regions that may write needs a writable one
