@@ -77,8 +77,9 @@ def capped(socket_path: str, url: str, pages: str, cap: str) -> None:
 
 
 @child("family")
-def family(socket_path: str, url: str, policy: str, go_path: str, fate: str) -> None:
-    """Maps url (32 pages, fork_policy=policy, children's portions kept),
+def family(socket_path: str, url: str, policy: str, go_path: str, fate: str, children: str = "") -> None:
+    """Maps url (32 pages, fork_policy=policy, children's portions kept, in
+    the store children if given),
     forks a child, writes 0x22 into pages 0-15 and flushes ("parent-flushed",
     with the child's pid). fate "gone": then exits. The child waits for a
     line on the FIFO go_path ("child-forked" first), reads every page ("child-read"), writes 0x33
@@ -86,7 +87,8 @@ def family(socket_path: str, url: str, policy: str, go_path: str, fate: str) -> 
     and exits. The parent's orders: "read" (every page's first byte),
     "write N BYTE", "flush", "close"."""
     pager = uffd_pager.connect(socket_path, timeout=30)
-    region = pager.map(url, PAGES * PAGE, fork_policy=policy, keep_child_portions=True, writeback_interval=0)
+    region = pager.map(url, PAGES * PAGE, fork_policy=policy, keep_child_portions=True, writeback_interval=0,
+                       children=children or None)
     view = region.view()
     pid = os.fork()
     if pid == 0:

@@ -98,19 +98,24 @@ def test_a_killed_daemon_is_taken_over_by_the_next_one_on_its_socket(start_daemo
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("policy,fate", [("on-write", "alive"), ("at-fork", "alive"), ("on-access", "alive"),
-                                         ("on-write", "gone")])
-def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_path, policy, fate):
+@pytest.mark.parametrize("policy,fate,children", [("on-write", "alive", False), ("at-fork", "alive", False),
+                                                  ("on-access", "alive", False), ("on-write", "gone", False),
+                                                  ("on-write", "gone", True)])
+def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_path, policy, fate, children):
     """The parent rewrote pages 0-15 after the fork: the child's view of them
     is in its own portion only (copied there before the parent's write),
     which the new pager must know; pages 16-31 it still reads through its
-    parent's portion, even once the parent is gone."""
+    parent's portion, even once the parent is gone (and once the child is
+    gone too, nothing of either stays open)."""
     store = tmp_path / "store"
     store.write_bytes(b"\x11" * PAGES * PAGE)
+    kids = tmp_path / "kids"
+    kids.write_bytes(b"")
     go = tmp_path / "go"
     os.mkfifo(go)
     first = start_daemon("family.sock")
-    family = ChildScript(CHILDREN_PY, "family", first.path, f"file://{store}", policy, go, fate)
+    family = ChildScript(CHILDREN_PY, "family", first.path, f"file://{store}", policy, go, fate,
+                         f"file://{kids}" if children else "")
     try:
         # The child's report (once it claimed its copy) and the parent's, in either order.
         reports = {message["what"]: message for message in (family.next(30), family.next(30)) if message}
@@ -143,12 +148,19 @@ def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_pat
             family.expect("flushed", timeout=30)
             family.send("close")
             family.expect("closed", timeout=30)
+        else:
+            family.process.wait(timeout=20)  # the child exited after its flush: the lineage is gone
+            with second.connect() as monitor:
+                deadline = time.monotonic() + 20
+                while (status := monitor.status())["region_list"] or status["stores"]:
+                    assert time.monotonic() < deadline, f"a gone lineage left regions or stores open: {status}"
+                    time.sleep(0.05)
         data = store.read_bytes()
         root = data[:PAGES * PAGE]
         assert root[:16 * PAGE] == b"\x22" * (16 * PAGE) and root[16 * PAGE:24 * PAGE] == b"\x11" * (8 * PAGE)
         if fate == "alive":
             assert root[24 * PAGE] == 7
-        own = data[flushed["offset"]:flushed["offset"] + PAGES * PAGE]
+        own = (kids.read_bytes() if children else data)[flushed["offset"]:flushed["offset"] + PAGES * PAGE]
         expected = bytearray(b"\x11" * PAGES * PAGE)
         expected[20 * PAGE] = 0x33
         assert own == bytes(expected), "the child's portion does not hold its view"

@@ -622,6 +622,12 @@ class PagerService:
             log.info("takeover: region %d of pid %d, %s, %d bytes%s: served again", region.id, record.pid,
                      record.request.get("url"), region.fill.length,
                      f", forked from region {record.parent}" if record.parent is not None else "")
+        for region in served.values():
+            if region.released and region.holds_children_store:
+                # A gone root lets go of the children's store as a released
+                # region does: its descendants' portions hold uses of their own.
+                region.holds_children_store = False
+                self._table.release_store(region.child_store)
         if records:
             log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
 
