@@ -169,30 +169,39 @@ def test_a_forked_child_is_taken_over_with_its_own_portion(start_daemon, tmp_pat
 
 
 @pytest.mark.timeout(120)
-def test_a_pager_killed_in_the_middle_of_a_write_back_has_its_successor_write_those_pages(
-        start_daemon, private_redis_server):
+@pytest.mark.parametrize("when", ["during", "after-failing"])
+def test_a_write_back_its_pager_did_not_finish_is_written_by_the_next_pager(start_daemon, private_redis_server, when):
     """The write-back took the dirty pages (write-protected again: the kernel
-    no longer reports them) and waits on a stopped server when the pager is
-    killed: the next pager writes them at the next flush."""
-    url = private_redis_server.url_for("midflush")
-    first = start_daemon("midflush.sock")
-    client = ChildScript(CHILDREN_PY, "client", first.path, url, "async")
+    no longer reports them) and the server stopped answering: the pager is
+    killed while it waits ("during"), or after the flush failed, keeping
+    them to retry ("after-failing": its durable state keeps them too). The
+    next pager writes them at the next flush."""
+    url = private_redis_server.url_for(f"unfinished-{when}") + ("?timeout=0.5" if when == "after-failing" else "")
+    daemon = start_daemon("unfinished.sock")
+    client = ChildScript(CHILDREN_PY, "client", daemon.path, url, "async")
     try:
         client.expect("mapped")
         client.expect("written")  # pages 0-3, never flushed
         os.kill(private_redis_server.pid, signal.SIGSTOP)
         try:
             client.send("flush")
-            time.sleep(0.5)  # the pager is waiting on the server with the pages taken
-            kill(first)
+            if when == "during":
+                time.sleep(0.5)  # the pager is waiting on the server with the pages taken
+                kill(daemon)
+            else:
+                assert client.next(timeout=30)["what"] == "flush-failed"
         finally:
             os.kill(private_redis_server.pid, signal.SIGCONT)
-        second = start_daemon("midflush.sock")
-        flushed = client.expect("flushed", timeout=60)  # the flush reconnects and is asked again
+        if when == "after-failing":
+            kill(daemon)
+        daemon = start_daemon("unfinished.sock")
+        if when == "after-failing":
+            client.send("flush")  # ("during": the flush under way reconnects and is asked again)
+        flushed = client.expect("flushed", timeout=60)
         assert flushed["pages"] >= 4, flushed
-        with uffd_pager.connect(second.path) as pager, pager.map(url, PAGES * PAGE) as region:
+        with uffd_pager.connect(daemon.path) as pager, pager.map(url, PAGES * PAGE) as region:
             view = region.view()
-            assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the interrupted write-back's pages were lost"
+            assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the unfinished write-back's pages were lost"
             del view
     finally:
         client.kill(join_readers=True)
@@ -226,37 +235,6 @@ def test_writes_a_pager_took_over_and_died_before_flushing_reach_the_store_throu
         data = store.read_bytes()
         assert data[:4 * PAGE] == b"\x5a" * (4 * PAGE), "writes the second pager took over were lost"
         assert data[4 * PAGE:] == original[4 * PAGE:]
-    finally:
-        client.kill(join_readers=True)
-
-
-@pytest.mark.timeout(120)
-def test_pages_a_failed_write_back_left_dirty_are_written_by_the_next_pager(start_daemon, private_redis_server):
-    """A flush fails (the server stopped answering) after it took the dirty
-    pages, which the kernel no longer reports: the pager keeps them to
-    retry, and so does its durable state, so that when it dies before the
-    retry its successor writes them."""
-    url = private_redis_server.url_for("failed") + "?timeout=0.5"
-    daemon = start_daemon("failed.sock")
-    client = ChildScript(CHILDREN_PY, "client", daemon.path, url, "async")
-    try:
-        client.expect("mapped")
-        client.expect("written")  # pages 0-3, never flushed
-        os.kill(private_redis_server.pid, signal.SIGSTOP)
-        try:
-            client.send("flush")
-            assert "flush-failed" == client.next(timeout=30)["what"]
-        finally:
-            os.kill(private_redis_server.pid, signal.SIGCONT)
-        kill(daemon)
-        daemon = start_daemon("failed.sock")
-        client.send("flush")
-        flushed = client.expect("flushed", timeout=40)
-        assert flushed["pages"] >= 4, flushed
-        with uffd_pager.connect(daemon.path) as pager, pager.map(url, PAGES * PAGE) as region:
-            view = region.view()
-            assert [view[p * PAGE] for p in range(4)] == [0x5A] * 4, "the failed write-back's pages were lost"
-            del view
     finally:
         client.kill(join_readers=True)
 
