@@ -150,6 +150,16 @@ class ChildScript:
                 f"{self.name}: process {message['pid']} failed:\n{message['traceback']}{self.context()}")
         return message
 
+    def unread(self) -> list[dict[str, Any]]:
+        """Every message not read yet (all of them once the output ended: after kill(join_readers=True))."""
+        out = []
+        while not self._messages.empty():
+            message = self._messages.get_nowait()
+            if message is not None:
+                self.seen.append(message)
+                out.append(message)
+        return out
+
     def expect(self, what: str, timeout: float = 30) -> dict[str, Any]:
         """The next message, which must be a `what` report within `timeout` s."""
         message = self.next(timeout)

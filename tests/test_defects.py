@@ -87,16 +87,6 @@ class Scenario(ChildScript):
         and every message it wrote is in the queue."""
         super().kill(join_readers=True)
 
-    def drain(self) -> list[dict[str, Any]]:
-        """Every message not read yet (after kill(): the output has ended)."""
-        out = []
-        while not self._messages.empty():
-            message = self._messages.get_nowait()
-            if message is not None:
-                self.seen.append(message)
-                out.append(message)
-        return out
-
     def __enter__(self) -> "Scenario":
         return self
 
@@ -112,7 +102,7 @@ def run_scenario(name: str, *args: Any, timeout: float, status: int = 0) -> list
         code = scenario.wait(timeout)
     finally:
         scenario.kill()
-    messages = scenario.drain()
+    messages = scenario.unread()
     errors = [m for m in messages if m["what"] == "error"]
     assert not errors, f"{name}: process {errors[0]['pid']} failed:\n{errors[0]['traceback']}{scenario.context()}"
     assert code == status, f"{name} ended with {describe_returncode(code)}, expected exit {status}{scenario.context()}"

@@ -76,8 +76,7 @@ class Child(ChildScript):
             raise AssertionError(f"{self.name} still running after {timeout} s{self.context()}") from None
         for reader in self._readers:
             reader.join(timeout=10)
-        while (message := self._messages.get_nowait() if not self._messages.empty() else None) is not None:
-            self.seen.append(message)
+        self.unread()
         errors = [m for m in self.seen if m["what"] == "error"]
         assert not errors, f"{self.name} failed:\n{errors[0]['traceback']}{self.context()}"
         assert code == 0, f"{self.name} ended with {describe_returncode(code)}{self.context()}"

@@ -76,13 +76,7 @@ class Scenario(ChildScript):
     def rest(self) -> list[dict[str, Any]]:
         """Kills what is left of the session; every message not read yet."""
         self.kill(join_readers=True)
-        out = []
-        while not self._messages.empty():
-            message = self._messages.get_nowait()
-            if message is not None:
-                self.seen.append(message)
-                out.append(message)
-        return out
+        return self.unread()
 
     @property
     def stderr(self) -> str:
