@@ -93,6 +93,25 @@ def test_a_value_of_the_wrong_type_or_range_is_refused_naming_its_key(tmp_path, 
     assert_usage_error(result, path, *words)
 
 
+@pytest.mark.parametrize("key, value, refusal", [
+    ("max-resident", 0, None), ("max-resident", 8192, None), ("max-resident", 1000, "must be a multiple of 4096"),
+    ("tenant-max-resident", 0, None), ("max-regions", 0, "must be at least 1"), ("max-regions", 7, None),
+    ("tenant-max-fds", 0, "must be at least 1"), ("max-mapped", -4096, "must be at least 1"),
+])
+def test_the_config_file_and_the_command_line_take_and_refuse_the_same_values(tmp_path, key, value, refusal):
+    """One rule for each: a value the file takes, the option takes (0, "no
+    cap", was refused on the command line), in the same words otherwise."""
+    path = write_config(tmp_path / "pager.toml", f"{key} = {value}\n")
+    if refusal is None:
+        assert getattr(build_parser(config.load(path)).parse_args(["serve"]), key.replace("-", "_")) == value
+        assert getattr(build_parser().parse_args(["serve", f"--{key}", str(value)]), key.replace("-", "_")) == value
+        return
+    with pytest.raises(config.ConfigError, match=refusal):
+        config.load(path)
+    result = run_cli("serve", f"--{key}", str(value), "--socket", str(tmp_path / "never.sock"))
+    assert_usage_error(result, refusal)
+
+
 def test_every_serve_option_has_a_key_and_reads_as_on_the_command_line(tmp_path):
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     options = {action.dest for action in serve._actions if action.option_strings and action.dest not in

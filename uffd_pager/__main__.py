@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uffd_pager.config import DEFAULT_PATH as DEFAULT_CONFIG, LOG_LEVELS, ConfigError, config_path, load as load_config
-from uffd_pager.config import listen_address, one_group, parse_socket_mode
+from uffd_pager.config import listen_address, one_group, page_multiple, parse_socket_mode, positive
 from uffd_pager.durable import DurableState, StateError, remove_state, state_path
 from uffd_pager.logs import DEFAULT_LOG_LEVEL, LOG_FORMAT
 from uffd_pager.tenants import DEFAULT_MAX_MAPPED, DEFAULT_MAX_REGIONS, parse_groups, parse_users
@@ -86,13 +86,6 @@ def _stop(service: PagerService, notifier: Notifier | None) -> None:
     if notifier is not None:
         notifier.notify("STOPPING=1")
     service.stop()
-
-
-def _page_multiple(text: str) -> int:
-    value = _positive_int(text)
-    if value % 4096:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 4096")
-    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -248,14 +241,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number above 0, not {text!r}")
-    return value
+def _whole_number(rule: Callable[[int], int]) -> Callable[[str], int]:
+    """An argparse type of a whole number (decimal, or 0x... / 0o...) that
+    passes one of config.py's rules, refused in the config file's words."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        try:
+            return rule(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}, not {text!r}") from None
+    return convert
+
+
+_positive_int = _whole_number(positive)
 
 
 BENCH_MAX_PAGES = 1 << 20  # 4 GiB a row: beyond it a run takes hours and its four copies fill the disk
@@ -372,13 +373,13 @@ def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentPa
                        help=f"regions one client uid may hold at once (default {DEFAULT_MAX_REGIONS})")
     serve.add_argument("--max-mapped", type=_positive_int, default=DEFAULT_MAX_MAPPED, metavar="BYTES",
                        help="bytes one client uid may have mapped at once (default 2^50)")
-    serve.add_argument("--max-resident", type=_page_multiple, default=0, metavar="BYTES",
+    serve.add_argument("--max-resident", type=_whole_number(page_multiple), default=0, metavar="BYTES",
                        help='bytes all regions may keep resident together, kept by '
                             "page-out (a multiple of 4096; default 0: no such cap)")
     serve.add_argument("--tenant-max-fds", type=_positive_int, default=0, metavar="N",
                        help="descriptors of the pager one client uid may hold at once: 2 a connection, 3 a region "
                             "(default: half of the pager's open-file limit)")
-    serve.add_argument("--tenant-max-resident", type=_page_multiple, default=0, metavar="BYTES",
+    serve.add_argument("--tenant-max-resident", type=_whole_number(page_multiple), default=0, metavar="BYTES",
                        help='bytes the regions of one client uid may keep resident '
                             "together, kept by page-out (a multiple of 4096; default 0: no such cap)")
     serve.add_argument("--allow-users", type=_argument_type(parse_users), default=frozenset(), metavar="USERS",

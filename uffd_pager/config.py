@@ -27,22 +27,45 @@ class ConfigError(ValueError):
     """The configuration file cannot be read, or holds a key or value `serve` refuses."""
 
 
-def _positive(value: int) -> str | None:
-    """Why `value` is not a whole number above 0, or None."""
-    return None if value >= 1 else "must be at least 1"
+# The rules of the options' values, for the file's keys and the command
+# line's options alike (__main__.py): each returns the value, or raises
+# ValueError saying what the value must be.
 
 
-def _page_multiple(value: int) -> str | None:
-    """Why `value` is not a byte count of whole pages (0 included), or None."""
-    return None if value >= 0 and value % PAGE_SIZE == 0 else f"must be a multiple of {PAGE_SIZE} (0: none)"
+def positive(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
 
 
-def _path(value: str) -> str | None:
-    return None if value and "\0" not in value else "must be a non-empty path"
+def page_multiple(value: int) -> int:
+    """A byte count of whole pages (0: none)."""
+    if value < 0 or value % PAGE_SIZE:
+        raise ValueError(f"must be a multiple of {PAGE_SIZE} (0: none)")
+    return value
 
 
-def _log_level(value: str) -> str | None:
-    return None if value.upper() in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
+def _path(value: str) -> str:
+    if not value or "\0" in value:
+        raise ValueError("must be a non-empty path")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def _rule(rule: Callable[[Any], Any]) -> Callable[[Any], str | None]:
+    """A key's check by one of the rules above: what the value must be, or None."""
+    def check(value: Any) -> str | None:
+        try:
+            rule(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return check
 
 
 def parse_socket_mode(text: str) -> int:
@@ -98,15 +121,15 @@ class Key:
 
 
 KEYS = {key.name: key for key in (
-    Key("socket", str, _path),
-    Key("state-dir", str, _path),
+    Key("socket", str, _rule(_path)),
+    Key("state-dir", str, _rule(_path)),
     Key("exit-when-idle", bool),
-    Key("max-regions", int, _positive),
-    Key("max-mapped", int, _positive),
-    Key("max-resident", int, _page_multiple),
-    Key("tenant-max-resident", int, _page_multiple),
-    Key("tenant-max-fds", int, _positive),
-    Key("log-level", str, _log_level),
+    Key("max-regions", int, _rule(positive)),
+    Key("max-mapped", int, _rule(positive)),
+    Key("max-resident", int, _rule(page_multiple)),
+    Key("tenant-max-resident", int, _rule(page_multiple)),
+    Key("tenant-max-fds", int, _rule(positive)),
+    Key("log-level", str, _rule(_log_level)),
     Key("allow-users", str, _parses(parse_users)),
     Key("allow-groups", str, _parses(parse_groups)),
     Key("socket-mode", str, _parses(parse_socket_mode)),
