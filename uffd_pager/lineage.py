@@ -8,7 +8,7 @@ import errno
 import logging
 import secrets
 import select
-from typing import Callable
+from typing import Callable, Iterable
 
 from uffd_pager.layout import (
     Portion,
@@ -83,7 +83,7 @@ class Lineage:
         if parent.fork_policy == "at-fork":
             portion.place()  # claim 3: the copy is made at fork, so the portion is placed then
             self._table.spawn(self._copy_at_fork(parent, child))
-        self.sync_defer_missing()
+        self.sync_defer_missing((child, parent))
         self._schedule_child_probe()
         log.debug("region %d: forked child region %d", parent.id, child.id)
 
@@ -143,11 +143,12 @@ class Lineage:
             async with region.copy_lock:
                 pass
 
-    def sync_defer_missing(self) -> None:
+    def sync_defer_missing(self, regions: Iterable[ServedRegion] | None = None) -> None:
         """fork_policy="on-access" regions route their missing faults
         through Python while copies are due: a child until it holds every
-        page, a parent while a child inherits from it."""
-        for region in self._table.regions.values():
+        page, a parent while a child inherits from it. regions: only those,
+        when nothing else changed (a region added: it and its parent)."""
+        for region in self._table.regions.values() if regions is None else regions:
             region.fill.defer_missing = not region.handed or bool(
                 region.fork_policy == "on-access"
                 and ((region.parent is not None and region.portion.state.missing())

@@ -43,7 +43,7 @@ from uffd_pager.paging import Agent, PageOut
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
-from uffd_pager.takeover import Reclaimed, identity_of, reclaim
+from uffd_pager.takeover import Claim, Reclaimed, Reclaimer, identity_of
 from uffd_pager.tenants import Access, TenantLimits, Tenants
 from uffd_pager.uffd import (
     PAGE_SIZE,
@@ -522,7 +522,7 @@ class PagerService:
         region.writable = _writable(store.store) and _writable(child_store.store)
         conn.regions[region.id] = region
         self._tenants.add(conn.uid, size)
-        self._lineage.sync_defer_missing()
+        self._lineage.sync_defer_missing((region,))
         if interval:
             region.timer = self._loop.create_task(self._flusher.flush_periodically(region, interval))
         if self._durable is not None and conn.sock is not None:
@@ -590,13 +590,36 @@ class PagerService:
         assert self._durable is not None
         records = self._durable.regions()  # parents first
         by_id = {r.id: r for r in records}
-        holder = {r.id: r for r in records if not r.released and process_start(r.pid) == r.pid_start}
+        started = {pid: process_start(pid) for pid in {r.pid for r in records}}  # a process's rows are many
+        holder = {r.id: r for r in records if not r.released and started[r.pid] == r.pid_start}
         for record in reversed(records):  # a row is kept by its own process, else by a live descendant's
             if record.id in holder and record.parent is not None:
                 holder.setdefault(record.parent, holder[record.id])
-        served: dict[int, ServedRegion] = {}
         if records:  # regions made meanwhile (a FORK event read between two takeovers) get new ids
             self._table.next_id_at_least(max(r.id for r in records) + 1)
+        lineages: dict[int, list[RegionRecord]] = {}
+        root_of: dict[int, int] = {}
+        for record in records:
+            root_of[record.id] = root_of.get(record.parent, record.id) if record.parent is not None else record.id
+            lineages.setdefault(root_of[record.id], []).append(record)
+        reclaimer = Reclaimer(claim for r in records if r.id in holder
+                              if (claim := _claim_of(r, holder[r.id])) is not None)
+        try:
+            for rows in _by_holding_process(list(lineages.values()), holder):
+                await self._take_over_lineage(rows, holder, by_id, reclaimer)
+                # Faults and events of the regions served again so far are
+                # read before the next lineage, whose process may wait on them.
+                await asyncio.sleep(0)
+        finally:
+            reclaimer.close()
+        if records:
+            log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
+
+    async def _take_over_lineage(self, records: list[RegionRecord], holder: dict[int, RegionRecord],
+                                 by_id: dict[int, RegionRecord], reclaimer: Reclaimer) -> None:
+        """One lineage's rows, parents first."""
+        assert self._durable is not None
+        served: dict[int, ServedRegion] = {}
         for record in records:
             parent = served.get(record.parent) if record.parent is not None else None
             if record.id not in holder or (record.parent is not None and parent is None):
@@ -604,7 +627,8 @@ class PagerService:
                 continue
             try:
                 region = await self._take_over_one(record, holder[record.id], parent,
-                                                   by_id[record.parent] if record.parent is not None else None)
+                                                   by_id[record.parent] if record.parent is not None else None,
+                                                   reclaimer)
             except ProcessLookupError:
                 self._durable.forget(record.id)
                 continue
@@ -628,20 +652,19 @@ class PagerService:
                 # region does: its descendants' portions hold uses of their own.
                 region.holds_children_store = False
                 self._table.release_store(region.child_store)
-        if records:
-            log.info("takeover: %d of %d recorded regions served again", self._taken_over["regions"], len(records))
 
     async def _take_over_one(self, record: RegionRecord, holder: RegionRecord, parent: ServedRegion | None,
-                             parent_record: RegionRecord | None) -> ServedRegion:
+                             parent_record: RegionRecord | None, reclaimer: Reclaimer) -> ServedRegion:
+        """What it takes from the live processes is _claim_of(record, holder)'s."""
         if parent is None:
             if holder is record:
-                region = await self._serve_taken_over(record, reclaim(record))
+                region = await self._serve_taken_over(record, reclaimer.take(record))
             else:
-                region = await self._portion_of_gone_root(record, reclaim(record, source=holder, uffd=False))
+                region = await self._portion_of_gone_root(record, reclaimer.take(record))
         else:
             assert parent_record is not None
             if holder is record:
-                region = await self._serve_taken_over_child(record, reclaim(record, descriptors=False), parent)
+                region = await self._serve_taken_over_child(record, reclaimer.take(record), parent)
             else:
                 region = self._copy_of_gone_child(record, parent)
             # The parent's write-back in progress had these pages clean in the
@@ -693,7 +716,7 @@ class PagerService:
             raise
         region.copy_lock, region.recorded, region.writable = parent.copy_lock, record, parent.writable
         self._lineage.watch_child(region, record.pid, reclaimed.pidfd)
-        self._lineage.sync_defer_missing()
+        self._lineage.sync_defer_missing((region, parent))
         await self._resume(region, record)
         return region
 
@@ -996,6 +1019,31 @@ def _fit(lines: Iterable[dict[str, Any]], budget: int) -> tuple[list[dict[str, A
         taken.append(line)
         used += cost
     return taken, used, False
+
+
+def _by_holding_process(lineages: list[list[RegionRecord]],
+                        holder: dict[int, RegionRecord]) -> list[list[RegionRecord]]:
+    """The lineages, those whose root one process holds side by side (in the
+    order their processes first come): each process is served again whole
+    as early as it can be, and its /proc entries are read just before."""
+    def pid_of(rows: list[RegionRecord]) -> int:
+        held = holder.get(rows[0].id)
+        return held.pid if held is not None else 0
+
+    order: dict[int, int] = {}
+    for rows in lineages:
+        order.setdefault(pid_of(rows), len(order))
+    return sorted(lineages, key=lambda rows: order[pid_of(rows)])
+
+
+def _claim_of(record: RegionRecord, holder: RegionRecord) -> Claim | None:
+    """What taking a row over needs from the live processes: a root its
+    uffd and descriptors, or, its process gone, the store descriptors the
+    holder (a descendant) inherited; a forked child its uffd (its store is
+    its parent's); a gone child nothing."""
+    if record.parent is None:
+        return Claim(record, record) if holder is record else Claim(record, holder, uffd=False)
+    return Claim(record, record, descriptors=False) if holder is record else None
 
 
 def _pages_of_runs(runs: list[tuple[int, int]]) -> set[int]:
