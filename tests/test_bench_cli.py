@@ -147,8 +147,17 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
         progress.step("round 1/1: first")
         progress.step("round 1/1: second, " + "x" * 500)
         progress.finish()
-    written = os.read(main, 65536).decode()
+    chunks = []
+    while True:  # a pty hands out what was written in pieces; EIO once the other side is closed and read
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(main)
+    written = b"".join(chunks).decode()
     assert written.count("\r\x1b[K") == 3
     assert written.count("\n") == 1 and written.endswith("\n"), "a line per step on a terminal"
     assert "x" * 500 not in written, "a step longer than the terminal is wider would wrap"
