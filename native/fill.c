@@ -123,7 +123,7 @@ static __thread uint8_t page_buf[UP_PAGE_SIZE] __attribute__((aligned(UP_PAGE_SI
  * does not authenticate, and page_buf holds nothing of it). */
 static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
 {
-    return up_aead_read_page(src->aead, src->catalog_fd, src->fd, src->store_id, src->offset / UP_PAGE_SIZE + idx,
+    return up_aead_read_page(src->aead, src->store_id, src->offset / UP_PAGE_SIZE + idx,
                              src->offset + idx * UP_PAGE_SIZE, page_buf);
 }
 

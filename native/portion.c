@@ -55,7 +55,6 @@ int up_portion_init(struct up_portion *p, uint64_t npages, struct up_portion *pa
         return -1;
     memset(p, 0, sizeof(*p));
     p->fd = -1;
-    p->catalog_fd = -1;
     p->map_fd = -1;
     p->npages = npages;
     p->parent = parent;
@@ -270,8 +269,7 @@ uint64_t up_portion_next_stored(const struct up_portion *p, uint64_t from, uint6
     if (p->fd < 0)
         return from; /* not placed, or remote: it may hold any page */
     if (p->aead)
-        return p->catalog_fd < 0 ? from
-                                 : up_aead_next_stored(p->aead, p->catalog_fd, p->offset / UP_PAGE_SIZE, from, end);
+        return up_aead_next_stored(p->aead, p->offset / UP_PAGE_SIZE, from, end);
     off_t data = lseek(p->fd, (off_t)(p->offset + from * UP_PAGE_SIZE), SEEK_DATA);
     if (data < 0)
         return errno == ENXIO ? end : from;

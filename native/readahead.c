@@ -178,8 +178,8 @@ static const uint8_t *run_source(struct up_portion *src, uint64_t idx, uint64_t 
     }
     for (uint64_t i = 0; i < *n; i++) {
         uint8_t *page = run_buf + i * UP_PAGE_SIZE;
-        int64_t got = up_aead_read_page(src->aead, src->catalog_fd, src->fd, src->store_id,
-                                        src->offset / UP_PAGE_SIZE + idx + i, off + i * UP_PAGE_SIZE, page);
+        int64_t got = up_aead_read_page(src->aead, src->store_id, src->offset / UP_PAGE_SIZE + idx + i,
+                                        off + i * UP_PAGE_SIZE, page);
         if (got < 0) {
             int err = errno;
             *n = i;

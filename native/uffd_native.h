@@ -36,7 +36,6 @@ const struct up_portion *up_portion_source(const struct up_portion *p, uint64_t 
 /* The first page of [from, end) of a sealed portion that its store may
  * hold: a catalog record or a committed anchor entry (see aead.c); from on
  * any doubt. Pages are counted from first_store_page. */
-uint64_t up_aead_next_stored(const struct up_aead *a, int catalog_fd, uint64_t first_store_page, uint64_t from,
-                             uint64_t end);
+uint64_t up_aead_next_stored(const struct up_aead *a, uint64_t first_store_page, uint64_t from, uint64_t end);
 
 #endif

@@ -90,11 +90,10 @@ struct up_portion {
     struct up_bits *materialized; /* children only: the pages held here */
     uint64_t materialized_pages; /* its count */
     struct up_portion *parent;
-    /* An encrypted store's pages are sealed with aead (which also holds the
-     * store's anchor); each page's catalog record (80 bytes, see aead.c) is
-     * at 4096 + page * 80 in catalog_fd, page counted from the store's start. */
+    /* An encrypted store's pages are sealed with aead, which also reads the
+     * store's anchor, catalog and file (see aead.c); pages counted from the
+     * store's start. */
     struct up_aead *aead;       /* NULL: pages are stored as they are */
-    int catalog_fd;
     uint8_t store_id[16];
     /* Read-ahead's source (readahead.c): a read-only mapping of fd over the
      * portion, made on first use; map_fd is the fd it maps (a portion
@@ -302,9 +301,13 @@ int64_t up_pwrite_runs(int fd, const struct up_run *runs, int n, const uint8_t *
 
 /* Pages of one store under its 32-byte subkey. anchor_fd: the store's
  * anchor in the state directory (its committed version per page), -1 for
- * none (then no page is known to be committed). */
+ * none (then no page is known to be committed); catalog_fd: its catalog
+ * (each page's record, 80 bytes at 4096 + page * 80); store_fd: the store's
+ * file, -1 for a store without one (a remote store: its pages are given to
+ * up_aead_open_page). The descriptors stay the caller's, open as long as
+ * the aead is: it reads them through mappings of its own (see aead.c). */
 struct up_aead;
-struct up_aead *up_aead_new(const uint8_t *key, int anchor_fd);
+struct up_aead *up_aead_new(const uint8_t *key, int anchor_fd, int catalog_fd, int store_fd);
 void up_aead_free(struct up_aead *aead);
 /* Which slot of each page's catalog record (n records of 80 bytes, and the
  * pages' anchor entries, n u64 LE) a new version goes to: slots[i] 0 or 1,
@@ -322,20 +325,20 @@ int up_aead_seal_pages(struct up_aead *aead, const uint8_t *store_id, const uint
 /* Opens one page with one slot of its record; 0, or -1 (out zeroed). */
 int up_aead_open_slot(struct up_aead *aead, const uint8_t *store_id, uint64_t page, const uint8_t *record, int slot,
                       const uint8_t *in, uint8_t *out);
-/* Reads store page `page` (its ciphertext at offset in fd, straight into
- * out, opened there in place) and opens it with the slot its anchor entry
- * allows: 4096, 0 (it reads as zero: never committed, or discarded), or -1
- * with errno (EBADMSG: it does not authenticate, and out is zeroed). The
- * fill path's and Python's one way to read an encrypted page. The anchor
- * is read from a mapping of it that aead keeps (never past the size fstat
- * gave: the pager only grows its anchors), the record by pread. */
-int64_t up_aead_read_page(struct up_aead *aead, int catalog_fd, int fd, const uint8_t *store_id, uint64_t page,
-                          uint64_t offset, uint8_t *out);
+/* Reads store page `page` (its ciphertext at offset in the store, copied
+ * into out and opened there in place) and opens it with the slot its
+ * anchor entry allows: 4096, 0 (it reads as zero: never committed, or
+ * discarded), or -1 with errno (EBADMSG: it does not authenticate, and out
+ * is zeroed). The fill path's and Python's one way to read an encrypted
+ * page. Anchor, record and ciphertext come from mappings that aead keeps
+ * (a file cut short under them is then read by pread). */
+int64_t up_aead_read_page(struct up_aead *aead, const uint8_t *store_id, uint64_t page, uint64_t offset,
+                          uint8_t *out);
 /* The same for a ciphertext fetched elsewhere (a remote store): sealed is
  * its 4096 bytes, or NULL where the store holds none. A value where no
  * record allows one is EBADMSG, never a page of zeros. */
-int64_t up_aead_open_page(struct up_aead *aead, int catalog_fd, const uint8_t *sealed, const uint8_t *store_id,
-                          uint64_t page, uint8_t *out);
+int64_t up_aead_open_page(struct up_aead *aead, const uint8_t *sealed, const uint8_t *store_id, uint64_t page,
+                          uint8_t *out);
 
 /* --- the client's page-out agent (agent.c) ------------------------------ */
 

@@ -310,10 +310,12 @@ class Aead:
         self.anchor_path = os.path.join(d, "anchor")
         self.anchor_fd = os.open(self.anchor_path, os.O_RDWR | os.O_CREAT, 0o600)
         os.pwrite(self.anchor_fd, bytes(AEAD_HEADER), 0)
-        self.aead = ffi.gc(lib.up_aead_new(self.subkey, self.anchor_fd), lib.up_aead_free)
-        self.store_fd = os.open(os.path.join(d, "store"), os.O_RDWR | os.O_CREAT, 0o600)
-        self.catalog_fd = os.open(os.path.join(d, "catalog"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.store_path, self.catalog_path = os.path.join(d, "store"), os.path.join(d, "catalog")
+        self.store_fd = os.open(self.store_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.catalog_fd = os.open(self.catalog_path, os.O_RDWR | os.O_CREAT, 0o600)
         os.pwrite(self.catalog_fd, bytes(AEAD_HEADER), 0)
+        self.aead = ffi.gc(lib.up_aead_new(self.subkey, self.anchor_fd, self.catalog_fd, self.store_fd),
+                           lib.up_aead_free)
 
     @staticmethod
     def plain(page: int, version: int) -> bytes:
@@ -352,19 +354,22 @@ class Aead:
         """What up_aead_read_page gives for page (ciphertext at store page at),
         out filled with junk first: "v<version>", "zero" or an errno name."""
         out = bytearray(b"\xa5" * AEAD_PAGE)
-        n = self.lib.up_aead_read_page(self.aead, self.catalog_fd, self.store_fd, self.store_id, page,
-                                       at * AEAD_PAGE, self.ffi.from_buffer(out))
+        n = self.lib.up_aead_read_page(self.aead, self.store_id, page, at * AEAD_PAGE, self.ffi.from_buffer(out))
         return self.result(n, out, expected)
 
     def open_given(self, page: int, sealed: bytes | None, expected: dict[int, bytes]) -> str:
         out = bytearray(b"\xa5" * AEAD_PAGE)
-        n = self.lib.up_aead_open_page(self.aead, self.catalog_fd, sealed if sealed is not None else self.ffi.NULL,
-                                       self.store_id, page, self.ffi.from_buffer(out))
+        n = self.lib.up_aead_open_page(self.aead, sealed if sealed is not None else self.ffi.NULL, self.store_id,
+                                       page, self.ffi.from_buffer(out))
         return self.result(n, out, expected)
 
     def anchor_mappings(self) -> int:
+        return self.mappings(self.anchor_path)
+
+    @staticmethod
+    def mappings(path: str) -> int:
         with open("/proc/self/maps") as f:
-            return sum(line.rstrip().endswith(self.anchor_path) for line in f)
+            return sum(line.rstrip().endswith(path) for line in f)
 
 
 @child("growing-anchor")
@@ -436,6 +441,37 @@ def in_place(cfg_json: str) -> None:
     commit(0, 0)
     steps["no record, uncommitted"] = [read(0, 0, v), open_given(0, c1, v), open_given(0, None, v)]
     print(json.dumps({"steps": steps}), flush=True)
+
+
+@child("cut-short")
+def cut_short(cfg_json: str) -> None:
+    """Records and ciphertexts read from mappings, then the store and the
+    catalog cut short under them: a load past a file's end is SIGBUS, which
+    must fail the page (EBADMSG), never kill this process."""
+    cfg = json.loads(cfg_json)
+    a = Aead(cfg["dir"])
+    read, put, seal, commit, plain = a.read, a.put, a.seal, a.commit, a.plain
+    steps = {}
+    # Page p's record is at 4096 + p * 80: pages 0-3 in the catalog's second
+    # page, 300 and 400 four and five pages past it.
+    pages = [0, 1, 2, 3, 300, 400]
+    for p in pages:
+        put(p, p, *seal(p, 1))
+        commit(p, 1)
+    v = {p: {1: plain(p, 1), 2: plain(p, 2)} for p in pages}
+    steps["before"] = [read(p, p, v[p]) for p in pages]
+    mapped = {"catalog": a.mappings(a.catalog_path), "store": a.mappings(a.store_path)}
+    os.truncate(a.store_path, 4 * AEAD_PAGE)
+    steps["store cut"] = [read(400, 400, v[400]), read(300, 300, v[300]), read(3, 3, v[3]), read(0, 0, v[0])]
+    os.truncate(a.catalog_path, AEAD_HEADER + 2 * a.RECORD_BYTES)
+    commit(2, 0)  # page 2's record is cut off too: uncommitted, it reads as zero
+    steps["catalog cut"] = [read(400, 400, v[400]), read(3, 3, v[3]), read(1, 1, v[1]), read(2, 2, v[2])]
+    # Written again, the files read right (by pread from now on).
+    for p in (3, 400):
+        put(p, p, *seal(p, 2))
+        commit(p, 2)
+    steps["rewritten"] = [read(3, 3, v[3]), read(400, 400, v[400])]
+    print(json.dumps({"steps": steps, "mapped": mapped}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1354,15 +1354,17 @@ def test_a_catalog_descriptor_from_the_client_is_used_instead_of_its_path(tmp_pa
         os.fstat(fd)  # closed on failure too
 
 
-# --- 18. the fill path's reads: the anchor from a mapping, the ciphertext opened in place ------------
+# --- 18. the fill path's reads: anchor, record and ciphertext from mappings, opened in place ---------
 #
-# native/aead.c reads each page's anchor entry from a read-only mapping of the
-# anchor (never past the size fstat last gave: pread past it, and a mapping
-# made anew when the file has grown past its span), and reads the ciphertext
-# straight into the page it fills, opening it there in place. These drive
-# up_aead_read_page / up_aead_open_page directly, in a subprocess (the
-# "growing-anchor" and "in-place" children of tests/encryption_children.py):
-# a load past the end of a mapped file would kill it with SIGBUS.
+# native/aead.c reads each page's anchor entry, catalog record and ciphertext
+# from read-only mappings of their files (never past the size fstat last gave:
+# pread past it, and a mapping made anew when the file has grown past its
+# span), copies the ciphertext into the page it fills and opens it there in
+# place. The catalog and the store are the attacker's to cut short under those
+# mappings: a load past a file's end is SIGBUS, which must fail the page, not
+# kill the pager. Most of these drive up_aead_read_page / up_aead_open_page
+# directly, in a subprocess (the "growing-anchor", "in-place" and "cut-short"
+# children of tests/encryption_children.py).
 
 
 @pytest.mark.timeout(60)
@@ -1396,3 +1398,55 @@ def test_a_page_opened_in_place_tries_each_slot_and_leaves_nothing_behind(tmp_pa
         "no record": ["EBADMSG", "EBADMSG", "EBADMSG"],
         "no record, uncommitted": ["zero", "EBADMSG", "zero"],
     }, describe(result)
+
+
+@pytest.mark.timeout(60)
+def test_a_catalog_or_store_cut_short_under_its_mappings_fails_those_pages_only(tmp_path: Path) -> None:
+    result = run_script("cut-short", {"dir": str(tmp_path)})
+    assert result.returncode == 0, f"the reader died:\n{describe(result)}"
+    report = lines_of(result)[0]
+    assert report["mapped"] == {"catalog": 1, "store": 1}, "the catalog and the store were not read from mappings"
+    assert report["steps"] == {
+        "before": ["v1"] * 6,
+        "store cut": ["EBADMSG", "EBADMSG", "v1", "v1"],
+        "catalog cut": ["EBADMSG", "EBADMSG", "v1", "zero"],
+        "rewritten": ["v2", "v2"],
+    }, describe(result)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("cut", ["catalog", "store"])
+def test_files_cut_short_while_mapped_poison_those_pages_and_the_pager_serves_on(tmp_path: Path,
+                                                                                 pager: uffd_pager.Pager, key: Key,
+                                                                                 cut: str) -> None:
+    from uffd_pager.catalog import HEADER_BYTES
+    from uffd_pager.crypto import RECORD_BYTES
+    n, kept = 256, 8
+    store = new_store(tmp_path)
+    pages = write_encrypted(pager, store, n * PAGE, {p: page_data("random", "C", p, cut) for p in range(n)}, key=key)
+    region = pager.map(url(store), n * PAGE, key=key, read_ahead="off", writeback_interval=0)
+    view = region.view()
+    assert all(view[p * PAGE:(p + 1) * PAGE] == pages[p] for p in range(kept))  # the pager maps both files now
+    os.truncate(catalog_path(store) if cut == "catalog" else store,
+                HEADER_BYTES + kept * RECORD_BYTES if cut == "catalog" else kept * PAGE)
+    r, w = os.pipe()
+    try:
+        probes = {}
+        for p in (n - 1, n // 2, kept):  # records and ciphertexts past the new end, in pages of it or past it
+            try:
+                os.write(w, view[p * PAGE:(p + 1) * PAGE])
+                probes[p] = "read"
+            except OSError as exc:
+                probes[p] = errno.errorcode[exc.errno]
+    finally:
+        os.close(r)
+        os.close(w)
+    assert probes == {n - 1: "EFAULT", n // 2: "EFAULT", kept: "EFAULT"}, "a page cut off was not poisoned"
+    assert region.stats()["auth_failures"] >= 3
+    del view
+    region.close()
+    assert pager.alive()
+    other = new_store(tmp_path, "other.bin")
+    written = write_encrypted(pager, other, 4 * PAGE, {p: page_data("random", "O", p) for p in range(4)}, key=key)
+    with pager.map(url(other), 4 * PAGE, key=key, writeback_interval=0) as again:
+        assert [again.view()[p * PAGE:(p + 1) * PAGE] == written[p] for p in range(4)] == [True] * 4

@@ -127,8 +127,9 @@ class Key:
                        info=b"uffd-pager catalog header v2").derive(self._secret)
         return hmac.new(mac_key, fields, hashlib.sha256).digest()[:16]
 
-    def page_cipher(self, store_id: bytes, anchor_fd: int = -1) -> "PageCipher":
-        return PageCipher(self.subkey(store_id), store_id, anchor_fd)
+    def page_cipher(self, store_id: bytes, anchor_fd: int = -1, catalog_fd: int = -1,
+                    store_fd: int = -1) -> "PageCipher":
+        return PageCipher(self.subkey(store_id), store_id, anchor_fd, catalog_fd, store_fd)
 
     def __repr__(self) -> str:
         return f"<Key id {self.key_id}>"
@@ -144,17 +145,20 @@ def associated_data(store_id: bytes, page: int, version: int) -> bytes:
 class PageCipher:
     """Seals and opens the pages of one store under its subkey. anchor_fd is
     the store's anchor (catalog.Anchor), which says which versions of a page
-    may open it; the C fill path reads it too."""
+    may open it, catalog_fd its catalog, store_fd its file (-1: a remote
+    store); the C fill path reads them too. They must stay open as long as
+    this does."""
 
-    def __init__(self, subkey: bytes, store_id: bytes, anchor_fd: int = -1) -> None:
+    def __init__(self, subkey: bytes, store_id: bytes, anchor_fd: int = -1, catalog_fd: int = -1,
+                 store_fd: int = -1) -> None:
         _check_against_reference()
         # One context per thread that uses it at a time: the event loop's C
         # fill path (and the first half of a sealed batch, under the store's
         # seal lock), the second sealing thread, and Python's reads of pages
         # (copies between portions, from worker threads) under _read_lock.
-        self.aead = _aead(subkey, anchor_fd)
-        self._second = _aead(subkey, anchor_fd)
-        self._reader = _aead(subkey, anchor_fd)
+        self.aead = _aead(subkey, anchor_fd, catalog_fd, store_fd)
+        self._second = _aead(subkey)  # seals only
+        self._reader = _aead(subkey, anchor_fd, catalog_fd, store_fd)
         self._read_lock = threading.Lock()
         self._store_id = store_id
 
@@ -187,26 +191,25 @@ class PageCipher:
             raise RuntimeError("libcrypto failed to seal pages")
         return ciphertext
 
-    def read(self, catalog_fd: int, store_fd: int, page: int, offset: int) -> bytes:
-        """Store page `page` (its ciphertext at offset in store_fd) as the
+    def read(self, page: int, offset: int) -> bytes:
+        """Store page `page` (its ciphertext at offset in the store) as the
         fill path would read it: its plaintext, or zeros for a page never
         committed. Raises PageAuthError if no version the anchor allows
         opens it."""
         plaintext = bytearray(PAGE_SIZE)
         with self._read_lock:
-            n = lib.up_aead_read_page(self._reader, catalog_fd, store_fd, self._store_id, page, offset,
-                                      ffi.from_buffer(plaintext))
+            n = lib.up_aead_read_page(self._reader, self._store_id, page, offset, ffi.from_buffer(plaintext))
             err = ffi.errno
         return self._opened(n, err, page, plaintext)
 
-    def open(self, catalog_fd: int, page: int, sealed: bytes | None) -> bytes | None:
+    def open(self, page: int, sealed: bytes | None) -> bytes | None:
         """read() for a ciphertext fetched from a store elsewhere (None: the
         store holds none): the plaintext, or None for a page that reads as
         zero (never committed, or discarded)."""
         plaintext = bytearray(PAGE_SIZE)
         with self._read_lock:
-            n = lib.up_aead_open_page(self._reader, catalog_fd, sealed if sealed is not None else ffi.NULL,
-                                      self._store_id, page, ffi.from_buffer(plaintext))
+            n = lib.up_aead_open_page(self._reader, sealed if sealed is not None else ffi.NULL, self._store_id, page,
+                                      ffi.from_buffer(plaintext))
             err = ffi.errno
         return self._opened(n, err, page, plaintext) if n != 0 else None
 
@@ -237,8 +240,8 @@ def _sealer() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="uffd-pager-seal")
 
 
-def _aead(subkey: bytes, anchor_fd: int = -1) -> object:
-    aead = lib.up_aead_new(subkey, anchor_fd)
+def _aead(subkey: bytes, anchor_fd: int = -1, catalog_fd: int = -1, store_fd: int = -1) -> object:
+    aead = lib.up_aead_new(subkey, anchor_fd, catalog_fd, store_fd)
     if aead == ffi.NULL:
         raise RuntimeError("libcrypto could not set up AES-256-GCM")
     return ffi.gc(aead, lib.up_aead_free)

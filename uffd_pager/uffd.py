@@ -346,13 +346,12 @@ class PortionState:
         c.offset = offset
         c.placed = 1
 
-    def seal_with(self, aead: Any, catalog_fd: int, store_id: bytes) -> None:
+    def seal_with(self, aead: Any, store_id: bytes) -> None:
         """The portion's pages are encrypted: the C fill path opens them with
-        aead and their records in catalog_fd (see native/fill.c)."""
+        aead, which reads their records in the store's catalog (see native/fill.c)."""
         c = self._live()
         self._aead = aead  # keeps the cdata alive as long as we point at it
         c.aead = aead
-        c.catalog_fd = catalog_fd
         ffi.memmove(c.store_id, store_id, 16)
 
     @property

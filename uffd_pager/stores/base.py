@@ -69,10 +69,10 @@ class Store(abc.ABC):
         and `sealing`), or -1: pages come through `read`."""
         return -1
 
-    def sealing(self) -> tuple[Any, int, bytes] | None:
+    def sealing(self) -> tuple[Any, bytes] | None:
         """For an encrypted file store: what the C fill path needs to open its
-        pages itself (the AES-GCM context, the catalog's descriptor, the
-        store's id); None otherwise."""
+        pages itself (the AES-GCM context, which reads the catalog and the
+        anchor too, and the store's id); None otherwise."""
         return None
 
     @property

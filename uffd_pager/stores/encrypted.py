@@ -74,7 +74,7 @@ class EncryptedStore(Store):
         self._anchor: Anchor
         self._catalog, self._anchor = open_records(records_path(inner, state_dir), key, state_dir,
                                                    catalog_fd=catalog_fd)
-        self._cipher = key.page_cipher(self._catalog.store_id, self._anchor.fd)
+        self._cipher = key.page_cipher(self._catalog.store_id, self._anchor.fd, self._catalog.fd, inner.local_fd)
         self._lock = asyncio.Lock()  # a page's record and bytes change together, under it
         self._written: list[tuple[int, int, int]] = []  # (first page, count, version) not yet committed
         self.url = inner.url
@@ -105,8 +105,8 @@ class EncryptedStore(Store):
     def end(self) -> int:
         return self._inner.end()
 
-    def sealing(self) -> tuple[Any, int, bytes]:
-        return self._cipher.aead, self._catalog.fd, self._catalog.store_id
+    def sealing(self) -> tuple[Any, bytes]:
+        return self._cipher.aead, self._catalog.store_id
 
     async def discard(self, offset: int, length: int) -> None:
         first, count = offset // PAGE_SIZE, length // PAGE_SIZE
@@ -155,7 +155,7 @@ class EncryptedStore(Store):
         out: list[bytes | None | BadPage] = []
         for offset in offsets:
             try:
-                out.append(self._cipher.read(self._catalog.fd, self._inner.local_fd, offset // PAGE_SIZE, offset))
+                out.append(self._cipher.read(offset // PAGE_SIZE, offset))
             except PageAuthError:
                 out.append(self._unauthentic(offset))
         return out
@@ -168,7 +168,7 @@ class EncryptedStore(Store):
                 out.append(value)
                 continue
             try:
-                out.append(self._cipher.open(self._catalog.fd, offset // PAGE_SIZE, value))
+                out.append(self._cipher.open(offset // PAGE_SIZE, value))
             except PageAuthError:
                 out.append(self._unauthentic(offset))
         return out
