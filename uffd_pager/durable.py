@@ -82,11 +82,6 @@ def state_path(state_dir: str, address: str | bytes) -> str:
     return os.path.join(state_dir, f"takeover-{digest}.sqlite3")
 
 
-def store_name(identity: tuple[object, ...]) -> str:
-    """How the kept slots' table names a store: its identity (stores/base.py)."""
-    return repr(identity)
-
-
 def remove_state(path: str) -> None:
     """Removes a state database and SQLite's files beside it (WAL mode)."""
     for name in (path, path + "-wal", path + "-shm"):
@@ -166,14 +161,14 @@ class DurableState:
         with self._db:
             self._db.execute("DELETE FROM regions WHERE id = ?", (region_id,))
 
-    def keep_slot(self, store: str, offset: int, length: int) -> None:
-        """A slot of store (its identity, as store_name says it) is never to be handed out again."""
+    def keep_slot(self, store: tuple[object, ...], offset: int, length: int) -> None:
+        """A slot of the store of this identity (stores/base.py) is never to be handed out again."""
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?, ?)", (store, offset, length))
+            self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?, ?)", (repr(store), offset, length))
 
-    def kept_slots(self, store: str) -> list[tuple[int, int]]:
+    def kept_slots(self, store: tuple[object, ...]) -> list[tuple[int, int]]:
         return [(offset, length) for offset, length in
-                self._db.execute("SELECT offset, length FROM kept WHERE store = ? ORDER BY offset", (store,))]
+                self._db.execute("SELECT offset, length FROM kept WHERE store = ? ORDER BY offset", (repr(store),))]
 
     def regions(self) -> list[RegionRecord]:
         """Every row, parents before their children (a child's id is greater)."""

@@ -17,7 +17,7 @@ from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.takeover import Claim, Reclaimed, Reclaimer
 from uffd_pager.uffd import PAGE_SIZE, FillRange, Tracking, Uffd
-from uffd_pager.writeback import page_runs
+from uffd_pager.writeback import page_runs, pages_of_page_runs
 
 log = logging.getLogger("uffd_pager.pager")
 
@@ -137,7 +137,7 @@ class Recovery:
                 region = self._copy_of_gone_child(record, parent)
             # The parent's write-back in progress had these pages clean in the
             # child's page tables too (see Lineage.adopt_fork_child).
-            region.retry_pages |= _pages_of_runs(parent_record.flushing)
+            region.retry_pages |= pages_of_page_runs(parent_record.flushing)
             if region.retry_pages:
                 self._durable.flushing(region.id, page_runs(region.retry_pages))
         return region
@@ -261,7 +261,7 @@ class Recovery:
             region.fill.scan_resident(region.pagemap_fd)  # what page-out counts against a cap, and may drop
             if region.fill.tracking == Tracking.SYNC_WP:
                 region.fill.mark_dirty(region.fill.scan_written(region.pagemap_fd, region.paged_spans, protect=False))
-            region.retry_pages |= _pages_of_runs(record.flushing)
+            region.retry_pages |= pages_of_page_runs(record.flushing)
             region.uffd.wake(region.fill.base, region.fill.length + PAGE_SIZE)
         except BaseException:
             self._table.release_region(region)
@@ -292,7 +292,3 @@ def _claim_of(record: RegionRecord, holder: RegionRecord) -> Claim | None:
     if record.parent is None:
         return Claim(record, record) if holder is record else Claim(record, holder, uffd=False)
     return Claim(record, record, descriptors=False) if holder is record else None
-
-
-def _pages_of_runs(runs: list[tuple[int, int]]) -> set[int]:
-    return {page for first, npages in runs for page in range(first, first + npages)}

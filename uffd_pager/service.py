@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from uffd_pager import protocol
 from uffd_pager.crypto import Key
-from uffd_pager.durable import DurableState, RegionRecord, process_start, store_name
+from uffd_pager.durable import DurableState, RegionRecord, process_start
 from uffd_pager.errors import LimitExceeded
 from uffd_pager.faults import FaultHandler
 from uffd_pager.flushing import Flusher
@@ -147,9 +147,8 @@ class PagerService:
         self._table.on_released = self._on_released
         if durable is not None:
             self._table.on_portion_freed = self._on_portion_freed
-            self._table.kept_slots = lambda store: durable.kept_slots(store_name(store.identity))
-            self._table.on_slot_kept = lambda store, offset, length: durable.keep_slot(
-                store_name(store.identity), offset, length)
+            self._table.kept_slots = lambda store: durable.kept_slots(store.identity)
+            self._table.on_slot_kept = lambda store, offset, length: durable.keep_slot(store.identity, offset, length)
             self._lineage.record_portions = self._record_portions
             self._flusher.record_flushing = self._record_flushing
         self._metrics_address = metrics

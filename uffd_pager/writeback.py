@@ -58,6 +58,11 @@ def page_runs(pages: set[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def pages_of_page_runs(runs: list[tuple[int, int]]) -> set[int]:
+    """(first, npages) runs back to page indices (page_runs' inverse)."""
+    return {page for first, npages in runs for page in range(first, first + npages)}
+
+
 def runs_of_pages(pages: set[int], base: int, store_offset: int) -> list[Run]:
     """Page indices back to runs at the region's current address."""
     return merge_runs([Run(base + p * PAGE_SIZE, store_offset + p * PAGE_SIZE, PAGE_SIZE) for p in pages])
