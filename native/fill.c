@@ -127,13 +127,33 @@ static ssize_t read_sealed(const struct up_portion *src, uint64_t idx)
                              src->offset + idx * UP_PAGE_SIZE, page_buf);
 }
 
+/* A page of a store without a descriptor: asked for by remote.c if the
+ * store has a connection there and read-ahead would open no window (a
+ * window is fetched by Python, in batches, with the fault: see faults.py,
+ * which feeds the detector itself then); else -EOPNOTSUPP, for Python. */
+static int ask_remote(int uffd, struct up_fill *f, const struct up_portion *src, uint64_t addr, uint64_t idx,
+                      int write, int read_ahead)
+{
+    if (!src->remote)
+        return -EOPNOTSUPP;
+    int advised = read_ahead && f->ra_max && !(write && f->tracking == UP_TRACK_SYNC_WP);
+    if (advised && up_fill_peek_window(f, idx))
+        return -EOPNOTSUPP;
+    int rc = up_remote_request(src->remote, uffd, f, src, addr, write ? UFFD_PAGEFAULT_FLAG_WRITE : 0);
+    if (rc == -EINPROGRESS && advised) {
+        struct up_ra w;
+        up_fill_advise(f, addr, &w); /* fed as Python would have: it opens no window */
+    }
+    return rc;
+}
+
 /* Fills a missing page from where the portion chain holds it (and the
  * window read-ahead advises, if read_ahead). */
 static int fill_missing(int uffd, struct up_fill *f, uint64_t addr, uint64_t idx, int write, int read_ahead)
 {
     const struct up_portion *src = up_portion_source(f->portion, idx);
     if (src->fd < 0)
-        return -EOPNOTSUPP;
+        return ask_remote(uffd, f, src, addr, idx, write, read_ahead);
     ssize_t n = src->aead ? read_sealed(src, idx)
                           : pread(src->fd, page_buf, UP_PAGE_SIZE, (off_t)(src->offset + idx * UP_PAGE_SIZE));
     if (n < 0)
@@ -373,6 +393,8 @@ int up_fill_init(struct up_fill *f, uint64_t base, uint64_t len, struct up_porti
 
 void up_fill_release(struct up_fill *f)
 {
+    if (f->live)
+        up_remote_forget_fill(f);
     f->live = 0;
     up_bits_free(f->resident);
     up_bits_free(f->dirty);
@@ -452,7 +474,7 @@ int up_serve(int uffd, struct up_fill *f, struct up_msg *deferred, int max_defer
                 served++;
                 if (f->time_faults)
                     up_fill_time_fault(f, (f->woken_at ? f->woken_at : now_ns()) - read_at);
-            } else if (rc != -ESRCH)
+            } else if (rc != -ESRCH && rc != -EINPROGRESS) /* -EINPROGRESS: remote.c asked for it */
                 defer(deferred, n_deferred, m, rc);
         }
         /* A short read found the queue empty (userfaultfd_read_iter reads on,

@@ -103,6 +103,21 @@ static void advise(struct up_fill *f, uint64_t idx, struct up_ra *w)
     f->ra_edge = idx + (uint64_t)((int64_t)(count + 1) * step);
 }
 
+uint64_t up_fill_peek_window(struct up_fill *f, uint64_t idx)
+{
+    struct up_fill seen = *f; /* what advise changes, restored below */
+    struct up_ra w;
+    advise(f, idx, &w);
+    f->ra_seen = seen.ra_seen;
+    f->ra_last = seen.ra_last;
+    f->ra_delta = seen.ra_delta;
+    f->ra_window = seen.ra_window;
+    f->ra_step = seen.ra_step;
+    f->ra_edge = seen.ra_edge;
+    f->read_ahead_hits = seen.read_ahead_hits;
+    return w.count;
+}
+
 int up_fill_advise(struct up_fill *f, uint64_t address, struct up_ra *w)
 {
     w->count = 0;

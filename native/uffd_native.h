@@ -28,6 +28,16 @@ void up_fill_read_ahead(int uffd, struct up_fill *f, uint64_t idx);
 /* readahead.c: unmaps the portion's read-ahead mapping, if any. */
 void up_portion_unmap(struct up_portion *p);
 
+/* readahead.c: the window the detector would advise for a missing fault at
+ * page idx, the detector left as it was (count 0: none would open). */
+uint64_t up_fill_peek_window(struct up_fill *f, uint64_t idx);
+/* remote.c: asks the remote store for the page at address (source src):
+ * -EINPROGRESS, or -EOPNOTSUPP when it cannot (Python fetches it). */
+int up_remote_request(struct up_remote *r, int uffd, struct up_fill *f, const struct up_portion *src,
+                      uint64_t address, uint64_t flags);
+/* remote.c: the fill goes: its requests in flight are dropped when answered. */
+void up_remote_forget_fill(const struct up_fill *f);
+
 /* Whether p and every portion of its parent chain are live. */
 int up_portion_chain_live(const struct up_portion *p);
 /* The portion of p's chain that holds page idx (the chain must be live). */

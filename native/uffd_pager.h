@@ -100,6 +100,9 @@ struct up_portion {
      * placed again on another fd is mapped again). */
     const uint8_t *map;
     int map_fd;
+    /* A remote store whose faults C asks for itself (remote.c); NULL: its
+     * pages come through Python (fetch.py). */
+    struct up_remote *remote;
 };
 
 /* One registered range of one uffd. Missing pages are filled by C from the
@@ -154,6 +157,8 @@ struct up_fill {
     int64_t woken_at;           /* CLOCK_MONOTONIC ns: the faulting thread's page filled, before read-ahead */
     uint64_t latency_buckets[24];
     uint64_t latency_ns_sum;
+    uint64_t owner;             /* the pager's id of the region: remote.c hands pages back by it */
+    uint64_t fetched;           /* pages remote.c placed from a remote store */
 };
 
 /* The pages read-ahead advises to fill after a missing fault: first,
@@ -188,7 +193,9 @@ int up_serve(int uffd, struct up_fill *fill, struct up_msg *deferred, int max_de
  * fill's source, wakes a page already filled, or records the first write to
  * a write-protected page and unprotects it. Returns 0, or -errno: -EBADMSG
  * for an encrypted page that fails authentication, -EBUSY for a page being
- * dropped (page-out: call again once it is). */
+ * dropped (page-out: call again once it is), -EINPROGRESS for a page asked
+ * for from a remote store (remote.c places it), -EOPNOTSUPP for a page of
+ * a store without a descriptor that Python must fetch. */
 int up_fill_fault(int uffd, struct up_fill *fill, uint64_t address, uint64_t flags);
 /* Serves a missing-page fault with n bytes of data fetched elsewhere (the
  * rest of the page reads as zero; n 0: a hole), as up_fill_fault would
@@ -444,5 +451,45 @@ struct up_ref *up_ref_start_cluster_process(int uffd, int file_fd, uint64_t base
                                             uint64_t cluster);
 /* Stops the handler; returns the faults it served, or -1. */
 int64_t up_ref_stop(struct up_ref *ref);
+
+/* --- the remote fault path (remote.c) ------------------------------------ */
+
+/* One connection to one Redis server over which C asks for faults' pages
+ * (see remote.c for the protocol facts and what is handed back). Python
+ * makes the connection and owns its socket; a portion whose `remote` is
+ * set has its missing pages asked for here while one is attached. */
+struct up_remote;
+/* A page handed back to Python: fetch it through the fetch path
+ * (rc -EOPNOTSUPP) or settle the fault with rc (placing it failed so). */
+struct up_remote_result {
+    uint64_t owner;
+    uint64_t address;
+    uint64_t flags;
+    int32_t rc;
+};
+enum up_remote_state {
+    UP_REMOTE_OK = 0,
+    UP_REMOTE_MORE = 1,     /* drain again at once: more is ready to hand back */
+    UP_REMOTE_DETACH = 2,   /* the connection failed and every request is handed back: detach it */
+};
+/* prefix: "up:NAME:"; id: the pseudo file's id. NULL with errno (ENOMEM). */
+struct up_remote *up_remote_new(const uint8_t *prefix, uint64_t prefix_len, const uint8_t *id, uint64_t id_len);
+void up_remote_free(struct up_remote *remote);
+/* A connected socket (non-blocking, its AUTH/SELECT done). -1 with errno
+ * EBUSY while one is attached or requests are left. */
+int up_remote_attach(struct up_remote *remote, int fd);
+/* Forgets the socket (the caller closes it). EBUSY while requests are left. */
+int up_remote_detach(struct up_remote *remote);
+/* A reply is late: the next drain hands every request back. */
+void up_remote_fail(struct up_remote *remote);
+/* CLOCK_MONOTONIC ns of the oldest request in flight, 0 if none. */
+int64_t up_remote_oldest_ns(const struct up_remote *remote);
+/* requests sent, pages placed, pages handed back, requests in flight,
+ * whether a connection is attached. */
+void up_remote_counters(const struct up_remote *remote, uint64_t *out5);
+/* The socket is readable: parses the replies there, places their pages,
+ * and stores in out[] (up to max) the pages handed back to Python; *state
+ * says what to do next (enum up_remote_state). Returns how many it stored. */
+int up_remote_drain(struct up_remote *remote, struct up_remote_result *out, int max, int *state);
 
 #endif

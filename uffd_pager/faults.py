@@ -63,7 +63,7 @@ from uffd_pager.layout import (
 from uffd_pager.lineage import Lineage
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import ServedRegion
-from uffd_pager.stores.base import BadPage, UnauthenticPage
+from uffd_pager.stores.base import BadPage, HandedBack, UnauthenticPage
 from uffd_pager.sigbus import find_thread, signal_thread
 from uffd_pager.uffd import (
     PAGE_SIZE,
@@ -123,6 +123,7 @@ class FaultHandler:
         self._lineage = lineage
         self.fetcher = Fetcher(loop, self._fetched)
         table.serve_faults_of = self._on_faults
+        table.handed_back = self._handed_back
         self.on_served: Callable[[ServedRegion], None] = lambda region: None  # page-out's check
 
     def _on_faults(self, region: ServedRegion) -> None:
@@ -328,6 +329,21 @@ class FaultHandler:
         if counts["waiting"]:
             await arrived
         return filled + counts["placed"]
+
+    def _handed_back(self, pages: list[HandedBack]) -> None:
+        """Pages a store's C path (native/remote.c) asked for and did not
+        place: fetched again through the fetch path, which retries, fails
+        or reports them by its rules, or settled by what placing returned."""
+        with self.fetcher.batch():
+            for page in pages:
+                region = self._table.regions.get(page.owner)
+                if region is None or region.released:
+                    continue
+                fault = PageFault(page.address, page.flags, 0)
+                if page.rc == -errno.EOPNOTSUPP:
+                    self._fetch(region, fault)
+                else:
+                    self._settle(region, fault, page.rc)
 
     def _fetched(self, waiter: "tuple[ServedRegion, PageFault, Portion, int] | _Ahead", result: Result) -> None:
         if isinstance(waiter, _Ahead):

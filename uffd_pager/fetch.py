@@ -11,12 +11,19 @@ in one turn of the loop go to their store as one batched read, a page
 several faults wait for is fetched once, and a read that fails is retried
 with backoff until the store's deadline (`Store.fetch_deadline`, seconds);
 then every waiter gets the error and its page is poisoned, never zero-filled.
+
+A store that can start a read at once (`Store.read_soon`: Redis with its
+connection up) is asked first, with no task in between: the request leaves
+in the turn of the loop that read the fault, and the page is placed in the
+turn its reply arrives. A read started so that fails to reach the store
+is retried by a task like any other.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +44,42 @@ _FIRST_RETRY = 0.01
 _LAST_RETRY = 1.0
 
 
+class _Slots:
+    """Reads in flight on one store: at most MAX_IN_FLIGHT, taken at once
+    (read_soon) or awaited (a task), in the order they were asked for."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._free = MAX_IN_FLIGHT
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        handed: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(handed)
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.give()  # handed to us as we were cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            handed = self._waiters.popleft()
+            if not handed.done():
+                handed.set_result(None)
+                return
+        self._free += 1
+
+
 class Fetcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Any, Result], None]) -> None:
         """deliver(waiter, result) is called on the loop once per waiter."""
@@ -46,7 +89,7 @@ class Fetcher:
         self._due: dict[tuple[Store, int], float] = {}  # when a fault's page must have come, or failed
         self._closed = False
         self._queued: dict[Store, list[int]] = {}
-        self._slots: dict[Store, asyncio.Semaphore] = {}
+        self._slots: dict[Store, _Slots] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False  # inside batch(): wants are sent at its end
         self.pages = 0  # pages read
@@ -97,20 +140,63 @@ class Fetcher:
         if self._closed:
             return
         offsets = sorted(self._queued.pop(store, []))
+        slots = self._slots_of(store)
         for i in range(0, len(offsets), MAX_BATCH):
-            task = self._loop.create_task(self._fetch(store, offsets[i:i + MAX_BATCH]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            batch = offsets[i:i + MAX_BATCH]
+            if not (slots.try_take() and self._start(store, batch, slots)):
+                self._spawn(store, batch)
+
+    def _start(self, store: Store, offsets: list[int], slots: _Slots) -> bool:
+        """Starts the read with store.read_soon, on the slot taken for it."""
+        def done(outcome: list[bytes | None | BadPage] | BaseException) -> None:
+            slots.give()
+            if self._closed:
+                return  # close() answered the waiters
+            if isinstance(outcome, (ConnectionError, TimeoutError)) \
+                    and any((store, offset) in self._due for offset in offsets):
+                self.retries += 1  # not reached: a task retries it until the deadline
+                self._spawn(store, offsets)
+            elif isinstance(outcome, BaseException):
+                self._hand_out(store, offsets, [outcome] * len(offsets))
+            else:
+                self._hand_out(store, offsets, self._counted(store, offsets, outcome))
+
+        try:
+            started = store.read_soon(offsets, done)
+        except Exception:  # e.g. a command that cannot be sent: read() reports it
+            log.debug("%s: read_soon refused %d pages", store.url, len(offsets), exc_info=True)
+            started = False
+        if not started:
+            slots.give()
+        return started
+
+    def _slots_of(self, store: Store) -> _Slots:
+        slots = self._slots.get(store)
+        if slots is None:
+            slots = self._slots[store] = _Slots(self._loop)
+        return slots
+
+    def _spawn(self, store: Store, offsets: list[int]) -> None:
+        task = self._loop.create_task(self._fetch(store, offsets))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, store: Store, offsets: list[int]) -> None:
         results: list[Result]
+        slots = self._slots_of(store)
         try:
-            async with self._slots.setdefault(store, asyncio.Semaphore(MAX_IN_FLIGHT)):
+            await slots.take()
+            try:
                 results = await self._read(store, offsets)
+            finally:
+                slots.give()
         except asyncio.CancelledError:
             # The pager is stopping: its waiters are let go unserved (a fault
             # left waiting is a new pager's to serve, never a SIGBUS).
             results = [asyncio.CancelledError()] * len(offsets)
+        self._hand_out(store, offsets, results)
+
+    def _hand_out(self, store: Store, offsets: list[int], results: list[Result]) -> None:
         for offset, result in zip(offsets, results):
             self._due.pop((store, offset), None)
             for waiter in self._waiting.pop((store, offset), []):
@@ -137,11 +223,14 @@ class Fetcher:
                 continue
             except Exception as exc:  # authentication, or a store's own bug: never retried, never zeros
                 return [exc] * len(offsets)
-            if len(results) != len(offsets):
-                error = RuntimeError(f"{store.url}: {len(results)} pages returned for {len(offsets)} asked")
-                return [error] * len(offsets)
-            self.pages += len(offsets)
-            return results
+            return self._counted(store, offsets, results)
+
+    def _counted(self, store: Store, offsets: list[int], results: list[Result]) -> list[Result]:
+        if len(results) != len(offsets):
+            error = RuntimeError(f"{store.url}: {len(results)} pages returned for {len(offsets)} asked")
+            return [error] * len(offsets)
+        self.pages += len(offsets)
+        return results
 
     def close(self) -> None:
         """Cancels every read; every waiter, even of a read not started yet,

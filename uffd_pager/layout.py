@@ -237,7 +237,7 @@ class Portion:
         return self.state.offset if self.state.placed else None
 
     def place_at(self, offset: int) -> None:
-        self.state.place(self.store.local_fd, offset)
+        self.state.place(self.store.local_fd, offset, self.store.remote)
         sealing = self.store.sealing()
         if sealing is not None:
             self.state.seal_with(*sealing)

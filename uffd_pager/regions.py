@@ -21,6 +21,7 @@ from uffd_pager.layout import (
 )
 from uffd_pager.served import OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, open_store
+from uffd_pager.stores.base import HandedBack
 from uffd_pager.uffd import (
     PAGE_SIZE,
     FillRange,
@@ -43,6 +44,8 @@ class RegionTable:
         # Set by who serves the regions: the reader of a region's uffd
         # (FaultHandler.on_faults), and what follows a release (PagerService).
         self.serve_faults_of: Callable[[ServedRegion], None] = lambda region: None
+        # ... and what takes the pages a store's C path hands back (FaultHandler).
+        self.handed_back: Callable[[list[HandedBack]], None] = lambda pages: None
         self.on_released: Callable[[ServedRegion], None] = lambda region: None
         self.on_added: Callable[[ServedRegion], None] = lambda region: None  # metrics' timing
         self.on_portion_freed: Callable[[Portion], None] = lambda portion: None  # its durable row goes
@@ -75,6 +78,7 @@ class RegionTable:
         if shared is None:
             allocator = PortionAllocator(store, self.kept_slots(store), functools.partial(self.on_slot_kept, store))
             shared = self.stores[identity] = OpenStore(store, allocator)
+            store.serve_remotely(lambda pages: self.handed_back(pages))
         else:
             if isinstance(store, FileStore) and isinstance(shared.store, FileStore):
                 shared.store.upgrade(store)  # write-back of the regions that may write needs a writable one
@@ -104,6 +108,7 @@ class RegionTable:
         if region_id is None:
             self._next_region_id += 1
         portion.region_id = region.id
+        fill.owner = region.id
         self.regions[region.id] = region
         self.on_added(region)
         return region

@@ -204,7 +204,7 @@ class ServedRegion:
             "poisoned": self.poisoned,
             "encrypted": self.encrypted,
             "auth_failures": self.auth_failures,
-            "fetched_pages": self.fetched_pages,
+            "fetched_pages": self.fetched_pages + counters["fetched"],
             "fetch_failures": self.fetch_failures,
             "pending": len(self.pending),
             "last_error": self.last_error,

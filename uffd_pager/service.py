@@ -44,6 +44,7 @@ from uffd_pager.recovery import Recovery
 from uffd_pager.regions import RegionTable
 from uffd_pager.served import Connection, OpenStore, ServedRegion
 from uffd_pager.stores import FileStore, Store, is_remote
+from uffd_pager.stores.redis_native import counters as remote_counters
 from uffd_pager.takeover import identity_of
 from uffd_pager.tenants import Access, TenantLimits, Tenants
 from uffd_pager.uffd import (
@@ -763,13 +764,26 @@ class PagerService:
             "open_fds": len(os.listdir("/proc/self/fd")),
             "tasks": len(asyncio.all_tasks(self._loop)),
             "rss_kib": _rss_kib(),
-            "fetches": self._faults.fetcher.counters(),
+            "fetches": self._fetch_counters(),
             "internal_errors": self._internal_errors,
             "takeover": dict(self._taken_over),  # regions taken over at start, reattached, ranges woken
             "tenants": tenants,
             "region_list": lines,
             "more_regions": more,
         }
+
+    def _fetch_counters(self) -> dict[str, int]:
+        """The fetch path's counters, with the pages the stores' C paths
+        (native/remote.c) placed (in "pages", and alone in "native") and have
+        in flight, the pages they handed back to the fetch path, and their
+        connections up."""
+        fetched = self._faults.fetcher.counters()
+        native = [remote_counters(s.store.remote) for s in self._table.stores.values() if s.store.remote is not None]
+        placed = sum(c["placed"] for c in native)
+        return {**fetched, "pages": fetched["pages"] + placed, "native": placed,
+                "in_flight": fetched["in_flight"] + sum(c["in_flight"] for c in native),
+                "native_handed_back": sum(c["handed_back"] for c in native),
+                "native_connections": sum(c["attached"] for c in native)}
 
     def _own_region(self, conn: Connection, request: dict[str, Any]) -> ServedRegion:
         region = conn.regions.get(_require_int(request, "region"))

@@ -34,7 +34,8 @@ def format_status(status: dict[str, Any]) -> str:
         f"{status['stores']} stores open, {status['open_fds']} descriptors, {status['tasks']} tasks, "
         f"RSS {format_bytes(status['rss_kib'] * 1024)}, internal errors {status['internal_errors']}",
         f"remote fetches: {fetches.get('pages', 0)} pages read, {fetches.get('shared', 0)} faults shared a read, "
-        f"{fetches.get('retries', 0)} retries, {fetches.get('in_flight', 0)} pages in flight",
+        f"{fetches.get('retries', 0)} retries, {fetches.get('in_flight', 0)} pages in flight "
+        f"({fetches.get('native', 0)} pages placed by the C path)",
         "",
     ]
     tenants = status.get("tenants", [])

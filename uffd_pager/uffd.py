@@ -338,10 +338,13 @@ class PortionState:
             state = state.parent
         return self._c
 
-    def place(self, fd: int, offset: int) -> None:
+    def place(self, fd: int, offset: int, remote: Any = None) -> None:
         """fd: the store's local descriptor, or -1 for a store without one
-        (the C paths then hand its pages to Python: -EOPNOTSUPP)."""
+        (the C paths then hand its pages to Python: -EOPNOTSUPP), unless
+        remote (the store's `struct up_remote *`) lets C ask for them."""
         c = self._live()
+        self._remote = remote  # keeps the cdata alive as long as we point at it
+        c.remote = remote if remote is not None else ffi.NULL
         c.fd = fd
         c.offset = offset
         c.placed = 1
@@ -429,7 +432,8 @@ class FillRange:
     counters stay readable."""
 
     _COUNTERS = ("faults", "write_faults", "wp_faults", "copies", "zero_fills", "duplicates",
-                 "resident_pages", "dirty_pages", "resident_peak", "read_ahead_pages", "read_ahead_hits", "evictions")
+                 "resident_pages", "dirty_pages", "resident_peak", "read_ahead_pages", "read_ahead_hits", "evictions",
+                 "fetched")
     _RUNS = 1024
     _DEFERRED = 256
 
@@ -544,6 +548,15 @@ class FillRange:
     def dirty_pages(self) -> int:
         """Synchronous tracking: the pages in the dirty set."""
         return self._c.dirty_pages
+
+    @property
+    def owner(self) -> int:
+        """The pager's id of the region (native/remote.c hands pages back by it)."""
+        return self._c.owner
+
+    @owner.setter
+    def owner(self, region_id: int) -> None:
+        self._c.owner = region_id
 
     @property
     def timing(self) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from uffd_pager.errors import PagerError
 
@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 # (store offset, length): a run of whole pages, back to back in a buffer.
 Extent = tuple[int, int]
+# Called once, on the loop, with what `read` would have returned or raised.
+ReadDone = Callable[[list["bytes | None | BadPage"] | BaseException], None]
 
 
 class BadPage(PagerError):
@@ -49,6 +51,18 @@ class BadPage(PagerError):
 
 class UnauthenticPage(BadPage):
     """A page of an encrypted store that fails authentication."""
+
+
+class HandedBack(NamedTuple):
+    """A fault's page the C path of a remote store (native/remote.c) did not
+    place: rc -EOPNOTSUPP, fetch it through `read` (which retries, fails or
+    reports it by the fetch path's rules); any other rc, what placing it
+    returned. The store passes these on to the pager without reading them."""
+
+    owner: int  # the pager's region id
+    address: int
+    flags: int
+    rc: int
 
 
 class Store(abc.ABC):
@@ -68,6 +82,16 @@ class Store(abc.ABC):
         """A descriptor the C fill path may read pages from (see `direct`
         and `sealing`), or -1: pages come through `read`."""
         return -1
+
+    # The C fault path's requests for this store's pages (a `struct
+    # up_remote *`, native/remote.c) once `serve_remotely` started them;
+    # None: its pages come through `read`.
+    remote: Any = None
+
+    def serve_remotely(self, handed_back: Callable[[list[HandedBack]], None]) -> None:
+        """Lets C ask for this store's pages itself where it can (Redis on one
+        server), with `remote` set for the portions placed in it; what it
+        hands back goes to handed_back. Nothing for a store that cannot."""
 
     def sealing(self) -> tuple[Any, bytes] | None:
         """For an encrypted file store: what the C fill path needs to open its
@@ -100,6 +124,15 @@ class Store(abc.ABC):
         it holds wrong (an UnauthenticPage: an encrypted store's page that
         fails authentication). Raises StoreUnavailable when the store cannot
         answer now, StoreLost when it lost what it held, or another OSError."""
+
+    def read_soon(self, offsets: Sequence[int], done: ReadDone) -> bool:
+        """Starts the same read as `read` now, in this turn of the loop,
+        if the store can without waiting (a remote store whose connection
+        is up), and calls done with its outcome when it is known; False if
+        it cannot (nothing started: the caller awaits `read`). It lets a
+        fault's request leave, and its page arrive, without a turn of the
+        loop per coroutine in between."""
+        return False
 
     @abc.abstractmethod
     async def write(self, extents: Sequence[Extent], data: bytes | bytearray | memoryview) -> None:

@@ -39,9 +39,12 @@ from typing import Any
 from uffd_pager.catalog import HOLE, Anchor, Catalog, Span, ensure_state_dir, open_records
 from uffd_pager.crypto import RECORD_BYTES, Key, PageAuthError
 from uffd_pager.native import ffi, lib
-from uffd_pager.stores.base import BadPage, Extent, Store, UnauthenticPage, run_blocking
+from uffd_pager.stores.base import BadPage, Extent, ReadDone, Store, UnauthenticPage, run_blocking
 from uffd_pager.uffd import PAGE_SIZE
 
+# A page or two (a fault) costs microseconds of AES: opened on the loop, at
+# once; a batch (a copy) in a worker thread.
+_OPEN_AT_ONCE = 4
 _AMBIGUOUS = 2  # up_record_choose_slots: both slots may hold the page's bytes
 
 
@@ -145,11 +148,26 @@ class EncryptedStore(Store):
         if self._inner.local_fd >= 0:
             return await run_blocking(self._read_local, offsets)
         sealed = await self._inner.read(offsets)
-        # A page or two (a fault) costs microseconds of AES: opened here, at
-        # once; a batch (a copy) in a worker thread.
-        if len(offsets) <= 4:
+        if len(offsets) <= _OPEN_AT_ONCE:
             return self._open_fetched(offsets, sealed)
         return await run_blocking(self._open_fetched, offsets, sealed)
+
+    def read_soon(self, offsets: Sequence[int], done: ReadDone) -> bool:
+        if self._inner.local_fd >= 0 or len(offsets) > _OPEN_AT_ONCE:
+            return False
+
+        def fetched(outcome: list[bytes | None | BadPage] | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                done(outcome)
+                return
+            try:
+                opened = self._open_fetched(offsets, outcome)
+            except Exception as exc:
+                done(exc)
+                return
+            done(opened)
+
+        return self._inner.read_soon(offsets, fetched)
 
     def _read_local(self, offsets: Sequence[int]) -> list[bytes | None | BadPage]:
         out: list[bytes | None | BadPage] = []

@@ -44,14 +44,16 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from uffd_pager.errors import StoreLost, StoreUnavailable
-from uffd_pager.stores.base import BadPage, Extent, Store
-from uffd_pager.stores.redis_wire import Command, ReplyError, Wire
+from uffd_pager.stores.base import BadPage, Extent, HandedBack, ReadDone, Store
+from uffd_pager.stores.redis_native import RemoteRequests
+from uffd_pager.stores.redis_wire import Command, ReplyError, Wire, connect_socket, hello_commands
 from uffd_pager.uffd import PAGE_SIZE
 
 SCHEMES = ("redis", "redis+unix", "redis+cluster")
@@ -201,6 +203,7 @@ class RedisStore(Store):
         self._end = 0
         self._closed = False
         self._wires: dict[str, Wire] = {}  # fault reads' connections, per server (redis_wire.py)
+        self._native: RemoteRequests | None = None  # C's own requests (redis_native.py)
 
     @classmethod
     async def open(cls, url: str, state_dir: str) -> "RedisStore":
@@ -344,12 +347,7 @@ class RedisStore(Store):
         pages, so that a loss before the read is seen), in a cluster only
         when a page is a hole (only the markers tell a hole from a master
         that lost its memory)."""
-        chunks: dict[int, list[int]] = {}
-        for offset in offsets:
-            chunks.setdefault(offset // CHUNK_BYTES, []).append(offset)
-        requests: list[Command] = [
-            (b"HMGET", self._key(chunk), *[_FIELDS[(o % CHUNK_BYTES) // PAGE_SIZE] for o in members])
-            for chunk, members in chunks.items()]
+        chunks, requests = self._hmget_requests(offsets)
         markers = [(b"HGET", key, b"id") for key in self._markers]
         if self._cluster:
             replies = await self._wire_calls(requests)
@@ -359,6 +357,71 @@ class RedisStore(Store):
             replies = await self._wire_calls(requests + markers)
             assert replies is not None
             self._check_markers(replies[len(requests):])
+        values, holes = self._values(chunks, replies)
+        if holes and self._cluster:
+            ids = await self._wire_calls(markers)
+            if ids is None:
+                ids = await self._call(self._read_markers(), "reading")
+            self._check_markers(ids)
+        return [values[offset] for offset in offsets]
+
+    @property
+    def remote(self) -> Any:
+        return self._native.remote if self._native is not None else None
+
+    def serve_remotely(self, handed_back: Callable[[list[HandedBack]], None]) -> None:
+        """On one server: C asks for faults' pages over a connection of its
+        own (redis_native.py). A cluster's go through `read`: a slot that
+        moves, or a hole (which needs every master's marker), needs redis-py."""
+        if self._cluster or self._closed or self._native is not None:
+            return
+        t = self.target
+        host, port = t.nodes[0] if t.nodes else (None, 0)
+        hello = hello_commands(t.username, t.password, t.db)
+
+        def connect() -> Awaitable[socket.socket]:
+            return connect_socket(host=host, port=port, unix_path=t.unix_path, hello=hello, timeout=t.timeout)
+
+        self._native = RemoteRequests(self.url, self._prefix, self._id, t.timeout, connect, handed_back)
+
+    def read_soon(self, offsets: Sequence[int], done: ReadDone) -> bool:
+        """On one server, with the fault path's connection up: the same
+        round trip as `read`, sent now, its replies judged in the callback
+        (see redis_wire.py for what that saves). A cluster's reads go
+        through `read`: a hole there needs a second round trip for the
+        markers, and a redirection needs redis-py."""
+        if self._cluster or self._closed:
+            return False
+        chunks, requests = self._hmget_requests(offsets)
+        commands = requests + [(b"HGET", key, b"id") for key in self._markers]
+
+        def replied(outcome: list[Any] | BaseException) -> None:
+            try:
+                if isinstance(outcome, BaseException):
+                    raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {outcome or type(outcome).__name__}")
+                self._reply_errors(outcome)
+                self._check_markers(outcome[len(requests):])
+                values, _ = self._values(chunks, outcome)
+            except Exception as exc:
+                done(exc)
+                return
+            done([values[offset] for offset in offsets])
+
+        return self._wires[self._server_of(self._meta)].start(commands, replied)
+
+    def _hmget_requests(self, offsets: Sequence[int]) -> tuple[dict[int, list[int]], list[Command]]:
+        """The offsets by chunk, and one HMGET per chunk."""
+        chunks: dict[int, list[int]] = {}
+        for offset in offsets:
+            chunks.setdefault(offset // CHUNK_BYTES, []).append(offset)
+        requests: list[Command] = [
+            (b"HMGET", self._key(chunk), *[_FIELDS[(o % CHUNK_BYTES) // PAGE_SIZE] for o in members])
+            for chunk, members in chunks.items()]
+        return chunks, requests
+
+    def _values(self, chunks: dict[int, list[int]], replies: Sequence[Any]) -> tuple[dict[int, bytes | None | BadPage], bool]:
+        """The pages the HMGETs' replies hold, by offset, and whether any is
+        a hole."""
         values: dict[int, bytes | None | BadPage] = {}
         holes = False
         for members, reply in zip(chunks.values(), replies):
@@ -368,12 +431,7 @@ class RedisStore(Store):
                 elif len(value) != PAGE_SIZE:
                     value = BadPage(offset, f"{self.url} holds {len(value)} bytes for it, not {PAGE_SIZE}")
                 values[offset] = value
-        if holes and self._cluster:
-            ids = await self._wire_calls(markers)
-            if ids is None:
-                ids = await self._call(self._read_markers(), "reading")
-            self._check_markers(ids)
-        return [values[offset] for offset in offsets]
+        return values, holes
 
     async def _hmgets(self, requests: Sequence[Command]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -413,15 +471,21 @@ class RedisStore(Store):
                 self._forget_gone_servers()
                 return None
             raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {exc or type(exc).__name__}") from None
+        if self._cluster and any(isinstance(reply, ReplyError) and str(reply).startswith(("MOVED", "ASK"))
+                                 for reply in replies):
+            return None
+        self._reply_errors(replies)
+        return replies
+
+    def _reply_errors(self, replies: Sequence[Any]) -> None:
+        """Raises for the first error reply: StoreUnavailable for one a retry
+        may outlive, OSError for any other."""
         for reply in replies:
             if isinstance(reply, ReplyError):
-                if self._cluster and str(reply).startswith(("MOVED", "ASK")):
-                    return None
                 if str(reply).startswith(_TRANSIENT):
                     raise StoreUnavailable(errno.EIO, f"{self.url}: reading: {reply}")
                 # The server will not serve it however long we retry.
                 raise OSError(errno.EIO, f"{self.url}: reading: the server answered {reply}")
-        return replies
 
     def _forget_gone_servers(self) -> None:
         try:
@@ -534,6 +598,8 @@ class RedisStore(Store):
         if self._closed:
             return
         self._closed = True
+        if self._native is not None:
+            self._native.close()
         for wire in self._wires.values():
             wire.close()
         try:

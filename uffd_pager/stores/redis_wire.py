@@ -11,6 +11,13 @@ at once, and replies are matched to requests in the order they were sent
 (Redis answers a connection's commands in order). Everything else - writes,
 COPY, WAIT, a cluster's slot table and its redirections - stays on redis-py.
 
+A fault's read may also skip the coroutine layers (`Wire.start`): the
+request is written in the same turn of the loop as the fault that wants it,
+and its callback runs inside `data_received`, in the turn its reply comes.
+Each layer skipped is a turn of the loop saved on both sides of the round
+trip; measured at 15 us from fault to request and 10 us from reply to
+UFFDIO_COPY in a slow hour of this machine (a trace of the pager).
+
 Failures: a connection that cannot be made, is lost, or leaves a request
 unanswered for `timeout` seconds fails every request in flight on it
 (ConnectionError / TimeoutError); the next request makes a new one. Error
@@ -20,24 +27,38 @@ values (ReplyError), for the caller to judge.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
 
+log = logging.getLogger("uffd_pager.redis_wire")
+
 Command = Sequence[bytes | str | int]
 ReplyError = hiredis.ReplyError  # an error reply, in its place among the replies
+# Called once with a request's replies (in order), or with the error that
+# failed the connection it was sent on.
+Done = Callable[[list[Any] | BaseException], None]
 
 
 class _Request:
-    __slots__ = ("count", "replies", "future", "sent")
+    __slots__ = ("count", "replies", "done", "sent")
 
-    def __init__(self, count: int, future: asyncio.Future[list[Any]], sent: float) -> None:
+    def __init__(self, count: int, done: Done, sent: float) -> None:
         self.count = count
         self.replies: list[Any] = []
-        self.future = future
+        self.done = done
         self.sent = sent
+
+
+def _answer(request: _Request, outcome: list[Any] | BaseException) -> None:
+    try:
+        request.done(outcome)
+    except Exception:  # one caller's bug must not fail the connection for the others
+        log.exception("handling the replies of a request")
 
 
 class _Protocol(asyncio.Protocol):
@@ -53,22 +74,40 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
+    @property
+    def usable(self) -> bool:
+        return self.lost is None and self._transport is not None
+
     def send(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = self._loop.create_future()
-        if self.lost is not None or self._transport is None:
-            future.set_exception(ConnectionError(f"connection lost: {self.lost}"))
-            return future
-        if not commands:
-            future.set_result([])  # a request of nothing: no reply will come for it
-            return future
+
+        def done(outcome: list[Any] | BaseException) -> None:
+            if future.done():  # its waiter was cancelled
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        if not self.usable:
+            done(ConnectionError(f"connection lost: {self.lost}"))
+        elif not commands:
+            done([])  # a request of nothing: no reply will come for it
+        else:
+            self.submit(commands, done)
+        return future
+
+    def submit(self, commands: Sequence[Command], done: Done) -> None:
+        """Writes the commands now (the connection is usable, commands not
+        empty); done is called from data_received or from the failure."""
         # Packed before it is queued: a command that cannot be packed must
         # not leave a request behind that would take the next one's replies.
         payload = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
-        self._pending.append(_Request(len(commands), future, self._loop.time()))
+        assert self._transport is not None
+        self._pending.append(_Request(len(commands), done, self._loop.time()))
         self._transport.write(payload)
         if self._timer is None:
             self._arm()
-        return future
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -87,8 +126,9 @@ class _Protocol(asyncio.Protocol):
             request.replies.append(reply)
             if len(request.replies) == request.count:
                 self._pending.popleft()
-                if not request.future.done():  # its waiter may have been cancelled
-                    request.future.set_result(request.replies)
+                _answer(request, request.replies)
+                if self.lost is not None:  # the callback closed the connection
+                    return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError(f"connection lost: {exc or 'closed by the server'}"))
@@ -114,14 +154,60 @@ class _Protocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         while self._pending:
-            request = self._pending.popleft()
-            if not request.future.done():
-                request.future.set_exception(exc)
+            _answer(self._pending.popleft(), exc)
         if self._transport is not None:
             self._transport.abort()
 
     def close(self) -> None:
         self._fail(ConnectionError("closed"))
+
+
+def hello_commands(username: str | None, password: str | None, db: int) -> list[Command]:
+    """What a new connection sends first: AUTH, SELECT."""
+    hello: list[Command] = []
+    if password is not None:
+        hello.append(("AUTH", username, password) if username else ("AUTH", password))
+    if db:
+        hello.append(("SELECT", db))
+    return hello
+
+
+async def connect_socket(*, host: str | None, port: int, unix_path: str | None, hello: Sequence[Command],
+                         timeout: float) -> socket.socket:
+    """A non-blocking socket to the server with the hello commands answered,
+    for a connection whose bytes C writes and reads (native/remote.c).
+    Raises ConnectionError / TimeoutError (each step bounded by timeout)."""
+    loop = asyncio.get_running_loop()
+    if unix_path is not None:
+        sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), unix_path
+    else:
+        family, kind, proto, _, address = (await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout))[0]
+        sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one small write
+        if hello:
+            await asyncio.wait_for(loop.sock_sendall(sock, b"".join(hiredis.pack_command(tuple(c)) for c in hello)),
+                                   timeout)
+            reader, replies = hiredis.Reader(), []
+            while len(replies) < len(hello):
+                reply = reader.gets()
+                if reply is False:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
+                    if not data:
+                        raise ConnectionError("closed by the server")
+                    reader.feed(data)
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ConnectionError(f"the server refused the connection: {reply}")
+                replies.append(reply)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Wire:
@@ -132,15 +218,21 @@ class Wire:
                  username: str | None = None, password: str | None = None, db: int = 0,
                  timeout: float = 5.0) -> None:
         self._host, self._port, self._unix_path = host, port, unix_path
-        self._hello: list[Command] = []
-        if password is not None:
-            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
-        if db:
-            self._hello.append(("SELECT", db))
+        self._hello = hello_commands(username, password, db)
         self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
+
+    def start(self, commands: Sequence[Command], done: Done) -> bool:
+        """Writes the commands now if the connection is up (done is called,
+        later, with their replies or the connection's failure); False when
+        it is not (nothing sent: `request` makes the connection)."""
+        protocol = self._protocol
+        if self._closed or not commands or protocol is None or not protocol.usable:
+            return False
+        protocol.submit(commands, done)
+        return True
 
     async def request(self, commands: Sequence[Command]) -> list[Any]:
         """Sends the commands at once; their replies, in order (an error
