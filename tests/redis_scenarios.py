@@ -366,5 +366,71 @@ def map_and_probe(url: str, npages: str, pages: str) -> None:
     pager.close()
 
 
+# --- 6. the C fault path (native/remote.c) ------------------------------------------------------
+
+
+def wait_for_native(pager: uffd_pager.Pager, timeout: float = 10.0) -> dict[str, Any]:
+    """The pager's fetch counters once its C path has a connection up (it is
+    made in the background when the store opens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fetches = pager.status()["fetches"]
+        if fetches["native_connections"] or time.monotonic() > deadline:
+            return fetches
+        time.sleep(0.01)
+
+
+@scenario("native-client-dies")
+def native_client_dies(url: str, npages: str) -> None:
+    """Maps `url` (pattern "A"), reports "ready" once the C path is up and
+    waits for an order (the test stops the server); a forked child touches
+    page 1, whose request is then in flight, and is killed ("killed", with
+    the fetch counters); at the next order (the server runs again) every
+    page is read here and compared ("read", with the counters)."""
+    n = int(npages)
+    pager = uffd_pager.Pager()
+    region = pager.map(url, n * PAGE, writeback_interval=0, read_ahead="off")
+    view = region.view()
+    report("ready", fetches=wait_for_native(pager))
+    order()
+    child = os.fork()
+    if child == 0:
+        touch(view, 1)
+        os._exit(0)
+    time.sleep(0.5)
+    in_flight = pager.status()["fetches"]
+    os.kill(child, 9)
+    code = _wait_pid(child, 10)
+    report("killed", code=code, fetches=in_flight)
+    order()
+    wrong = [p for p in range(n) if touch(view, p) != pattern("A", p)]
+    report("read", wrong=wrong, fetches=pager.status()["fetches"], internal_errors=pager.status()["internal_errors"])
+    del view
+    region.close()
+    pager.close()
+
+
+@scenario("native-late-reply")
+def native_late_reply(url: str, npages: str, page: str) -> None:
+    """Maps `url` (pattern "A"), reports "ready" once the C path is up and
+    waits for an order (the test stops the server for longer than the URL's
+    timeout, then lets it go on); touches `page` (its request on the C path
+    is late: handed back to the fetch path, which waits for the server
+    within the deadline) and reports whether it is right ("read")."""
+    n, k = int(npages), int(page)
+    pager = uffd_pager.Pager()
+    region = pager.map(url, n * PAGE, writeback_interval=0, read_ahead="off")
+    view = region.view()
+    report("ready", fetches=wait_for_native(pager))
+    order()
+    started = time.monotonic()
+    data = touch(view, k)
+    report("read", right=data == pattern("A", k), zeros=data == ZERO_PAGE, seconds=time.monotonic() - started,
+           fetches=pager.status()["fetches"], stats=stats_of(region))
+    del view
+    region.close()
+    pager.close()
+
+
 if __name__ == "__main__":
     SCENARIOS.main()
