@@ -40,7 +40,9 @@ probe of their uffd.
 The hot path (read a batch, pread, UFFDIO_COPY) runs in C (`FillRange.serve`);
 this module handles what C hands back: a page of a store without a local
 descriptor comes back as -EOPNOTSUPP and is fetched (fetch.py), then
-placed with `FillRange.place`.
+placed with `FillRange.place`, unless C asked for it itself (-EINPROGRESS:
+native/remote.c, for Redis on one server), which hands back to
+`_handed_back` what it could not place.
 """
 from __future__ import annotations
 

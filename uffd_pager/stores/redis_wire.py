@@ -15,8 +15,10 @@ A fault's read may also skip the coroutine layers (`Wire.start`): the
 request is written in the same turn of the loop as the fault that wants it,
 and its callback runs inside `data_received`, in the turn its reply comes.
 Each layer skipped is a turn of the loop saved on both sides of the round
-trip; measured at 15 us from fault to request and 10 us from reply to
-UFFDIO_COPY in a slow hour of this machine (a trace of the pager).
+trip: in a trace of the pager, fault to request went from 54 to 26 us, and
+reply to UFFDIO_COPY from 27 to 16 us (slow hours of this machine). Pages of
+one server are asked for by C itself where it can (redis_native.py); this
+path serves the rest: read-ahead windows, encrypted stores, clusters.
 
 Failures: a connection that cannot be made, is lost, or leaves a request
 unanswered for `timeout` seconds fails every request in flight on it
