@@ -131,12 +131,15 @@ def family(socket_path: str, url: str, policy: str, go_path: str, fate: str, chi
 @child("keeper")
 def keeper(socket_path: str, url: str) -> None:
     """Maps url (32 pages, children's portions kept); on each "fork BYTE"
-    forks a child that writes BYTE into page 0, flushes and exits, and
-    reports where the child's portion was ("forked", offset). "close"."""
+    forks a child that writes BYTE into page 0, flushes and waits, and
+    reports where the child's portion was ("forked", offset); "exit" lets
+    that child exit and reports "exited" once it is reaped. "close"."""
     pager = uffd_pager.connect(socket_path, timeout=30)
     region = pager.map(url, PAGES * PAGE, keep_child_portions=True, writeback_interval=0)
     report("mapped")
     reader, writer = os.pipe()
+    go_reader, go_writer = os.pipe()
+    pid = 0
     while line := order():
         word, *args = line.split()
         if word == "fork":
@@ -150,9 +153,13 @@ def keeper(socket_path: str, url: str) -> None:
                     offset = backing.offset if backing else -1
                 finally:
                     os.write(writer, offset.to_bytes(8, "little", signed=True))
+                    os.read(go_reader, 1)
                     os._exit(0)
-            os.waitpid(pid, 0)
             report("forked", offset=int.from_bytes(os.read(reader, 8), "little", signed=True))
+        elif word == "exit":
+            os.write(go_writer, b"x")
+            os.waitpid(pid, 0)
+            report("exited")
         elif word == "close":
             region.close()
             pager.close()

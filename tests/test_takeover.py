@@ -240,11 +240,14 @@ def test_writes_a_pager_took_over_and_died_before_flushing_reach_the_store_throu
 
 
 @pytest.mark.timeout(120)
-def test_a_portion_kept_for_an_exited_child_is_never_handed_out_by_the_next_pager(start_daemon, tmp_path):
+@pytest.mark.parametrize("exit_seen", [True, False], ids=["exit-seen", "exit-unseen"])
+def test_a_portion_kept_for_an_exited_child_is_never_handed_out_by_the_next_pager(start_daemon, tmp_path, exit_seen):
     """keep_child_portions: an exited child's portion stays in the store,
-    never handed out again, after a takeover too. The store is sparse past
-    page 0 and the child wrote only page 0, so the store's end says nothing
-    of the portion's length: only the durable state keeps its place."""
+    never handed out again, after a takeover too: whether the dead pager saw
+    the child exit or not (stopped before it could, its successor finds no
+    live process for the child's row). The store is sparse past page 0 and
+    the child wrote only page 0, so the store's end says nothing of the
+    portion's length: only the durable state keeps its place."""
     store = tmp_path / "store"
     with open(store, "wb") as f:
         f.write(b"\x01" * PAGE)
@@ -256,10 +259,22 @@ def test_a_portion_kept_for_an_exited_child_is_never_handed_out_by_the_next_page
         client.send("fork 17")
         first = client.expect("forked")["offset"]
         assert first >= PAGES * PAGE
+        if not exit_seen:
+            daemon.process.send_signal(signal.SIGSTOP)
+        client.send("exit")
+        client.expect("exited")
+        if exit_seen:
+            with daemon.connect() as pager:
+                deadline = time.monotonic() + 20
+                while pager.status()["regions"] > 1:  # the child's region goes when the pager sees it exit
+                    assert time.monotonic() < deadline, "the pager never saw the child exit"
+                    time.sleep(0.02)
         kill(daemon)
         daemon = start_daemon("kept.sock")
         client.send("fork 68")
         second = client.expect("forked", timeout=40)["offset"]
+        client.send("exit")
+        client.expect("exited")
         assert second >= first + PAGES * PAGE or second + PAGES * PAGE <= first, \
             f"a new child's portion at {second} overlaps the kept one at {first}"
         with open(store, "rb") as f:

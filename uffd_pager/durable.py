@@ -5,8 +5,9 @@ takeover.py).
 One SQLite database per socket in the state directory, in WAL mode with
 synchronous=NORMAL: a commit is in the WAL file, in the page cache, before
 it returns, so it survives the pager's own death (not a power cut, which
-ends the clients too). It changes only when a region comes or goes: never
-on the fault or the write-back path.
+ends the clients too). It changes only when a region comes or goes, and
+once when a kept child's portion is placed (below): never on the path of
+any other fault or of a write-back.
 
 A row per root region: its process (pid and start time, so that a pid
 reused since is never taken for it), its uid, the map request as the
@@ -32,9 +33,11 @@ left to retry, so that a pager killed meanwhile has its successor write
 them.
 
 And the slots of a store that are never to be handed out again: the
-portions of exited children kept by keep_child_portions (and slots a
-remote store could not discard), by the store's identity, so that a pager
-taking over never places a new child's portion over one.
+portions of children kept by keep_child_portions, from the moment each is
+placed (a pager may die before it sees the child exit; its row is then
+forgotten with the offset in it), and slots a remote store could not
+discard, by the store's identity, so that a pager taking over never places
+a new child's portion over one.
 
 The file carries its format version: a pager refuses, clearly, a state
 written by a newer format, rather than serve from what it cannot read; an

@@ -153,13 +153,27 @@ class PortionAllocator:
         self._on_kept = on_kept
         self._discarding: list[tuple[int, int]] = []  # freed, not yet discarded by the store
 
-    def reserve(self, offset: int, length: int) -> None:
-        """Records a portion placed by its owner (a root region); the same
-        portion may be mapped by several regions."""
+    def reserve(self, offset: int, length: int, *, kept: bool = False) -> None:
+        """Records a portion placed by its owner (a root region), or again
+        by a pager taking over (a child's); the same portion may be mapped
+        by several regions. kept: as allocate's."""
         self.in_use[offset] = max(length, self.in_use.get(offset, 0))
         self._users[offset] = self._users.get(offset, 0) + 1
+        if kept:
+            self._on_kept(offset, length)
 
-    def allocate(self, length: int) -> int:
+    def allocate(self, length: int, *, kept: bool = False) -> int:
+        """A new portion's offset. kept: its slot is never to be handed out
+        again, even after it is released; recorded (on_kept) now, not when
+        its process exits, so that a pager that dies before it notices the
+        exit leaves its successor knowing the slot is taken (the store's
+        end does not say so: a portion's tail may never have been written)."""
+        offset = self._allocate(length)
+        if kept:
+            self._on_kept(offset, length)
+        return offset
+
+    def _allocate(self, length: int) -> int:
         for i, (offset, size) in enumerate(self._free):
             if size == length:
                 del self._free[i]
@@ -214,11 +228,14 @@ class Portion:
     children that inherit from it."""
 
     def __init__(self, store: Store, allocator: PortionAllocator, size: int,
-                 parent: "Portion | None" = None) -> None:
+                 parent: "Portion | None" = None, *, kept: bool = False) -> None:
+        """kept: a child's portion that stays in the store after its process
+        exits (keep_child_portions), its slot never handed out again."""
         self.store = store
         self.allocator = allocator
         self.size = size
         self.parent = parent
+        self.kept = kept
         self.children: list[Portion] = []
         self.state = PortionState(size // PAGE_SIZE, parent.state if parent else None)
         self.in_use_by_region = True
@@ -245,7 +262,7 @@ class Portion:
     def place(self) -> None:
         """Chooses this (child's) portion's offset, once (claim 7: lazily)."""
         if not self.state.placed:
-            self.place_at(self.allocator.allocate(self.size))
+            self.place_at(self.allocator.allocate(self.size, kept=self.kept))
 
     def inheriting_children(self) -> list["Portion"]:
         return [c for c in self.children if c.state.missing()]

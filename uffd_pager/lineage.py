@@ -61,7 +61,8 @@ class Lineage:
         child_uffd = Uffd(event.uffd)
         child_store = parent.child_store
         try:
-            portion = Portion(child_store.store, child_store.allocator, parent.fill.length, parent=parent.portion)
+            portion = Portion(child_store.store, child_store.allocator, parent.fill.length, parent=parent.portion,
+                              kept=parent.keep_child_portions)
             pages, fixed = parent.fill.read_ahead
             fill = FillRange(parent.fill.base, parent.fill.length, portion.state, parent.fill.tracking,
                              read_ahead_pages=pages, read_ahead_fixed=fixed)

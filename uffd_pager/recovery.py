@@ -191,11 +191,12 @@ class Recovery:
     def _portion_again(self, record: RegionRecord, parent: ServedRegion) -> Portion:
         """A forked child's portion as its row recorded it."""
         shared = parent.child_store
-        portion = Portion(shared.store, shared.allocator, parent.fill.length, parent=parent.portion)
+        portion = Portion(shared.store, shared.allocator, parent.fill.length, parent=parent.portion,
+                          kept=parent.keep_child_portions)
         shared.users += 1  # each portion holds one use of its store
         if record.offset is not None:
             portion.place_at(record.offset)
-            shared.allocator.reserve(record.offset, portion.size)
+            shared.allocator.reserve(record.offset, portion.size, kept=portion.kept)
         for first, npages in record.materialized:
             portion.state.mark(first, npages)
         portion.region_id, portion.recorded_missing = record.id, portion.state.missing()

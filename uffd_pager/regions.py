@@ -171,11 +171,11 @@ class RegionTable:
             self._free_region_portions(region)
 
     def _free_region_portions(self, region: ServedRegion) -> None:
-        self._free_portions(region.portion, keep=region.parent is not None and region.keep_child_portions)
+        self._free_portions(region.portion)
         if region.holds_children_store:
             self.release_store(region.child_store)  # the use map(children=...) took, even of the same file
 
-    def _free_portions(self, portion: Portion | None, *, keep: bool) -> None:
+    def _free_portions(self, portion: Portion | None) -> None:
         """Frees a portion no region uses and no child inherits from, then
         its parent if that was the parent's last reason to stay."""
         while portion is not None and not portion.in_use_by_region and not portion.children:
@@ -183,7 +183,7 @@ class RegionTable:
             shared = self._store_of(portion)
             if portion.placed:
                 # A root portion is the user's data: never handed out again.
-                slot = portion.allocator.release(portion.offset, reuse=parent is not None and not keep)
+                slot = portion.allocator.release(portion.offset, reuse=parent is not None and not portion.kept)
                 if slot is not None:
                     shared.users += 1  # the discard's, until it is done
                     self.spawn(self._discard_slot(shared, *slot))
@@ -192,7 +192,7 @@ class RegionTable:
             self.release_store(shared)  # each portion holds one use of its store
             portion.state.close()
             self.on_portion_freed(portion)
-            portion, keep = parent, False
+            portion = parent
 
     async def _discard_slot(self, shared: OpenStore, offset: int, length: int) -> None:
         """An exited child's portion is discarded before its slot is reused
